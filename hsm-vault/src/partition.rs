@@ -1,0 +1,594 @@
+//! The PKCS#11 partition: the **only** module of the project that calls
+//! `cryptoki`.
+//!
+//! Invariants kept here:
+//! - Every long-term secret of the vault (the domain keys) is generated inside
+//!   the token as a sensitive object and used only through PKCS#11 operations:
+//!   HMAC (`C_Sign`) with the OPRF seed and the record-id key, ECDH
+//!   (`C_DeriveKey`) with the OPAQUE AKE private key, AES-GCM
+//!   (`C_Encrypt`/`C_Decrypt`) with the record-sealing key.
+//! - Domain keys are `CKA_SENSITIVE` and extractable only wrapped under a
+//!   trusted key (`CKA_WRAP_WITH_TRUSTED`), so a later cloning ceremony can copy
+//!   them to another token without a plaintext copy ever existing.
+//! - The token is found by its label, never by slot number (SoftHSM renumbers
+//!   slots), and the user PIN never comes from the command line.
+//! - A PKCS#11 `Session` is `Send` but not `Sync`: each worker checks one out
+//!   of a pool and returns it when done.
+//!
+//! Where SoftHSM differs from a real HSM it is said at the call site.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+/// Labels of the domain keys inside the token. Changing one orphans the keys
+/// of every existing deployment: they are part of the on-token format.
+pub mod labels {
+    pub const OPRF_SEED: &str = "hsm-vault/v1/oprf-seed";
+    pub const AKE_PRIVATE: &str = "hsm-vault/v1/ake-private";
+    pub const AKE_PUBLIC: &str = "hsm-vault/v1/ake-public";
+    pub const SEAL: &str = "hsm-vault/v1/seal";
+    pub const RECORD_ID: &str = "hsm-vault/v1/record-id";
+    /// `CKA_APPLICATION` of the data object whose label holds the watermark.
+    pub const WATERMARK_APP: &str = "hsm-vault/v1/watermark";
+}
+
+/// DER encoding of the P-256 curve OID (1.2.840.10045.3.1.7), the
+/// `CKA_EC_PARAMS` of the AKE key pair.
+const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// Length of the generic secrets (OPRF seed, record-id key): one SHA-256 block
+/// of output, as RFC 9807 asks for the OPRF seed (`Nh`).
+const SECRET_LEN: u64 = 32;
+
+/// Sessions kept open for reuse. More workers than this still get a session;
+/// the extra ones are closed when returned.
+const MAX_IDLE_SESSIONS: usize = 16;
+
+/// GCM tag length in bits.
+const GCM_TAG_BITS: u64 = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("PKCS#11 module could not be loaded or initialized: {0}")]
+    Module(String),
+    #[error("no token labelled {0:?} is present")]
+    TokenNotFound(String),
+    #[error("login to the token failed (wrong PIN or locked token): {0}")]
+    Login(String),
+    #[error("domain key {0:?} is missing from the token")]
+    MissingKey(&'static str),
+    #[error("authenticated decryption failed: the sealed bytes were altered or belong elsewhere")]
+    Integrity,
+    #[error("token operation {op} failed: {detail}")]
+    Operation { op: &'static str, detail: String },
+}
+
+fn op_err(op: &'static str) -> impl FnOnce(CkError) -> PartitionError {
+    move |e| PartitionError::Operation {
+        op,
+        detail: e.to_string(),
+    }
+}
+
+/// Handles of the domain keys, found by label once at start.
+#[derive(Clone, Copy, Debug)]
+struct DomainKeys {
+    oprf_seed: ObjectHandle,
+    ake_private: ObjectHandle,
+    seal: ObjectHandle,
+    record_id: ObjectHandle,
+    watermark: ObjectHandle,
+}
+
+/// An open, logged-in token holding the vault's domain keys.
+pub struct Partition {
+    // Field order matters: sessions must close before the context finalizes.
+    idle: Mutex<Vec<Session>>,
+    keys: DomainKeys,
+    /// SEC1 uncompressed encoding of the AKE public key (65 bytes).
+    ake_public: Vec<u8>,
+    slot: Slot,
+    label: String,
+    ctx: Pkcs11,
+}
+
+impl fmt::Debug for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Partition")
+            .field("token", &self.label)
+            .field("slot", &self.slot)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Attributes that every domain secret shares: a private, sensitive token
+/// object that can leave the token only wrapped under a trusted key.
+fn protected_secret(label: &str) -> Vec<Attribute> {
+    vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(true),
+        Attribute::WrapWithTrusted(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ]
+}
+
+impl Partition {
+    /// Loads the PKCS#11 module, finds the token by label, logs in as user and
+    /// makes sure the domain keys exist (generating them inside the token on
+    /// first start).
+    pub fn open(module: &Path, token_label: &str, pin: &str) -> Result<Arc<Self>, PartitionError> {
+        let ctx = Pkcs11::new(module).map_err(|e| PartitionError::Module(e.to_string()))?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(|e| PartitionError::Module(e.to_string()))?;
+        let slot = find_slot(&ctx, token_label)?;
+        let session = ctx.open_rw_session(slot).map_err(op_err("open session"))?;
+        match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(PartitionError::Login(e.to_string())),
+        }
+        let (keys, ake_public) = ensure_domain_keys(&session)?;
+        Ok(Arc::new(Partition {
+            idle: Mutex::new(vec![session]),
+            keys,
+            ake_public,
+            slot,
+            label: token_label.to_owned(),
+            ctx,
+        }))
+    }
+
+    /// The AKE public key, SEC1 uncompressed.
+    pub fn ake_public_key(&self) -> &[u8] {
+        &self.ake_public
+    }
+
+    /// Checks a session out of the pool (opening one if none is idle).
+    pub fn session(self: &Arc<Self>) -> Result<PartitionSession, PartitionError> {
+        let pooled = self.idle.lock().map(|mut idle| idle.pop()).ok().flatten();
+        let session = match pooled {
+            Some(s) => s,
+            // Login state is per application, so a new session is already
+            // logged in.
+            None => self
+                .ctx
+                .open_rw_session(self.slot)
+                .map_err(op_err("open session"))?,
+        };
+        Ok(PartitionSession {
+            session: Some(session),
+            partition: Arc::clone(self),
+        })
+    }
+}
+
+fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, PartitionError> {
+    let slots = ctx
+        .get_slots_with_initialized_token()
+        .map_err(op_err("list slots"))?;
+    for slot in slots {
+        let info = ctx.get_token_info(slot).map_err(op_err("token info"))?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(PartitionError::TokenNotFound(label.to_owned()))
+}
+
+fn find_one(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> Result<Option<ObjectHandle>, PartitionError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(op_err("find objects"))?;
+    Ok(found.into_iter().next())
+}
+
+fn find_watermark(session: &Session) -> Result<Option<ObjectHandle>, PartitionError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(labels::WATERMARK_APP.as_bytes().to_vec()),
+        ])
+        .map_err(op_err("find objects"))?;
+    Ok(found.into_iter().next())
+}
+
+fn generic_secret(session: &Session, label: &str) -> Result<ObjectHandle, PartitionError> {
+    if let Some(h) = find_one(session, ObjectClass::SECRET_KEY, label)? {
+        return Ok(h);
+    }
+    let mut template = protected_secret(label);
+    template.extend([
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::ValueLen(SECRET_LEN.into()),
+        Attribute::Sign(true),
+        Attribute::Verify(true),
+    ]);
+    session
+        .generate_key(&Mechanism::GenericSecretKeyGen, &template)
+        .map_err(op_err("generate generic secret"))
+}
+
+fn aes_key(session: &Session, label: &str) -> Result<ObjectHandle, PartitionError> {
+    if let Some(h) = find_one(session, ObjectClass::SECRET_KEY, label)? {
+        return Ok(h);
+    }
+    let mut template = protected_secret(label);
+    template.extend([
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::ValueLen(32.into()),
+        Attribute::Encrypt(true),
+        Attribute::Decrypt(true),
+    ]);
+    session
+        .generate_key(&Mechanism::AesKeyGen, &template)
+        .map_err(op_err("generate AES key"))
+}
+
+fn ake_key_pair(session: &Session) -> Result<(ObjectHandle, Vec<u8>), PartitionError> {
+    let private = find_one(session, ObjectClass::PRIVATE_KEY, labels::AKE_PRIVATE)?;
+    let public = find_one(session, ObjectClass::PUBLIC_KEY, labels::AKE_PUBLIC)?;
+    let (private, public) = match (private, public) {
+        (Some(private), Some(public)) => (private, public),
+        (private, public) => {
+            // A half-made pair (crash during first start) is replaced whole.
+            for h in [private, public].into_iter().flatten() {
+                session
+                    .destroy_object(h)
+                    .map_err(op_err("destroy half key pair"))?;
+            }
+            let public_template = [
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::EcParams(P256_OID_DER.to_vec()),
+                Attribute::Label(labels::AKE_PUBLIC.as_bytes().to_vec()),
+            ];
+            let mut private_template = protected_secret(labels::AKE_PRIVATE);
+            private_template.push(Attribute::Derive(true));
+            let (public, private) = session
+                .generate_key_pair(&Mechanism::EccKeyPairGen, &public_template, &private_template)
+                .map_err(op_err("generate AKE key pair"))?;
+            (private, public)
+        }
+    };
+    let point = session
+        .get_attributes(public, &[AttributeType::EcPoint])
+        .map_err(op_err("read AKE public key"))?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        })
+        .ok_or(PartitionError::MissingKey(labels::AKE_PUBLIC))?;
+    Ok((private, unwrap_der_octet_string(&point)?))
+}
+
+/// `CKA_EC_POINT` is a DER OCTET STRING around the SEC1 point.
+fn unwrap_der_octet_string(der: &[u8]) -> Result<Vec<u8>, PartitionError> {
+    match der {
+        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => {
+            Ok(rest.to_vec())
+        }
+        _ => Err(PartitionError::Operation {
+            op: "parse EC point",
+            detail: "CKA_EC_POINT is not a short DER OCTET STRING".into(),
+        }),
+    }
+}
+
+fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), PartitionError> {
+    let oprf_seed = generic_secret(session, labels::OPRF_SEED)?;
+    let record_id = generic_secret(session, labels::RECORD_ID)?;
+    let seal = aes_key(session, labels::SEAL)?;
+    let (ake_private, ake_public) = ake_key_pair(session)?;
+    let watermark = match find_watermark(session)? {
+        Some(h) => h,
+        None => session
+            .create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(true),
+                Attribute::Application(labels::WATERMARK_APP.as_bytes().to_vec()),
+                Attribute::Label(b"0".to_vec()),
+            ])
+            .map_err(op_err("create watermark"))?,
+    };
+    Ok((
+        DomainKeys {
+            oprf_seed,
+            ake_private,
+            seal,
+            record_id,
+            watermark,
+        },
+        ake_public,
+    ))
+}
+
+/// A checked-out PKCS#11 session; returns to the pool when dropped.
+pub struct PartitionSession {
+    session: Option<Session>,
+    partition: Arc<Partition>,
+}
+
+impl fmt::Debug for PartitionSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PartitionSession").finish_non_exhaustive()
+    }
+}
+
+impl Drop for PartitionSession {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            if let Ok(mut idle) = self.partition.idle.lock() {
+                if idle.len() < MAX_IDLE_SESSIONS {
+                    idle.push(session);
+                }
+            }
+        }
+    }
+}
+
+/// Which domain key an HMAC is made with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacKey {
+    /// The OPRF seed: HKDF-Expand over it yields per-record OPRF keys.
+    OprfSeed,
+    /// The key that turns account ids into record ids.
+    RecordId,
+}
+
+/// Facts read back from the token about one domain key, for audits and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyProtection {
+    pub label: &'static str,
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub wrap_with_trusted: bool,
+    /// Whether `CKA_VALUE` could be read in plaintext (must be false).
+    pub value_readable: bool,
+    /// Whether wrapping under a fresh, untrusted AES key succeeded (must be
+    /// false).
+    pub wraps_under_untrusted_key: bool,
+}
+
+impl PartitionSession {
+    fn s(&self) -> &Session {
+        // Invariant: `session` is only taken in `drop`.
+        self.session
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("session used after drop"))
+    }
+
+    fn keys(&self) -> DomainKeys {
+        self.partition.keys
+    }
+
+    /// HMAC-SHA256 inside the token.
+    pub fn hmac(&self, key: MacKey, data: &[u8]) -> Result<[u8; 32], PartitionError> {
+        let handle = match key {
+            MacKey::OprfSeed => self.keys().oprf_seed,
+            MacKey::RecordId => self.keys().record_id,
+        };
+        let out = self
+            .s()
+            .sign(&Mechanism::Sha256Hmac, handle, data)
+            .map_err(op_err("HMAC"))?;
+        out.try_into().map_err(|_| PartitionError::Operation {
+            op: "HMAC",
+            detail: "token returned a MAC of unexpected length".into(),
+        })
+    }
+
+    /// ECDH between the AKE private key and `peer` (SEC1, compressed or not).
+    /// Returns the x-coordinate of the shared point.
+    ///
+    /// PKCS#11 `CKM_ECDH1_DERIVE` only returns the x-coordinate (SoftHSM
+    /// supports only the null KDF), so the derived secret object is made
+    /// extractable to read it and destroyed at once. It is a one-time DH
+    /// share, never a long-term key.
+    pub fn ecdh_x(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
+        let mut der = Vec::with_capacity(peer.len() + 2);
+        der.push(0x04);
+        der.push(u8::try_from(peer.len()).map_err(|_| PartitionError::Operation {
+            op: "ECDH",
+            detail: "peer point too long".into(),
+        })?);
+        der.extend_from_slice(peer);
+        let s = self.s();
+        let derived = s
+            .derive_key(
+                &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), &der)),
+                self.keys().ake_private,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                ],
+            )
+            .map_err(op_err("ECDH derive"))?;
+        let value = s.get_attributes(derived, &[AttributeType::Value]);
+        // Derived objects pile up in the session unless destroyed.
+        let destroyed = s.destroy_object(derived);
+        let value = value.map_err(op_err("read ECDH share"))?;
+        destroyed.map_err(op_err("destroy ECDH share"))?;
+        value
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Value(v) => Some(Zeroizing::new(v)),
+                _ => None,
+            })
+            .ok_or(PartitionError::Operation {
+                op: "ECDH derive",
+                detail: "token returned no shared secret".into(),
+            })
+    }
+
+    /// AES-256-GCM encryption under the record-sealing key. Returns
+    /// ciphertext || tag.
+    pub fn seal(&self, iv: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, PartitionError> {
+        let mut iv = *iv;
+        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(op_err("GCM params"))?;
+        self.s()
+            .encrypt(&Mechanism::AesGcm(params), self.keys().seal, plaintext)
+            .map_err(op_err("seal"))
+    }
+
+    /// AES-256-GCM decryption under the record-sealing key.
+    ///
+    /// SoftHSM 2.6 reports a bad tag as `CKR_GENERAL_ERROR` rather than
+    /// `CKR_ENCRYPTED_DATA_INVALID`, so both are read as an integrity failure.
+    pub fn unseal(
+        &self,
+        iv: &[u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
+        let mut iv = *iv;
+        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(op_err("GCM params"))?;
+        match self
+            .s()
+            .decrypt(&Mechanism::AesGcm(params), self.keys().seal, sealed)
+        {
+            Ok(p) => Ok(Zeroizing::new(p)),
+            Err(CkError::Pkcs11(
+                RvError::GeneralError
+                | RvError::EncryptedDataInvalid
+                | RvError::EncryptedDataLenRange,
+                _,
+            )) => Err(PartitionError::Integrity),
+            Err(e) => Err(op_err("unseal")(e)),
+        }
+    }
+
+    /// Random bytes from the token's generator.
+    pub fn random(&self, out: &mut [u8]) -> Result<(), PartitionError> {
+        self.s()
+            .generate_random_slice(out)
+            .map_err(op_err("generate random"))
+    }
+
+    /// Reads the monotonic watermark kept in the token.
+    ///
+    /// It lives in the label of a private data object: SoftHSM cannot change a
+    /// data object's `CKA_VALUE` in place, but it updates labels in place.
+    pub fn watermark(&self) -> Result<u64, PartitionError> {
+        let label = self
+            .s()
+            .get_attributes(self.keys().watermark, &[AttributeType::Label])
+            .map_err(op_err("read watermark"))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Label(l) => Some(l),
+                _ => None,
+            })
+            .ok_or(PartitionError::MissingKey(labels::WATERMARK_APP))?;
+        std::str::from_utf8(&label)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or(PartitionError::Operation {
+                op: "read watermark",
+                detail: "watermark label is not a number".into(),
+            })
+    }
+
+    /// Raises the token watermark. It never goes down: a lower value is
+    /// ignored.
+    pub fn raise_watermark(&self, value: u64) -> Result<(), PartitionError> {
+        if value <= self.watermark()? {
+            return Ok(());
+        }
+        self.s()
+            .update_attributes(
+                self.keys().watermark,
+                &[Attribute::Label(value.to_string().into_bytes())],
+            )
+            .map_err(op_err("write watermark"))
+    }
+
+    /// Reads back how each domain key is protected, and tries the two ways a
+    /// plaintext copy could leave the token: reading `CKA_VALUE`, and wrapping
+    /// under an untrusted key made for the purpose.
+    pub fn key_protection(&self) -> Result<Vec<KeyProtection>, PartitionError> {
+        let s = self.s();
+        let k = self.keys();
+        let probe = s
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Wrap(true),
+                ],
+            )
+            .map_err(op_err("generate probe key"))?;
+        let mut out = Vec::new();
+        for (label, handle) in [
+            (labels::OPRF_SEED, k.oprf_seed),
+            (labels::RECORD_ID, k.record_id),
+            (labels::SEAL, k.seal),
+            (labels::AKE_PRIVATE, k.ake_private),
+        ] {
+            let attrs = s
+                .get_attributes(
+                    handle,
+                    &[
+                        AttributeType::Sensitive,
+                        AttributeType::Extractable,
+                        AttributeType::WrapWithTrusted,
+                        AttributeType::Value,
+                    ],
+                )
+                .map_err(op_err("read key attributes"))?;
+            let mut p = KeyProtection {
+                label,
+                sensitive: false,
+                extractable: false,
+                wrap_with_trusted: false,
+                value_readable: false,
+                wraps_under_untrusted_key: false,
+            };
+            for a in attrs {
+                match a {
+                    Attribute::Sensitive(v) => p.sensitive = v,
+                    Attribute::Extractable(v) => p.extractable = v,
+                    Attribute::WrapWithTrusted(v) => p.wrap_with_trusted = v,
+                    Attribute::Value(_) => p.value_readable = true,
+                    _ => {}
+                }
+            }
+            p.wraps_under_untrusted_key = s
+                .wrap_key(&Mechanism::AesKeyWrapPad, probe, handle)
+                .is_ok();
+            out.push(p);
+        }
+        s.destroy_object(probe).map_err(op_err("destroy probe key"))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,15 @@
+//! Compiles the .proto contracts with protox (pure Rust), so no system `protoc`
+//! is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["vault/v1/vault.proto"];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["."])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Contracts shared by the vault, its clients and its operators:
+//!
+//! - [`vault::v1`]: the gRPC client API, compiled from `vault/v1/vault.proto`
+//!   with protox (no system `protoc`). A breaking change gets a new package
+//!   beside the old one.
+//! - [`suite`]: the OPAQUE cipher suite (RFC 9807 P256-SHA256 with Argon2id
+//!   on the client) and the key derivations both ends must agree on.
+//! - [`token`]: the owner-authorization bearer token format.
+
+#![forbid(unsafe_code)]
+
+pub mod suite;
+pub mod token;
+
+pub mod vault {
+    pub mod v1 {
+        #![allow(missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("vault.v1");
+    }
+}
