@@ -1,0 +1,381 @@
+//! The gRPC front end: validates input, serializes work per record, moves
+//! sealed bytes between the store and the secure core, and maps outcomes to
+//! answers. It never sees a key, a password or a stored secret.
+//!
+//! Ordering kept here (invariant 1): a recovery start commits the charged
+//! record (flushed and covered by the token watermark) *before* it asks the
+//! core for the KE2, so a KE2 never leaves the process for an uncounted
+//! guess.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+use vault_proto::suite::{
+    DEFAULT_MAX_GUESSES, MAX_ACCOUNT_ID_LEN, MAX_GUESSES_LIMIT, MAX_SECRET_LEN, SUITE_NAME,
+};
+use vault_proto::vault::v1 as pb;
+use vault_proto::vault::v1::vault_server::Vault;
+
+use crate::auth::Authorizer;
+use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
+use crate::partition::{Partition, PartitionSession};
+use crate::store::{Store, StoreError, Write};
+use crate::types::{LoginId, RecordId};
+
+/// Largest gRPC message accepted. The biggest legitimate request (a
+/// registration upload with a 128-byte secret and a 256-byte account id) is
+/// under 1 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// Longest OPAQUE message field accepted before parsing (the real ones are
+/// 96–320 bytes for P-256).
+const MAX_OPAQUE_MESSAGE: usize = 1024;
+
+/// Per-record locks, striped so memory stays bounded whatever the number of
+/// records. Two operations on one record never interleave.
+const STRIPES: usize = 1024;
+
+#[derive(Debug)]
+struct Inner {
+    core: SecureCore,
+    partition: Arc<Partition>,
+    store: Store,
+    auth: Authorizer,
+    stripes: Vec<Mutex<()>>,
+}
+
+/// The client API service.
+#[derive(Debug, Clone)]
+pub struct VaultService {
+    inner: Arc<Inner>,
+}
+
+fn core_status(e: CoreError) -> Status {
+    match e {
+        CoreError::InvalidMessage(_) | CoreError::InvalidArgument(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        CoreError::UnknownLogin | CoreError::RecordChanged => {
+            Status::failed_precondition(e.to_string())
+        }
+        CoreError::Busy => Status::resource_exhausted(e.to_string()),
+        CoreError::Tampered => Status::data_loss(e.to_string()),
+        CoreError::Token(t) => {
+            tracing::error!(error = %t, "HSM operation failed");
+            Status::internal("HSM operation failed")
+        }
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    tracing::error!(error = %e, "storage failure");
+    Status::unavailable("storage is unavailable; the request was not applied")
+}
+
+fn check_account(account_id: &[u8]) -> Result<(), Status> {
+    if account_id.is_empty() || account_id.len() > MAX_ACCOUNT_ID_LEN {
+        return Err(Status::invalid_argument(format!(
+            "account_id must be 1..={MAX_ACCOUNT_ID_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn check_opaque(name: &str, msg: &[u8]) -> Result<(), Status> {
+    if msg.is_empty() || msg.len() > MAX_OPAQUE_MESSAGE {
+        return Err(Status::invalid_argument(format!("{name} is missing or too long")));
+    }
+    Ok(())
+}
+
+impl VaultService {
+    pub fn new(partition: Arc<Partition>, store: Store, auth: Authorizer) -> Result<Self, CoreError> {
+        let core = SecureCore::new(partition.ake_public_key())?;
+        Ok(VaultService {
+            inner: Arc::new(Inner {
+                core,
+                partition,
+                store,
+                auth,
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            }),
+        })
+    }
+
+    pub fn server_public_key(&self) -> [u8; 33] {
+        self.inner.core.server_public_key()
+    }
+
+    /// Runs `f` on a blocking thread with a token session.
+    async fn with_token<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&SecureCore, &PartitionSession) -> Result<T, CoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let session = inner.partition.session().map_err(CoreError::Token)?;
+            f(&inner.core, &session)
+        })
+        .await
+        .map_err(|_| Status::internal("worker failed"))?
+        .map_err(core_status)
+    }
+
+    fn stripe(&self, id: &RecordId) -> &Mutex<()> {
+        let i = usize::from(u16::from_be_bytes([id.0[0], id.0[1]])) % STRIPES;
+        &self.inner.stripes[i]
+    }
+
+    async fn record_id(&self, account_id: Vec<u8>) -> Result<RecordId, Status> {
+        self.with_token(move |core, t| core.record_id(t, &account_id))
+            .await
+    }
+
+    fn stored(&self, id: &RecordId) -> Result<Option<crate::core::record::SealedRecord>, Status> {
+        self.inner.store.get(id).map_err(store_status)
+    }
+
+    async fn commit(&self, seq: crate::types::Seq, write: Write) -> Result<(), Status> {
+        self.inner.store.commit(seq, write).await.map_err(store_status)
+    }
+
+    /// Shared path of RecoverFinish and Delete.
+    async fn finish(
+        &self,
+        login_id: &[u8],
+        ke3: Vec<u8>,
+        purpose: Purpose,
+        expect: Option<RecordId>,
+    ) -> Result<Finish, Status> {
+        let login = LoginId::from_bytes(login_id)
+            .ok_or_else(|| Status::invalid_argument("login_id must be 16 bytes"))?;
+        if ke3.len() > MAX_OPAQUE_MESSAGE {
+            return Err(Status::invalid_argument("ke3 is too long"));
+        }
+        let id = self
+            .inner
+            .core
+            .pending_record(&login, Instant::now())
+            .ok_or_else(|| core_status(CoreError::UnknownLogin))?;
+        if expect.is_some_and(|e| e != id) {
+            return Err(Status::failed_precondition(
+                "this login belongs to another account",
+            ));
+        }
+        let _guard = self.stripe(&id).lock().await;
+        let stored = self.stored(&id)?;
+        let seq = self.inner.store.reserve();
+        let outcome = self
+            .with_token(move |core, t| {
+                core.finish(t, &login, &ke3, stored.as_ref(), purpose, seq, Instant::now())
+            })
+            .await?;
+        match &outcome {
+            Finish::Recovered { write, .. } | Finish::Lock { write } => {
+                self.commit(seq, Write::Put(id, write.clone())).await?
+            }
+            Finish::Delete => self.commit(seq, Write::Delete(id)).await?,
+            Finish::WrongPassword { .. } | Finish::Locked => {}
+        }
+        tracing::info!(record = %id, outcome = finish_name(&outcome), "login finished");
+        Ok(outcome)
+    }
+}
+
+fn finish_name(f: &Finish) -> &'static str {
+    match f {
+        Finish::Recovered { .. } => "recovered",
+        Finish::Delete => "deleted",
+        Finish::WrongPassword { .. } => "wrong_password",
+        Finish::Lock { .. } => "locked_now",
+        Finish::Locked => "locked",
+    }
+}
+
+fn locked() -> pb::Locked {
+    pb::Locked {}
+}
+
+#[tonic::async_trait]
+impl Vault for VaultService {
+    async fn get_info(
+        &self,
+        _request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::GetInfoResponse>, Status> {
+        Ok(Response::new(pb::GetInfoResponse {
+            cipher_suite: SUITE_NAME.to_owned(),
+            server_public_key: self.server_public_key().to_vec(),
+            max_secret_len: MAX_SECRET_LEN as u32,
+            max_guesses_limit: u32::from(MAX_GUESSES_LIMIT),
+            default_max_guesses: u32::from(DEFAULT_MAX_GUESSES),
+            max_account_id_len: MAX_ACCOUNT_ID_LEN as u32,
+        }))
+    }
+
+    async fn register_start(
+        &self,
+        request: Request<pb::RegisterStartRequest>,
+    ) -> Result<Response<pb::RegisterStartResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        check_account(&req.account_id)?;
+        self.inner.auth.check(&metadata, &req.account_id)?;
+        check_opaque("registration_request", &req.registration_request)?;
+        let id = self.record_id(req.account_id).await?;
+        let message = req.registration_request;
+        let response = self
+            .with_token(move |core, t| core.registration_start(t, &id, &message))
+            .await?;
+        Ok(Response::new(pb::RegisterStartResponse {
+            registration_response: response,
+        }))
+    }
+
+    async fn register_finish(
+        &self,
+        request: Request<pb::RegisterFinishRequest>,
+    ) -> Result<Response<pb::RegisterFinishResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        check_account(&req.account_id)?;
+        self.inner.auth.check(&metadata, &req.account_id)?;
+        check_opaque("registration_upload", &req.registration_upload)?;
+        let id = self.record_id(req.account_id).await?;
+        let _guard = self.stripe(&id).lock().await;
+        let seq = self.inner.store.reserve();
+        let (upload, secret, max) = (req.registration_upload, req.secret, req.max_guesses);
+        let (sealed, max_guesses) = self
+            .with_token(move |core, t| core.registration_finish(t, &id, &upload, &secret, max, seq))
+            .await?;
+        self.commit(seq, Write::Put(id, sealed)).await?;
+        tracing::info!(record = %id, max_guesses, "registered");
+        Ok(Response::new(pb::RegisterFinishResponse {
+            max_guesses: u32::from(max_guesses),
+        }))
+    }
+
+    async fn recover_start(
+        &self,
+        request: Request<pb::RecoverStartRequest>,
+    ) -> Result<Response<pb::RecoverStartResponse>, Status> {
+        let req = request.into_inner();
+        check_account(&req.account_id)?;
+        check_opaque("ke1", &req.ke1)?;
+        let id = self.record_id(req.account_id).await?;
+        let _guard = self.stripe(&id).lock().await;
+        let stored = self.stored(&id)?;
+        let seq = self.inner.store.reserve();
+        let ke1 = req.ke1;
+        let charge = self
+            .with_token(move |core, t| {
+                core.charge_guess(t, &id, stored.as_ref(), &ke1, seq, Instant::now())
+            })
+            .await?;
+        let outcome = match charge {
+            Charge::Charged { write, ticket } => {
+                // Invariant 1: durable before the KE2 exists.
+                self.commit(seq, Write::Put(id, write.clone())).await?;
+                let challenge = self
+                    .with_token(move |core, t| core.evaluate(t, ticket, &write, Instant::now()))
+                    .await?;
+                tracing::info!(record = %id, remaining = challenge.guesses_remaining, "guess charged");
+                pb::recover_start_response::Outcome::Challenge(pb::Challenge {
+                    login_id: challenge.login_id.0.to_vec(),
+                    ke2: challenge.ke2,
+                    guesses_remaining: u32::from(challenge.guesses_remaining),
+                })
+            }
+            Charge::Lock { write } => {
+                self.commit(seq, Write::Put(id, write)).await?;
+                tracing::info!(record = %id, "guess limit reached: record locked");
+                pb::recover_start_response::Outcome::Locked(locked())
+            }
+            Charge::Locked => pb::recover_start_response::Outcome::Locked(locked()),
+        };
+        Ok(Response::new(pb::RecoverStartResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn recover_finish(
+        &self,
+        request: Request<pb::RecoverFinishRequest>,
+    ) -> Result<Response<pb::RecoverFinishResponse>, Status> {
+        use pb::recover_finish_response::Outcome;
+        let req = request.into_inner();
+        let outcome = match self.finish(&req.login_id, req.ke3, Purpose::Recover, None).await? {
+            Finish::Recovered { release, .. } => {
+                let (nonce, sealed) = release.split_at(12);
+                Outcome::Recovered(pb::Recovered {
+                    nonce: nonce.to_vec(),
+                    sealed_secret: sealed.to_vec(),
+                })
+            }
+            Finish::WrongPassword { guesses_remaining } => {
+                Outcome::WrongPassword(pb::WrongPassword {
+                    guesses_remaining: u32::from(guesses_remaining),
+                })
+            }
+            Finish::Lock { .. } | Finish::Locked => Outcome::Locked(locked()),
+            Finish::Delete => return Err(Status::internal("unexpected deletion")),
+        };
+        Ok(Response::new(pb::RecoverFinishResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        use pb::delete_response::Outcome;
+        let (metadata, _, req) = request.into_parts();
+        check_account(&req.account_id)?;
+        self.inner.auth.check(&metadata, &req.account_id)?;
+        if req.ke3.is_empty() {
+            return Err(Status::invalid_argument("deletion needs a KE3 proving the password"));
+        }
+        let id = self.record_id(req.account_id).await?;
+        let outcome = match self.finish(&req.login_id, req.ke3, Purpose::Delete, Some(id)).await? {
+            Finish::Delete => Outcome::Deleted(pb::Deleted {}),
+            Finish::WrongPassword { guesses_remaining } => {
+                Outcome::WrongPassword(pb::WrongPassword {
+                    guesses_remaining: u32::from(guesses_remaining),
+                })
+            }
+            Finish::Lock { .. } | Finish::Locked => Outcome::Locked(locked()),
+            Finish::Recovered { .. } => return Err(Status::internal("unexpected recovery")),
+        };
+        Ok(Response::new(pb::DeleteResponse {
+            outcome: Some(outcome),
+        }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        use pb::status_response::State;
+        let (metadata, _, req) = request.into_parts();
+        check_account(&req.account_id)?;
+        self.inner.auth.check(&metadata, &req.account_id)?;
+        let id = self.record_id(req.account_id).await?;
+        let stored = self.stored(&id)?;
+        let view = self
+            .with_token(move |core, t| core.status(t, &id, stored.as_ref()))
+            .await?;
+        let (state, guesses_remaining, max_guesses) = match view {
+            StatusView::NotRegistered => (State::NotRegistered, 0, 0),
+            StatusView::Registered { remaining, max } => {
+                (State::Registered, u32::from(remaining), u32::from(max))
+            }
+            StatusView::Locked { max } => (State::Locked, 0, u32::from(max)),
+        };
+        Ok(Response::new(pb::StatusResponse {
+            state: state as i32,
+            guesses_remaining,
+            max_guesses,
+        }))
+    }
+}
