@@ -1,0 +1,137 @@
+//! The partition and the secure core against a real SoftHSM2 token, in
+//! process. Each test runs in its own process (nextest) with its own token.
+
+use std::time::Instant;
+
+use hsm_vault::core::{Charge, Finish, Purpose, SecureCore};
+use hsm_vault::partition::Partition;
+use hsm_vault::types::Seq;
+use opaque_ke::{
+    ClientLogin, ClientLoginFinishParameters, ClientRegistration,
+    ClientRegistrationFinishParameters, CredentialResponse, RegistrationResponse,
+};
+use rand::rngs::OsRng;
+use softhsm_test_harness::{module_path, TestToken};
+use vault_proto::suite::{open_with, Suite, RELEASE_AAD, RELEASE_INFO};
+
+fn open_token(label: &str) -> (TestToken, std::sync::Arc<Partition>) {
+    let token = TestToken::new(label).expect("token");
+    token.use_in_this_process().expect("token env");
+    let p = Partition::open(&module_path(), label, token.pin()).expect("open partition");
+    (token, p)
+}
+
+#[test]
+fn invariant6_domain_keys_are_sensitive_and_not_plaintext_extractable() {
+    let (_token, p) = open_token("keys");
+    let session = p.session().expect("session");
+    let keys = session.key_protection().expect("key protection");
+    assert_eq!(keys.len(), 4);
+    for k in keys {
+        assert!(k.sensitive, "{} must be CKA_SENSITIVE", k.label);
+        assert!(k.wrap_with_trusted, "{} must need a trusted wrapping key", k.label);
+        assert!(!k.value_readable, "{} CKA_VALUE must not be readable", k.label);
+        assert!(
+            !k.wraps_under_untrusted_key,
+            "{} must not wrap under an untrusted key",
+            k.label
+        );
+    }
+}
+
+#[test]
+fn domain_keys_survive_a_restart() {
+    let token = TestToken::new("restart").expect("token");
+    token.use_in_this_process().expect("env");
+    let first = Partition::open(&module_path(), "restart", token.pin()).expect("open");
+    let pk = first.ake_public_key().to_vec();
+    drop(first);
+    let second = Partition::open(&module_path(), "restart", token.pin()).expect("reopen");
+    assert_eq!(second.ake_public_key(), &pk[..]);
+}
+
+#[test]
+fn wrong_pin_and_unknown_label_are_refused() {
+    let token = TestToken::new("pins").expect("token");
+    token.use_in_this_process().expect("env");
+    let err = Partition::open(&module_path(), "pins", "not-the-pin").expect_err("wrong pin");
+    assert!(err.to_string().contains("login"), "{err}");
+    let err = Partition::open(&module_path(), "absent", token.pin()).expect_err("no such token");
+    assert!(err.to_string().contains("absent"), "{err}");
+}
+
+/// The whole OPAQUE flow through the core, with the AKE key and OPRF seed in
+/// the token: proves the ECDH parity recovery gives the client the same
+/// session key.
+#[test]
+fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
+    let (_token, p) = open_token("core");
+    let t = p.session().expect("session");
+    let core = SecureCore::new(p.ake_public_key()).expect("core");
+    let id = core.record_id(&t, b"alice").expect("record id");
+    assert_eq!(id, core.record_id(&t, b"alice").expect("again"), "record ids are stable");
+    assert_ne!(id, core.record_id(&t, b"bob").expect("bob"));
+
+    let password = b"correct horse";
+    let ksf = vault_proto::suite::client_ksf();
+    let start = ClientRegistration::<Suite>::start(&mut OsRng, password).expect("client start");
+    let response = core
+        .registration_start(&t, &id, &start.message.serialize())
+        .expect("server start");
+    let finish = start
+        .state
+        .finish(
+            &mut OsRng,
+            password,
+            RegistrationResponse::deserialize(&response).expect("response"),
+            ClientRegistrationFinishParameters::new(Default::default(), Some(&ksf)),
+        )
+        .expect("client finish");
+    assert_eq!(&finish.server_s_pk.serialize()[..], &core.server_public_key()[..]);
+    let (sealed, max) = core
+        .registration_finish(&t, &id, &finish.message.serialize(), b"the secret", 0, Seq(1))
+        .expect("register");
+    assert_eq!(max, 10);
+
+    for round in 0..2u64 {
+        let login = ClientLogin::<Suite>::start(&mut OsRng, password).expect("login start");
+        let now = Instant::now();
+        let seq = Seq(2 + 2 * round);
+        let Charge::Charged { write, ticket } = core
+            .charge_guess(&t, &id, Some(&sealed), &login.message.serialize(), seq, now)
+            .expect("charge")
+        else {
+            panic!("expected a charge");
+        };
+        let challenge = core.evaluate(&t, ticket, &write, now).expect("evaluate");
+        assert_eq!(challenge.guesses_remaining, 9);
+        let client = login
+            .state
+            .finish(
+                &mut OsRng,
+                password,
+                CredentialResponse::deserialize(&challenge.ke2).expect("ke2"),
+                ClientLoginFinishParameters::new(None, Default::default(), Some(&ksf)),
+            )
+            .expect("client login finish");
+        let out = core
+            .finish(
+                &t,
+                &challenge.login_id,
+                &client.message.serialize(),
+                Some(&write),
+                Purpose::Recover,
+                Seq(seq.0 + 1),
+                now,
+            )
+            .expect("finish");
+        let Finish::Recovered { write: reset, release } = out else {
+            panic!("expected recovery, got {out:?}");
+        };
+        let secret =
+            open_with(&client.session_key, RELEASE_INFO, RELEASE_AAD, &release).expect("open");
+        assert_eq!(&secret[..], b"the secret");
+        let (_, record) = core.inspect(&t, &id, &reset).expect("inspect");
+        assert_eq!(record.guesses_remaining(), 10);
+    }
+}
