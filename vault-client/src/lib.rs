@@ -1,1 +1,354 @@
+//! Client SDK for the HSM-backed backup key vault.
+//!
+//! - [`VaultClient`] registers, recovers and deletes a 32-byte backup key.
+//!   The secret the vault stores is the backup key wrapped under the OPAQUE
+//!   export key, so the vault never holds the plaintext backup key, and the
+//!   client refuses a vault whose OPAQUE public key differs from the pinned
+//!   one.
+//! - [`backup`] encrypts and decrypts backup files.
 
+#![forbid(unsafe_code)]
+
+pub mod backup;
+
+use opaque_ke::{
+    ClientLogin, ClientLoginFinishParameters, ClientRegistration,
+    ClientRegistrationFinishParameters, CredentialResponse, RegistrationResponse,
+};
+use rand::rngs::OsRng;
+use rand::RngCore;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request};
+use vault_proto::suite::{
+    client_ksf, open_with, seal_with, Suite, RELEASE_AAD, RELEASE_INFO, SUITE_NAME, WRAP_AAD,
+    WRAP_INFO,
+};
+use vault_proto::vault::v1 as pb;
+use vault_proto::vault::v1::vault_client::VaultClient as PbClient;
+use zeroize::Zeroizing;
+
+pub use backup::BackupKey;
+
+/// What went wrong, phrased for the person at the keyboard.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("vault unreachable at {endpoint}: {detail}")]
+    Unreachable { endpoint: String, detail: String },
+    #[error("wrong password: {guesses_remaining} guesses left before the key is destroyed")]
+    WrongPassword { guesses_remaining: u32 },
+    #[error("locked: too many wrong passwords, the key has been destroyed for good")]
+    Locked,
+    #[error("this vault's public key does not match the pinned key; refusing to talk to it")]
+    KeyMismatch,
+    #[error("vault speaks cipher suite {0:?}, this client only {SUITE_NAME:?}")]
+    WrongSuite(String),
+    #[error("not authorized: {0}")]
+    Unauthenticated(String),
+    #[error("bad key format: {0}")]
+    BadKey(String),
+    #[error("vault answered {code:?}: {message}")]
+    Vault { code: Code, message: String },
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        match s.code() {
+            Code::Unauthenticated => ClientError::Unauthenticated(s.message().to_owned()),
+            code => ClientError::Vault {
+                code,
+                message: s.message().to_owned(),
+            },
+        }
+    }
+}
+
+/// The owner's view of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordStatus {
+    NotRegistered,
+    Registered { guesses_remaining: u32, max_guesses: u32 },
+    Locked,
+}
+
+/// Parses a published vault public key file (hex SEC1 compressed).
+pub fn parse_pinned_key(text: &str) -> Result<[u8; 33], ClientError> {
+    let bytes = hex::decode(text.trim())
+        .map_err(|_| ClientError::BadKey("vault public key file is not hex".into()))?;
+    bytes
+        .try_into()
+        .map_err(|_| ClientError::BadKey("vault public key must be 33 bytes".into()))
+}
+
+fn bearer<T>(message: T, token: &str) -> Result<Request<T>, ClientError> {
+    let mut req = Request::new(message);
+    let value = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ClientError::Unauthenticated("bearer token is not valid header text".into()))?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
+}
+
+/// A connection to one vault, pinned to its OPAQUE public key.
+#[derive(Debug, Clone)]
+pub struct VaultClient {
+    rpc: PbClient<Channel>,
+    pinned: [u8; 33],
+}
+
+/// A login whose KE2 the vault released, before the client's KE3.
+struct Login {
+    login_id: Vec<u8>,
+    ke3: Option<Vec<u8>>,
+    session_key: Zeroizing<Vec<u8>>,
+    export_key: Zeroizing<Vec<u8>>,
+}
+
+impl VaultClient {
+    /// Connects and checks the vault's suite and public key against the pin.
+    pub async fn connect(endpoint: &str, pinned: [u8; 33]) -> Result<Self, ClientError> {
+        let unreachable = |detail: String| ClientError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            detail,
+        };
+        let channel = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut rpc = PbClient::new(channel);
+        let info = rpc
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .map_err(|e| unreachable(e.message().to_owned()))?
+            .into_inner();
+        if info.cipher_suite != SUITE_NAME {
+            return Err(ClientError::WrongSuite(info.cipher_suite));
+        }
+        if info.server_public_key != pinned {
+            return Err(ClientError::KeyMismatch);
+        }
+        Ok(VaultClient { rpc, pinned })
+    }
+
+    /// Registers `key` under `password` for `account`, replacing any
+    /// earlier record. Returns the guess limit the vault applied.
+    pub async fn register_key(
+        &mut self,
+        account: &[u8],
+        token: &str,
+        password: &[u8],
+        key: &BackupKey,
+        max_guesses: u32,
+    ) -> Result<u32, ClientError> {
+        let start = ClientRegistration::<Suite>::start(&mut OsRng, password)
+            .map_err(|_| ClientError::Protocol("registration start"))?;
+        let response = self
+            .rpc
+            .register_start(bearer(
+                pb::RegisterStartRequest {
+                    account_id: account.to_vec(),
+                    registration_request: start.message.serialize().to_vec(),
+                },
+                token,
+            )?)
+            .await?
+            .into_inner();
+        let response = RegistrationResponse::deserialize(&response.registration_response)
+            .map_err(|_| ClientError::Protocol("registration response"))?;
+        let ksf = client_ksf();
+        let finish = start
+            .state
+            .finish(
+                &mut OsRng,
+                password,
+                response,
+                ClientRegistrationFinishParameters::new(Default::default(), Some(&ksf)),
+            )
+            .map_err(|_| ClientError::Protocol("registration response"))?;
+        if finish.server_s_pk.serialize().as_slice() != self.pinned {
+            return Err(ClientError::KeyMismatch);
+        }
+        let mut nonce = [0u8; 12];
+        OsRng.fill_bytes(&mut nonce);
+        let wrapped = seal_with(&finish.export_key, WRAP_INFO, WRAP_AAD, nonce, key.0.as_ref());
+        let done = self
+            .rpc
+            .register_finish(bearer(
+                pb::RegisterFinishRequest {
+                    account_id: account.to_vec(),
+                    registration_upload: finish.message.serialize().to_vec(),
+                    secret: wrapped,
+                    max_guesses,
+                },
+                token,
+            )?)
+            .await?
+            .into_inner();
+        Ok(done.max_guesses)
+    }
+
+    /// Runs KE1 → KE2 and the client's side of the login. A wrong password
+    /// yields `ke3: None`.
+    async fn login(&mut self, account: &[u8], password: &[u8]) -> Result<Login, ClientError> {
+        let start = ClientLogin::<Suite>::start(&mut OsRng, password)
+            .map_err(|_| ClientError::Protocol("login start"))?;
+        let answer = self
+            .rpc
+            .recover_start(pb::RecoverStartRequest {
+                account_id: account.to_vec(),
+                ke1: start.message.serialize().to_vec(),
+            })
+            .await?
+            .into_inner();
+        let challenge = match answer.outcome {
+            Some(pb::recover_start_response::Outcome::Challenge(c)) => c,
+            Some(pb::recover_start_response::Outcome::Locked(_)) => return Err(ClientError::Locked),
+            None => return Err(ClientError::Protocol("empty recovery answer")),
+        };
+        let ke2 = CredentialResponse::deserialize(&challenge.ke2)
+            .map_err(|_| ClientError::Protocol("KE2"))?;
+        let ksf = client_ksf();
+        let finished = start.state.finish(
+            &mut OsRng,
+            password,
+            ke2,
+            ClientLoginFinishParameters::new(None, Default::default(), Some(&ksf)),
+        );
+        let mut login = Login {
+            login_id: challenge.login_id,
+            ke3: None,
+            session_key: Zeroizing::new(Vec::new()),
+            export_key: Zeroizing::new(Vec::new()),
+        };
+        if let Ok(f) = finished {
+            if f.server_s_pk.serialize().as_slice() != self.pinned {
+                // Give the login up so it does not linger, then refuse.
+                let _ = self.abandon(&login.login_id).await;
+                return Err(ClientError::KeyMismatch);
+            }
+            login.ke3 = Some(f.message.serialize().to_vec());
+            login.session_key = Zeroizing::new(f.session_key.to_vec());
+            login.export_key = Zeroizing::new(f.export_key.to_vec());
+        }
+        Ok(login)
+    }
+
+    /// Tells the vault the client gives up on a login (empty KE3).
+    async fn abandon(&mut self, login_id: &[u8]) -> Result<ClientError, ClientError> {
+        let answer = self
+            .rpc
+            .recover_finish(pb::RecoverFinishRequest {
+                login_id: login_id.to_vec(),
+                ke3: Vec::new(),
+            })
+            .await?
+            .into_inner();
+        Ok(match answer.outcome {
+            Some(pb::recover_finish_response::Outcome::WrongPassword(w)) => {
+                ClientError::WrongPassword {
+                    guesses_remaining: w.guesses_remaining,
+                }
+            }
+            Some(pb::recover_finish_response::Outcome::Locked(_)) => ClientError::Locked,
+            _ => ClientError::Protocol("unexpected answer to an abandoned login"),
+        })
+    }
+
+    /// Recovers the key registered for `account`. Each call spends one of
+    /// the record's guesses until it succeeds.
+    pub async fn recover_key(&mut self, account: &[u8], password: &[u8]) -> Result<BackupKey, ClientError> {
+        let login = self.login(account, password).await?;
+        let Some(ke3) = login.ke3.clone() else {
+            return Err(self.abandon(&login.login_id).await?);
+        };
+        let answer = self
+            .rpc
+            .recover_finish(pb::RecoverFinishRequest {
+                login_id: login.login_id.clone(),
+                ke3,
+            })
+            .await?
+            .into_inner();
+        match answer.outcome {
+            Some(pb::recover_finish_response::Outcome::Recovered(r)) => {
+                let mut sealed = r.nonce;
+                sealed.extend_from_slice(&r.sealed_secret);
+                let wrapped = open_with(&login.session_key, RELEASE_INFO, RELEASE_AAD, &sealed)
+                    .map_err(|_| ClientError::Protocol("released secret does not authenticate"))?;
+                let key = open_with(&login.export_key, WRAP_INFO, WRAP_AAD, &wrapped)
+                    .map_err(|_| ClientError::Protocol("stored key does not unwrap"))?;
+                let key: [u8; 32] = key[..]
+                    .try_into()
+                    .map_err(|_| ClientError::Protocol("stored key has the wrong length"))?;
+                Ok(BackupKey(Zeroizing::new(key)))
+            }
+            Some(pb::recover_finish_response::Outcome::WrongPassword(w)) => {
+                Err(ClientError::WrongPassword {
+                    guesses_remaining: w.guesses_remaining,
+                })
+            }
+            Some(pb::recover_finish_response::Outcome::Locked(_)) => Err(ClientError::Locked),
+            None => Err(ClientError::Protocol("empty recovery answer")),
+        }
+    }
+
+    /// Deletes the account's record; needs the owner's token and the
+    /// password.
+    pub async fn delete(&mut self, account: &[u8], token: &str, password: &[u8]) -> Result<(), ClientError> {
+        let login = self.login(account, password).await?;
+        let Some(ke3) = login.ke3.clone() else {
+            return Err(self.abandon(&login.login_id).await?);
+        };
+        let answer = self
+            .rpc
+            .delete(bearer(
+                pb::DeleteRequest {
+                    account_id: account.to_vec(),
+                    login_id: login.login_id,
+                    ke3,
+                },
+                token,
+            )?)
+            .await?
+            .into_inner();
+        match answer.outcome {
+            Some(pb::delete_response::Outcome::Deleted(_)) => Ok(()),
+            Some(pb::delete_response::Outcome::WrongPassword(w)) => Err(ClientError::WrongPassword {
+                guesses_remaining: w.guesses_remaining,
+            }),
+            Some(pb::delete_response::Outcome::Locked(_)) => Err(ClientError::Locked),
+            None => Err(ClientError::Protocol("empty deletion answer")),
+        }
+    }
+
+    /// The owner's view of the account's record.
+    pub async fn status(&mut self, account: &[u8], token: &str) -> Result<RecordStatus, ClientError> {
+        use pb::status_response::State;
+        let s = self
+            .rpc
+            .status(bearer(
+                pb::StatusRequest {
+                    account_id: account.to_vec(),
+                },
+                token,
+            )?)
+            .await?
+            .into_inner();
+        Ok(match State::try_from(s.state) {
+            Ok(State::Registered) => RecordStatus::Registered {
+                guesses_remaining: s.guesses_remaining,
+                max_guesses: s.max_guesses,
+            },
+            Ok(State::Locked) => RecordStatus::Locked,
+            _ => RecordStatus::NotRegistered,
+        })
+    }
+
+    /// The raw gRPC client, for tests that send malformed messages.
+    pub fn raw(&mut self) -> &mut PbClient<Channel> {
+        &mut self.rpc
+    }
+}
