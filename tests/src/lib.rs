@@ -1,1 +1,255 @@
+//! Fixtures for end-to-end tests: a real `hsm-vault` process on its own
+//! SoftHSM2 token and sled directory, reached over loopback gRPC, and the
+//! real `vault` CLI.
 
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hsm_vault::core::SecureCore;
+use hsm_vault::partition::Partition;
+use hsm_vault::types::RecordId;
+use softhsm_test_harness::{module_path, TestToken};
+use vault_client::VaultClient;
+
+/// How long a node may take to start before a test gives up.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Directory holding the workspace's built binaries (next to `deps/`, where
+/// this test executable lives).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run the workspace tests (cargo nextest run --workspace) so binaries are built",
+        p.display()
+    );
+    p
+}
+
+/// One vault node and everything it owns, in a temporary directory.
+#[derive(Debug)]
+pub struct VaultNode {
+    pub token: TestToken,
+    pub work: tempfile::TempDir,
+    child: Option<Child>,
+    addr: Option<SocketAddr>,
+    signing_key: p256::ecdsa::SigningKey,
+}
+
+impl VaultNode {
+    /// Creates a token, an identity key pair and a data directory, and
+    /// starts the node.
+    pub fn start(label: &str) -> Self {
+        let token = TestToken::new(label).expect("SoftHSM token");
+        let work = tempfile::Builder::new()
+            .prefix("vault-node-")
+            .tempdir()
+            .expect("work dir");
+        let signing_key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+        let public = hex::encode(signing_key.verifying_key().to_encoded_point(true).as_bytes());
+        std::fs::write(work.path().join("identity.pub"), public).expect("identity.pub");
+        let mut node = VaultNode {
+            token,
+            work,
+            child: None,
+            addr: None,
+            signing_key,
+        };
+        node.restart();
+        node
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.work.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.work.path().join("node.log")
+    }
+
+    pub fn public_key_path(&self) -> PathBuf {
+        self.work.path().join("vault.pub")
+    }
+
+    pub fn pinned_key(&self) -> [u8; 33] {
+        let text = std::fs::read_to_string(self.public_key_path()).expect("published key");
+        vault_client::parse_pinned_key(&text).expect("valid published key")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr.expect("node is running"))
+    }
+
+    /// Starts (or restarts) the node process on a fresh port.
+    pub fn restart(&mut self) {
+        self.start_process().expect("node starts");
+    }
+
+    /// Starts the process; returns its stderr text if it exits instead of
+    /// becoming ready.
+    pub fn start_process(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let mut child = Command::new(bin("hsm-vault"))
+            .envs(self.token.env())
+            .env("RUST_LOG", "info")
+            .arg("--listen=127.0.0.1:0")
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--pkcs11-module={}", module_path().display()))
+            .arg(format!("--token-label={}", self.token.label()))
+            .arg(format!("--pin-file={}", self.token.pin_file().display()))
+            .arg(format!("--auth-public-key={}", self.work.path().join("identity.pub").display()))
+            .arg(format!("--publish-key={}", self.public_key_path().display()))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn hsm-vault");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("hsm-vault listening on ") {
+                    let _ = tx.send(addr.trim().to_owned());
+                }
+            }
+        });
+        match rx.recv_timeout(START_DEADLINE) {
+            Ok(addr) => {
+                self.addr = Some(addr.parse().expect("address"));
+                self.child = Some(child);
+                Ok(())
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::fs::read_to_string(self.log_path()).unwrap_or_default())
+            }
+        }
+    }
+
+    /// `kill -9`: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+        self.addr = None;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().map(|s| s.is_none()).unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// A bearer token for `account` from this node's identity service.
+    pub fn bearer(&self, account: &str) -> String {
+        self.bearer_expiring(account, 3600)
+    }
+
+    pub fn bearer_expiring(&self, account: &str, ttl: i64) -> String {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+        let claims = vault_proto::token::Claims {
+            account_id: account.as_bytes().to_vec(),
+            expires_at: now.saturating_add_signed(ttl),
+        };
+        vault_proto::token::issue(&self.signing_key, &claims).expect("issue token")
+    }
+
+    pub fn identity_key_hex(&self) -> String {
+        hex::encode(self.signing_key.to_bytes())
+    }
+
+    pub async fn client(&self) -> VaultClient {
+        VaultClient::connect(&self.endpoint(), self.pinned_key())
+            .await
+            .expect("client connects")
+    }
+
+    /// The `vault` CLI, pointed at this node.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(bin("vault"));
+        c.env("VAULT_ENDPOINT", self.endpoint())
+            .env("VAULT_PUBLIC_KEY", self.public_key_path());
+        c
+    }
+
+    /// Opens this node's token in the test process (the node must be
+    /// stopped): for looking at what is really stored.
+    pub fn inspector(&self) -> Inspector {
+        assert!(self.child.is_none(), "stop the node before inspecting its token");
+        self.token.use_in_this_process().expect("token env");
+        let partition =
+            Partition::open(&module_path(), self.token.label(), self.token.pin()).expect("partition");
+        let core = SecureCore::new(partition.ake_public_key()).expect("core");
+        Inspector { partition, core }
+    }
+}
+
+impl Drop for VaultNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Reads a stopped node's token and store.
+#[derive(Debug)]
+pub struct Inspector {
+    pub partition: Arc<Partition>,
+    pub core: SecureCore,
+}
+
+impl Inspector {
+    pub fn record_id(&self, account: &str) -> RecordId {
+        let s = self.partition.session().expect("session");
+        self.core.record_id(&s, account.as_bytes()).expect("record id")
+    }
+}
+
+/// Every file under `dir`, concatenated: for byte searches.
+pub fn all_bytes(dir: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.extend_from_slice(&b);
+            }
+        }
+    }
+    out
+}
+
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Waits for `cond` with a deadline instead of sleeping a fixed time.
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

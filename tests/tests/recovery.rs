@@ -1,0 +1,273 @@
+//! Registration and recovery against a real vault process on a real
+//! SoftHSM2 token: invariants 2–5 and the owner checks.
+
+use std::collections::HashSet;
+
+use hsm_vault::core::record::RecordBody;
+use hsm_vault::core::record::SealedRecord;
+use opaque_ke::{ClientLogin, ClientLoginFinishParameters, CredentialResponse};
+use rand::rngs::OsRng;
+use vault_client::{BackupKey, ClientError, RecordStatus};
+use vault_e2e::VaultNode;
+use vault_proto::suite::{client_ksf, Suite};
+use vault_proto::vault::v1 as pb;
+
+const PASSWORD: &[u8] = b"correct horse battery staple";
+
+async fn registered(label: &str, account: &str) -> (VaultNode, BackupKey) {
+    let node = VaultNode::start(label);
+    let key = BackupKey::generate();
+    let max = node
+        .client()
+        .await
+        .register_key(account.as_bytes(), &node.bearer(account), PASSWORD, &key, 0)
+        .await
+        .expect("register");
+    assert_eq!(max, 10);
+    (node, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant4_register_then_recover_returns_the_same_key() {
+    let (node, key) = registered("rt", "alice").await;
+    let mut c = node.client().await;
+    for _ in 0..3 {
+        let got = c.recover_key(b"alice", PASSWORD).await.expect("recover");
+        assert_eq!(got.0, key.0);
+    }
+    // Re-registering (a new password) replaces the record.
+    let key2 = BackupKey::generate();
+    c.register_key(b"alice", &node.bearer("alice"), b"new password", &key2, 3)
+        .await
+        .expect("re-register");
+    assert!(matches!(
+        c.recover_key(b"alice", PASSWORD).await,
+        Err(ClientError::WrongPassword { guesses_remaining: 2 })
+    ));
+    assert_eq!(c.recover_key(b"alice", b"new password").await.expect("recover").0, key2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant3_ten_wrong_passwords_lock_and_destroy_the_secret() {
+    let (mut node, _key) = registered("lock", "bob").await;
+    let mut c = node.client().await;
+    for i in 1..=10u32 {
+        match c.recover_key(b"bob", b"wrong").await {
+            Err(ClientError::WrongPassword { guesses_remaining }) => {
+                assert_eq!(guesses_remaining, 10 - i)
+            }
+            Err(ClientError::Locked) => assert_eq!(i, 10, "locked too early"),
+            other => panic!("guess {i}: unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(c.recover_key(b"bob", PASSWORD).await, Err(ClientError::Locked)));
+    assert!(matches!(c.recover_key(b"bob", PASSWORD).await, Err(ClientError::Locked)));
+    assert_eq!(
+        c.status(b"bob", &node.bearer("bob")).await.expect("status"),
+        RecordStatus::Locked
+    );
+
+    // Look at what is stored: the record unseals as Locked, with no secret.
+    node.kill9();
+    let inspector = node.inspector();
+    let id = inspector.record_id("bob");
+    let db = sled::open(node.data_dir()).expect("open store");
+    let bytes = db.get(id.0).expect("read").expect("record present");
+    let session = inspector.partition.session().expect("session");
+    let (_, record) = inspector
+        .core
+        .inspect(&session, &id, &SealedRecord::from_stored(bytes.to_vec()))
+        .expect("unseal");
+    assert!(matches!(record.body, RecordBody::Locked), "{record:?}");
+    assert_eq!(record.guesses_remaining(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant4_nine_wrong_then_right_recovers_and_resets_to_ten() {
+    let (node, key) = registered("nine", "carol").await;
+    let mut c = node.client().await;
+    for i in 1..=9u32 {
+        match c.recover_key(b"carol", b"nope").await {
+            Err(ClientError::WrongPassword { guesses_remaining }) => assert_eq!(guesses_remaining, 10 - i),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(c.recover_key(b"carol", PASSWORD).await.expect("recover").0, key.0);
+    assert_eq!(
+        c.status(b"carol", &node.bearer("carol")).await.expect("status"),
+        RecordStatus::Registered { guesses_remaining: 10, max_guesses: 10 }
+    );
+}
+
+/// Runs KE1 → KE2 by hand and returns what the vault answered.
+async fn raw_start(c: &mut vault_client::VaultClient, account: &str, password: &[u8]) -> (pb::Challenge, ClientLogin<Suite>) {
+    let start = ClientLogin::<Suite>::start(&mut OsRng, password).expect("start");
+    let answer = c
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: account.as_bytes().to_vec(),
+            ke1: start.message.serialize().to_vec(),
+        })
+        .await
+        .expect("recover start")
+        .into_inner();
+    match answer.outcome {
+        Some(pb::recover_start_response::Outcome::Challenge(ch)) => (ch, start.state),
+        other => panic!("expected a challenge, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant5_unknown_account_gets_a_well_formed_ke2_and_fails_like_a_wrong_password() {
+    let (node, _key) = registered("enum", "dave").await;
+    let mut c = node.client().await;
+    let ksf = client_ksf();
+    let mut answers = Vec::new();
+    for account in ["dave", "nobody-at-all"] {
+        let (challenge, state) = raw_start(&mut c, account, b"guess").await;
+        // Same sizes, and the KE2 parses as an RFC 9807 message.
+        let ke2 = CredentialResponse::<Suite>::deserialize(&challenge.ke2).expect("well-formed KE2");
+        let client = state.finish(
+            &mut OsRng,
+            b"guess",
+            ke2,
+            ClientLoginFinishParameters::new(None, Default::default(), Some(&ksf)),
+        );
+        assert!(client.is_err(), "a wrong password never opens the envelope");
+        // A forged KE3 is answered exactly like a wrong one.
+        let finish = c
+            .raw()
+            .recover_finish(pb::RecoverFinishRequest {
+                login_id: challenge.login_id.clone(),
+                ke3: vec![0x5a; 32],
+            })
+            .await
+            .expect("finish")
+            .into_inner();
+        answers.push((challenge.ke2.len(), challenge.login_id.len(), challenge.guesses_remaining, finish));
+    }
+    assert_eq!(answers[0], answers[1], "a stranger must not tell real from unknown accounts");
+    // And the unknown account counts down and locks like a real one.
+    let mut seen = HashSet::new();
+    for _ in 0..9 {
+        match c.recover_key(b"nobody-at-all", b"guess").await {
+            Err(ClientError::WrongPassword { guesses_remaining }) => {
+                seen.insert(guesses_remaining);
+            }
+            Err(ClientError::Locked) => {
+                seen.insert(0);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(seen.contains(&0), "{seen:?}");
+    assert!(matches!(c.recover_key(b"nobody-at-all", b"guess").await, Err(ClientError::Locked)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant2_fifty_concurrent_wrong_recoveries_release_at_most_ten_ke2() {
+    let (node, key) = registered("race", "erin").await;
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let mut c = node.client().await;
+        tasks.push(tokio::spawn(async move {
+            let login = ClientLogin::<Suite>::start(&mut OsRng, b"wrong").expect("start");
+            let answer = c
+                .raw()
+                .recover_start(pb::RecoverStartRequest {
+                    account_id: b"erin".to_vec(),
+                    ke1: login.message.serialize().to_vec(),
+                })
+                .await
+                .expect("recover start")
+                .into_inner();
+            matches!(answer.outcome, Some(pb::recover_start_response::Outcome::Challenge(_)))
+        }));
+    }
+    let mut released = 0;
+    for t in tasks {
+        if t.await.expect("task") {
+            released += 1;
+        }
+    }
+    assert!(start.elapsed() < std::time::Duration::from_secs(120), "bounded run");
+    assert!(released <= 10, "{released} KE2 released for a 10-guess record");
+    assert_eq!(released, 10, "the first ten guesses are honoured");
+    let mut c = node.client().await;
+    assert!(matches!(c.recover_key(b"erin", PASSWORD).await, Err(ClientError::Locked)));
+    drop(key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_client_refuses_a_vault_with_another_key() {
+    let (a, _key) = registered("pin-a", "frank").await;
+    let b = VaultNode::start("pin-b");
+    assert_ne!(a.pinned_key(), b.pinned_key(), "each token has its own OPAQUE key");
+    let refused = vault_client::VaultClient::connect(&b.endpoint(), a.pinned_key()).await;
+    assert!(matches!(refused, Err(ClientError::KeyMismatch)), "{refused:?}");
+    // The CLI says so and refuses to register or recover.
+    std::fs::write(b.work.path().join("token"), b.bearer("frank")).expect("token file");
+    for args in [
+        vec!["key", "register", "--generate"],
+        vec!["key", "recover"],
+    ] {
+        let out = b
+            .cli()
+            .env("VAULT_PUBLIC_KEY", a.public_key_path())
+            .env("VAULT_TOKEN_FILE", b.work.path().join("token"))
+            .args(&args)
+            .args(["--account", "frank", "--password-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(b"pw\n")?;
+                child.wait_with_output()
+            })
+            .expect("run vault");
+        assert_eq!(out.status.code(), Some(6), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("does not match the pinned key"), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant9_register_or_delete_without_valid_token_is_unauthenticated() {
+    let (node, key) = registered("auth", "grace").await;
+    let mut c = node.client().await;
+    let other = VaultNode::start("auth-other");
+    let bad_tokens = [
+        String::new(),
+        "garbage".to_owned(),
+        node.bearer("mallory"),               // another account
+        node.bearer_expiring("grace", -3600), // expired
+        other.bearer("grace"),                // signed by an untrusted identity key
+    ];
+    for token in &bad_tokens {
+        let r = c.register_key(b"grace", token, b"pw", &key, 0).await;
+        assert!(matches!(r, Err(ClientError::Unauthenticated(_))), "register with {token:?}: {r:?}");
+        let r = c.delete(b"grace", token, PASSWORD).await;
+        assert!(matches!(r, Err(ClientError::Unauthenticated(_))), "delete with {token:?}: {r:?}");
+        let r = c.status(b"grace", token).await;
+        assert!(matches!(r, Err(ClientError::Unauthenticated(_))), "status with {token:?}: {r:?}");
+    }
+    // No header at all.
+    let status = c
+        .raw()
+        .register_start(pb::RegisterStartRequest {
+            account_id: b"grace".to_vec(),
+            registration_request: vec![1; 65],
+        })
+        .await
+        .expect_err("no token");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // The record is untouched, and the owner can delete it.
+    assert_eq!(c.recover_key(b"grace", PASSWORD).await.expect("recover").0, key.0);
+    c.delete(b"grace", &node.bearer("grace"), PASSWORD).await.expect("delete");
+    assert_eq!(
+        c.status(b"grace", &node.bearer("grace")).await.expect("status"),
+        RecordStatus::NotRegistered
+    );
+}
