@@ -38,8 +38,13 @@ const COMMIT_QUEUE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(
+        "record store is corrupt (its checksums fail): refusing to serve from it; \
+         restore the node's data from its replicas ({0})"
+    )]
+    Corrupt(String),
     #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     #[error(
         "storage was rolled back: it ends at sequence {store}, but the token has seen {token}; \
          refusing to serve stale state"
@@ -79,6 +84,15 @@ pub struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+            e => StoreError::Sled(e),
+        }
     }
 }
 
