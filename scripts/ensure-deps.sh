@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need when it is missing: SoftHSM2
+# (Debian package softhsm2) and cargo-nextest. Safe to run repeatedly.
+set -euo pipefail
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    echo "need root to install packages: $*" >&2; exit 1; fi
+}
+
+if ! command -v softhsm2-util >/dev/null 2>&1 || \
+   ! { [ -e /usr/lib/softhsm/libsofthsm2.so ] || [ -n "${PKCS11_MODULE:-}" ]; }; then
+  echo "installing softhsm2..." >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
+fi
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest..." >&2
+  cargo install cargo-nextest --locked
+fi

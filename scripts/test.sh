@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole gate, the same locally and in CI: formatting, lints, and every
+# test (unit, SoftHSM partition tests, end-to-end tests with real vault
+# processes). nextest runs each test in its own process, which SoftHSM needs
+# (one configuration per process).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo nextest run --workspace --locked --no-fail-fast
