@@ -35,17 +35,19 @@ impl Authorizer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        token::verify(&self.key, bearer, account_id, now).map(|_| ()).map_err(|e| match e {
-            TokenError::Expired => Status::unauthenticated("bearer token has expired"),
-            TokenError::WrongAccount => {
-                Status::unauthenticated("bearer token was issued for another account")
-            }
-            TokenError::BadSignature => {
-                Status::unauthenticated("bearer token is not signed by the trusted identity service")
-            }
-            TokenError::Malformed | TokenError::BadKey => {
-                Status::unauthenticated("bearer token is malformed")
-            }
-        })
+        token::verify(&self.key, bearer, account_id, now)
+            .map(|_| ())
+            .map_err(|e| match e {
+                TokenError::Expired => Status::unauthenticated("bearer token has expired"),
+                TokenError::WrongAccount => {
+                    Status::unauthenticated("bearer token was issued for another account")
+                }
+                TokenError::BadSignature => Status::unauthenticated(
+                    "bearer token is not signed by the trusted identity service",
+                ),
+                TokenError::Malformed | TokenError::BadKey => {
+                    Status::unauthenticated("bearer token is malformed")
+                }
+            })
     }
 }

@@ -25,7 +25,11 @@ struct Args {
     #[arg(long, env = "HSM_VAULT_DATA_DIR")]
     data_dir: PathBuf,
     /// PKCS#11 module (SoftHSM2 by default).
-    #[arg(long, env = "PKCS11_MODULE", default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+    #[arg(
+        long,
+        env = "PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
     pkcs11_module: PathBuf,
     /// Label of the token holding this node's partition.
     #[arg(long, env = "HSM_VAULT_TOKEN_LABEL")]
@@ -59,8 +63,7 @@ fn read_pin(args: &Args) -> anyhow::Result<String> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -77,7 +80,8 @@ async fn main() -> anyhow::Result<()> {
     let partition = tokio::task::spawn_blocking(move || Partition::open(&module, &label, &pin))
         .await?
         .context("opening the PKCS#11 partition")?;
-    let store = Store::open(&args.data_dir, partition.clone()).context("opening the record store")?;
+    let store =
+        Store::open(&args.data_dir, partition.clone()).context("opening the record store")?;
     let service = VaultService::new(partition, store, Authorizer::new(auth_key))?;
     let public_hex = hex::encode(service.server_public_key());
     if let Some(path) = &args.publish_key {

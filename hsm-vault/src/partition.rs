@@ -267,7 +267,11 @@ fn ake_key_pair(session: &Session) -> Result<(ObjectHandle, Vec<u8>), PartitionE
             let mut private_template = protected_secret(labels::AKE_PRIVATE);
             private_template.push(Attribute::Derive(true));
             let (public, private) = session
-                .generate_key_pair(&Mechanism::EccKeyPairGen, &public_template, &private_template)
+                .generate_key_pair(
+                    &Mechanism::EccKeyPairGen,
+                    &public_template,
+                    &private_template,
+                )
                 .map_err(op_err("generate AKE key pair"))?;
             (private, public)
         }
@@ -412,10 +416,12 @@ impl PartitionSession {
     pub fn ecdh_x(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
         let mut der = Vec::with_capacity(peer.len() + 2);
         der.push(0x04);
-        der.push(u8::try_from(peer.len()).map_err(|_| PartitionError::Operation {
-            op: "ECDH",
-            detail: "peer point too long".into(),
-        })?);
+        der.push(
+            u8::try_from(peer.len()).map_err(|_| PartitionError::Operation {
+                op: "ECDH",
+                detail: "peer point too long".into(),
+            })?,
+        );
         der.extend_from_slice(peer);
         let s = self.s();
         let derived = s
@@ -450,9 +456,15 @@ impl PartitionSession {
 
     /// AES-256-GCM encryption under the record-sealing key. Returns
     /// ciphertext || tag.
-    pub fn seal(&self, iv: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, PartitionError> {
+    pub fn seal(
+        &self,
+        iv: &[u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, PartitionError> {
         let mut iv = *iv;
-        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(op_err("GCM params"))?;
+        let params =
+            GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(op_err("GCM params"))?;
         self.s()
             .encrypt(&Mechanism::AesGcm(params), self.keys().seal, plaintext)
             .map_err(op_err("seal"))
@@ -469,7 +481,8 @@ impl PartitionSession {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
         let mut iv = *iv;
-        let params = GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(op_err("GCM params"))?;
+        let params =
+            GcmParams::new(&mut iv, aad, GCM_TAG_BITS.into()).map_err(op_err("GCM params"))?;
         match self
             .s()
             .decrypt(&Mechanism::AesGcm(params), self.keys().seal, sealed)
@@ -583,12 +596,12 @@ impl PartitionSession {
                     _ => {}
                 }
             }
-            p.wraps_under_untrusted_key = s
-                .wrap_key(&Mechanism::AesKeyWrapPad, probe, handle)
-                .is_ok();
+            p.wraps_under_untrusted_key =
+                s.wrap_key(&Mechanism::AesKeyWrapPad, probe, handle).is_ok();
             out.push(p);
         }
-        s.destroy_object(probe).map_err(op_err("destroy probe key"))?;
+        s.destroy_object(probe)
+            .map_err(op_err("destroy probe key"))?;
         Ok(out)
     }
 }

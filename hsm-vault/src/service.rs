@@ -85,13 +85,19 @@ fn check_account(account_id: &[u8]) -> Result<(), Status> {
 
 fn check_opaque(name: &str, msg: &[u8]) -> Result<(), Status> {
     if msg.is_empty() || msg.len() > MAX_OPAQUE_MESSAGE {
-        return Err(Status::invalid_argument(format!("{name} is missing or too long")));
+        return Err(Status::invalid_argument(format!(
+            "{name} is missing or too long"
+        )));
     }
     Ok(())
 }
 
 impl VaultService {
-    pub fn new(partition: Arc<Partition>, store: Store, auth: Authorizer) -> Result<Self, CoreError> {
+    pub fn new(
+        partition: Arc<Partition>,
+        store: Store,
+        auth: Authorizer,
+    ) -> Result<Self, CoreError> {
         let core = SecureCore::new(partition.ake_public_key())?;
         Ok(VaultService {
             inner: Arc::new(Inner {
@@ -139,7 +145,11 @@ impl VaultService {
     }
 
     async fn commit(&self, seq: crate::types::Seq, write: Write) -> Result<(), Status> {
-        self.inner.store.commit(seq, write).await.map_err(store_status)
+        self.inner
+            .store
+            .commit(seq, write)
+            .await
+            .map_err(store_status)
     }
 
     /// Shared path of RecoverFinish and Delete.
@@ -170,7 +180,15 @@ impl VaultService {
         let seq = self.inner.store.reserve();
         let outcome = self
             .with_token(move |core, t| {
-                core.finish(t, &login, &ke3, stored.as_ref(), purpose, seq, Instant::now())
+                core.finish(
+                    t,
+                    &login,
+                    &ke3,
+                    stored.as_ref(),
+                    purpose,
+                    seq,
+                    Instant::now(),
+                )
             })
             .await?;
         match &outcome {
@@ -304,7 +322,10 @@ impl Vault for VaultService {
     ) -> Result<Response<pb::RecoverFinishResponse>, Status> {
         use pb::recover_finish_response::Outcome;
         let req = request.into_inner();
-        let outcome = match self.finish(&req.login_id, req.ke3, Purpose::Recover, None).await? {
+        let outcome = match self
+            .finish(&req.login_id, req.ke3, Purpose::Recover, None)
+            .await?
+        {
             Finish::Recovered { release, .. } => {
                 let (nonce, sealed) = release.split_at(12);
                 Outcome::Recovered(pb::Recovered {
@@ -334,10 +355,15 @@ impl Vault for VaultService {
         check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
         if req.ke3.is_empty() {
-            return Err(Status::invalid_argument("deletion needs a KE3 proving the password"));
+            return Err(Status::invalid_argument(
+                "deletion needs a KE3 proving the password",
+            ));
         }
         let id = self.record_id(req.account_id).await?;
-        let outcome = match self.finish(&req.login_id, req.ke3, Purpose::Delete, Some(id)).await? {
+        let outcome = match self
+            .finish(&req.login_id, req.ke3, Purpose::Delete, Some(id))
+            .await?
+        {
             Finish::Delete => Outcome::Deleted(pb::Deleted {}),
             Finish::WrongPassword { guesses_remaining } => {
                 Outcome::WrongPassword(pb::WrongPassword {

@@ -157,7 +157,9 @@ impl Store {
 
     /// Number of record entries (sealed records and locked tombstones).
     pub fn len(&self) -> usize {
-        self.db.len().saturating_sub(usize::from(self.db.contains_key(HEAD_KEY).unwrap_or(false)))
+        self.db
+            .len()
+            .saturating_sub(usize::from(self.db.contains_key(HEAD_KEY).unwrap_or(false)))
     }
 
     pub fn is_empty(&self) -> bool {

@@ -29,8 +29,16 @@ fn invariant6_domain_keys_are_sensitive_and_not_plaintext_extractable() {
     assert_eq!(keys.len(), 4);
     for k in keys {
         assert!(k.sensitive, "{} must be CKA_SENSITIVE", k.label);
-        assert!(k.wrap_with_trusted, "{} must need a trusted wrapping key", k.label);
-        assert!(!k.value_readable, "{} CKA_VALUE must not be readable", k.label);
+        assert!(
+            k.wrap_with_trusted,
+            "{} must need a trusted wrapping key",
+            k.label
+        );
+        assert!(
+            !k.value_readable,
+            "{} CKA_VALUE must not be readable",
+            k.label
+        );
         assert!(
             !k.wraps_under_untrusted_key,
             "{} must not wrap under an untrusted key",
@@ -69,7 +77,11 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
     let t = p.session().expect("session");
     let core = SecureCore::new(p.ake_public_key()).expect("core");
     let id = core.record_id(&t, b"alice").expect("record id");
-    assert_eq!(id, core.record_id(&t, b"alice").expect("again"), "record ids are stable");
+    assert_eq!(
+        id,
+        core.record_id(&t, b"alice").expect("again"),
+        "record ids are stable"
+    );
     assert_ne!(id, core.record_id(&t, b"bob").expect("bob"));
 
     let password = b"correct horse";
@@ -87,9 +99,19 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
             ClientRegistrationFinishParameters::new(Default::default(), Some(&ksf)),
         )
         .expect("client finish");
-    assert_eq!(&finish.server_s_pk.serialize()[..], &core.server_public_key()[..]);
+    assert_eq!(
+        &finish.server_s_pk.serialize()[..],
+        &core.server_public_key()[..]
+    );
     let (sealed, max) = core
-        .registration_finish(&t, &id, &finish.message.serialize(), b"the secret", 0, Seq(1))
+        .registration_finish(
+            &t,
+            &id,
+            &finish.message.serialize(),
+            b"the secret",
+            0,
+            Seq(1),
+        )
         .expect("register");
     assert_eq!(max, 10);
 
@@ -125,7 +147,11 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
                 now,
             )
             .expect("finish");
-        let Finish::Recovered { write: reset, release } = out else {
+        let Finish::Recovered {
+            write: reset,
+            release,
+        } = out
+        else {
             panic!("expected recovery, got {out:?}");
         };
         let secret =

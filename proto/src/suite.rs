@@ -79,9 +79,21 @@ fn derive_aead(ikm: &[u8], info: &[u8]) -> Aes256Gcm {
 
 /// Encrypts `plaintext` under a key derived from `ikm` with `info`; returns
 /// nonce (12 bytes) || ciphertext || tag.
-pub fn seal_with(ikm: &[u8], info: &[u8], aad: &[u8], nonce: [u8; 12], plaintext: &[u8]) -> Vec<u8> {
+pub fn seal_with(
+    ikm: &[u8],
+    info: &[u8],
+    aad: &[u8],
+    nonce: [u8; 12],
+    plaintext: &[u8],
+) -> Vec<u8> {
     let ct = derive_aead(ikm, info)
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .unwrap_or_else(|_| unreachable!("AES-GCM encryption of a short message cannot fail"));
     let mut out = nonce.to_vec();
     out.extend_from_slice(&ct);
@@ -89,7 +101,12 @@ pub fn seal_with(ikm: &[u8], info: &[u8], aad: &[u8], nonce: [u8; 12], plaintext
 }
 
 /// Inverse of [`seal_with`].
-pub fn open_with(ikm: &[u8], info: &[u8], aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, SuiteError> {
+pub fn open_with(
+    ikm: &[u8],
+    info: &[u8],
+    aad: &[u8],
+    sealed: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, SuiteError> {
     if sealed.len() < 12 + 16 {
         return Err(SuiteError::Length);
     }

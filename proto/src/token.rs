@@ -74,7 +74,8 @@ fn decode_payload(p: &[u8]) -> Result<Claims, TokenError> {
     let (len, account) = rest.split_at(2);
     let expires_at = u64::from_be_bytes(exp.try_into().map_err(|_| TokenError::Malformed)?);
     let len = u16::from_be_bytes(len.try_into().map_err(|_| TokenError::Malformed)?);
-    if usize::from(len) != account.len() || account.is_empty() || account.len() > MAX_ACCOUNT_ID_LEN {
+    if usize::from(len) != account.len() || account.is_empty() || account.len() > MAX_ACCOUNT_ID_LEN
+    {
         return Err(TokenError::Malformed);
     }
     Ok(Claims {
@@ -96,16 +97,26 @@ pub fn issue(signing_key: &SigningKey, claims: &Claims) -> Result<String, TokenE
 }
 
 /// Verifies a token's signature, expiry and account.
-pub fn verify(key: &VerifyingKey, token: &str, account_id: &[u8], now_unix: u64) -> Result<Claims, TokenError> {
+pub fn verify(
+    key: &VerifyingKey,
+    token: &str,
+    account_id: &[u8],
+    now_unix: u64,
+) -> Result<Claims, TokenError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(TokenError::Malformed);
     }
     let body = token.strip_prefix(PREFIX).ok_or(TokenError::Malformed)?;
     let (payload, sig) = body.split_once('.').ok_or(TokenError::Malformed)?;
-    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| TokenError::Malformed)?;
-    let sig = URL_SAFE_NO_PAD.decode(sig).map_err(|_| TokenError::Malformed)?;
+    let payload = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| TokenError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| TokenError::Malformed)?;
     let sig = Signature::from_slice(&sig).map_err(|_| TokenError::Malformed)?;
-    key.verify(&payload, &sig).map_err(|_| TokenError::BadSignature)?;
+    key.verify(&payload, &sig)
+        .map_err(|_| TokenError::BadSignature)?;
     let claims = decode_payload(&payload)?;
     if claims.expires_at.saturating_add(CLOCK_SKEW_SECS) < now_unix {
         return Err(TokenError::Expired);
@@ -149,21 +160,37 @@ mod tests {
     #[test]
     fn token_round_trips_and_binds_account_and_expiry() {
         let k = key();
-        let claims = Claims { account_id: b"alice".to_vec(), expires_at: 1000 };
+        let claims = Claims {
+            account_id: b"alice".to_vec(),
+            expires_at: 1000,
+        };
         let t = issue(&k, &claims).expect("issue");
         let vk = *k.verifying_key();
         assert_eq!(verify(&vk, &t, b"alice", 900), Ok(claims));
         assert_eq!(verify(&vk, &t, b"bob", 900), Err(TokenError::WrongAccount));
-        assert_eq!(verify(&vk, &t, b"alice", 1000 + CLOCK_SKEW_SECS + 1), Err(TokenError::Expired));
+        assert_eq!(
+            verify(&vk, &t, b"alice", 1000 + CLOCK_SKEW_SECS + 1),
+            Err(TokenError::Expired)
+        );
         let other = SigningKey::from_slice(&[9u8; 32]).expect("valid scalar");
-        assert_eq!(verify(other.verifying_key(), &t, b"alice", 900), Err(TokenError::BadSignature));
+        assert_eq!(
+            verify(other.verifying_key(), &t, b"alice", 900),
+            Err(TokenError::BadSignature)
+        );
     }
 
     #[test]
     fn tampered_or_garbage_tokens_are_refused() {
         let k = key();
         let vk = *k.verifying_key();
-        let t = issue(&k, &Claims { account_id: b"alice".to_vec(), expires_at: 1000 }).expect("issue");
+        let t = issue(
+            &k,
+            &Claims {
+                account_id: b"alice".to_vec(),
+                expires_at: 1000,
+            },
+        )
+        .expect("issue");
         let mut bytes = t.into_bytes();
         let i = bytes.len() / 2;
         bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
@@ -172,6 +199,9 @@ mod tests {
         for junk in ["", "hvt1.", "hvt1..", "bearer", "hvt1.!!!.???"] {
             assert_eq!(verify(&vk, junk, b"alice", 900), Err(TokenError::Malformed));
         }
-        assert_eq!(verify(&vk, &"x".repeat(MAX_TOKEN_LEN + 1), b"a", 0), Err(TokenError::Malformed));
+        assert_eq!(
+            verify(&vk, &"x".repeat(MAX_TOKEN_LEN + 1), b"a", 0),
+            Err(TokenError::Malformed)
+        );
     }
 }

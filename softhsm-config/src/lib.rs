@@ -72,13 +72,25 @@ impl TestToken {
         let tokens = dir.path().join("tokens");
         std::fs::create_dir(&tokens).map_err(|e| HarnessError(format!("token dir: {e}")))?;
         let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(&conf, TEMPLATE.replace("@TOKENDIR@", &tokens.to_string_lossy()))
-            .map_err(|e| HarnessError(format!("writing config: {e}")))?;
+        std::fs::write(
+            &conf,
+            TEMPLATE.replace("@TOKENDIR@", &tokens.to_string_lossy()),
+        )
+        .map_err(|e| HarnessError(format!("writing config: {e}")))?;
         let pin = random_hex(8)?;
         let so_pin = random_hex(8)?;
         let out = Command::new("softhsm2-util")
             .env("SOFTHSM2_CONF", &conf)
-            .args(["--init-token", "--free", "--label", label, "--pin", &pin, "--so-pin", &so_pin])
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                label,
+                "--pin",
+                &pin,
+                "--so-pin",
+                &so_pin,
+            ])
             .output()
             .map_err(|e| {
                 HarnessError(format!(
@@ -129,8 +141,14 @@ impl TestToken {
     /// Environment a child process needs to see this token.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("SOFTHSM2_CONF".into(), self.conf_path().to_string_lossy().into_owned()),
-            ("PKCS11_MODULE".into(), module_path().to_string_lossy().into_owned()),
+            (
+                "SOFTHSM2_CONF".into(),
+                self.conf_path().to_string_lossy().into_owned(),
+            ),
+            (
+                "PKCS11_MODULE".into(),
+                module_path().to_string_lossy().into_owned(),
+            ),
         ]
     }
 

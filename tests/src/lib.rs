@@ -58,7 +58,12 @@ impl VaultNode {
             .tempdir()
             .expect("work dir");
         let signing_key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
-        let public = hex::encode(signing_key.verifying_key().to_encoded_point(true).as_bytes());
+        let public = hex::encode(
+            signing_key
+                .verifying_key()
+                .to_encoded_point(true)
+                .as_bytes(),
+        );
         std::fs::write(work.path().join("identity.pub"), public).expect("identity.pub");
         let mut node = VaultNode {
             token,
@@ -114,8 +119,14 @@ impl VaultNode {
             .arg(format!("--pkcs11-module={}", module_path().display()))
             .arg(format!("--token-label={}", self.token.label()))
             .arg(format!("--pin-file={}", self.token.pin_file().display()))
-            .arg(format!("--auth-public-key={}", self.work.path().join("identity.pub").display()))
-            .arg(format!("--publish-key={}", self.public_key_path().display()))
+            .arg(format!(
+                "--auth-public-key={}",
+                self.work.path().join("identity.pub").display()
+            ))
+            .arg(format!(
+                "--publish-key={}",
+                self.public_key_path().display()
+            ))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -165,7 +176,10 @@ impl VaultNode {
     }
 
     pub fn bearer_expiring(&self, account: &str, ttl: i64) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
         let claims = vault_proto::token::Claims {
             account_id: account.as_bytes().to_vec(),
             expires_at: now.saturating_add_signed(ttl),
@@ -194,10 +208,13 @@ impl VaultNode {
     /// Opens this node's token in the test process (the node must be
     /// stopped): for looking at what is really stored.
     pub fn inspector(&self) -> Inspector {
-        assert!(self.child.is_none(), "stop the node before inspecting its token");
+        assert!(
+            self.child.is_none(),
+            "stop the node before inspecting its token"
+        );
         self.token.use_in_this_process().expect("token env");
-        let partition =
-            Partition::open(&module_path(), self.token.label(), self.token.pin()).expect("partition");
+        let partition = Partition::open(&module_path(), self.token.label(), self.token.pin())
+            .expect("partition");
         let core = SecureCore::new(partition.ake_public_key()).expect("core");
         Inspector { partition, core }
     }
@@ -219,7 +236,9 @@ pub struct Inspector {
 impl Inspector {
     pub fn record_id(&self, account: &str) -> RecordId {
         let s = self.partition.session().expect("session");
-        self.core.record_id(&s, account.as_bytes()).expect("record id")
+        self.core
+            .record_id(&s, account.as_bytes())
+            .expect("record id")
     }
 }
 
@@ -228,7 +247,9 @@ pub fn all_bytes(dir: &Path) -> Vec<u8> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
             let p = e.path();
             if p.is_dir() {

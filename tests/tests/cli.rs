@@ -17,12 +17,21 @@ fn run(mut cmd: Command, stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vault");
-    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
     child.wait_with_output().expect("vault runs")
 }
 
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "vault failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vault failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -49,20 +58,43 @@ fn invariant4_backup_round_trips_50mib_with_a_password_and_refuses_tampering() {
     let restored = dir.path().join("restored.db");
 
     let mut create = node.cli();
-    create.args(["backup", "create", "--account", "alice", "--password-stdin", "--in"]);
-    create.arg(&input).arg("--out").arg(&enc).arg("--token-file").arg(&token);
+    create.args([
+        "backup",
+        "create",
+        "--account",
+        "alice",
+        "--password-stdin",
+        "--in",
+    ]);
+    create
+        .arg(&input)
+        .arg("--out")
+        .arg(&enc)
+        .arg("--token-file")
+        .arg(&token);
     ok(&run(create, "my backup password\n"));
     assert!(std::fs::metadata(&enc).expect("backup").len() > SIZE as u64);
 
     let restore = |password: &str, from: &Path| {
         let mut c = node.cli();
-        c.args(["backup", "restore", "--account", "alice", "--password-stdin", "--in"]);
+        c.args([
+            "backup",
+            "restore",
+            "--account",
+            "alice",
+            "--password-stdin",
+            "--in",
+        ]);
         c.arg(from).arg("--out").arg(&restored);
         run(c, &format!("{password}\n"))
     };
     let out = restore("wrong password", &enc);
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong password: 9 guesses left"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("wrong password: 9 guesses left"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     ok(&restore("my backup password", &enc));
     assert!(same_file(&input, &restored), "restored file differs");
     std::fs::remove_file(&restored).expect("rm");
@@ -77,18 +109,34 @@ fn invariant4_backup_round_trips_50mib_with_a_password_and_refuses_tampering() {
     std::fs::write(&truncated, &bytes[..bytes.len() - 1000]).expect("write");
     for bad in [&tampered, &truncated] {
         let out = restore("my backup password", bad);
-        assert_eq!(out.status.code(), Some(9), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(9),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(String::from_utf8_lossy(&out.stderr).contains("failed authentication"));
         assert!(!restored.exists(), "no partial plaintext is left behind");
     }
 
     // Disable: the record is deleted; the backup can no longer be restored.
     let mut disable = node.cli();
-    disable.args(["backup", "disable", "--account", "alice", "--password-stdin", "--token-file"]);
+    disable.args([
+        "backup",
+        "disable",
+        "--account",
+        "alice",
+        "--password-stdin",
+        "--token-file",
+    ]);
     disable.arg(&token);
     ok(&run(disable, "my backup password\n"));
     let out = restore("my backup password", &enc);
-    assert_eq!(out.status.code(), Some(3), "an unknown account looks like a wrong password");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "an unknown account looks like a wrong password"
+    );
 }
 
 #[test]
@@ -100,14 +148,25 @@ fn backup_round_trips_50mib_with_the_64_digit_key_and_refuses_bad_keys() {
     let vault = vault_e2e::bin("vault");
 
     let mut create = Command::new(&vault);
-    create.args(["backup", "create", "--no-vault", "--in"]).arg(&input).arg("--out").arg(&enc);
+    create
+        .args(["backup", "create", "--no-vault", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&enc);
     let key = ok(&run(create, ""));
     let digits: String = key.chars().filter(char::is_ascii_hexdigit).collect();
-    assert_eq!(digits.len(), 64, "the key is printed as 64 hex digits: {key:?}");
+    assert_eq!(
+        digits.len(),
+        64,
+        "the key is printed as 64 hex digits: {key:?}"
+    );
 
     let restore = |key: &str| {
         let mut c = Command::new(&vault);
-        c.args(["backup", "restore", "--no-vault", "--key-stdin", "--in"]).arg(&enc).arg("--out").arg(&restored);
+        c.args(["backup", "restore", "--no-vault", "--key-stdin", "--in"])
+            .arg(&enc)
+            .arg("--out")
+            .arg(&restored);
         run(c, &format!("{key}\n"))
     };
     ok(&restore(key.trim()));

@@ -63,13 +63,19 @@ async fn invariant1_guess_charged_before_ke2_survives_sigkill() {
             .expect("status");
         assert_eq!(
             status,
-            RecordStatus::Registered { guesses_remaining: expected_left, max_guesses: 10 },
+            RecordStatus::Registered {
+                guesses_remaining: expected_left,
+                max_guesses: 10
+            },
             "the guess whose KE2 was released must still count after kill -9"
         );
     }
     // The right password still works and resets the counter.
     let mut c = node.client().await;
-    assert_eq!(c.recover_key(b"alice", PASSWORD).await.expect("recover").0, key.0);
+    assert_eq!(
+        c.recover_key(b"alice", PASSWORD).await.expect("recover").0,
+        key.0
+    );
 }
 
 /// Finds every occurrence of `needle` in the files under `dir` and flips one
@@ -77,7 +83,10 @@ async fn invariant1_guess_charged_before_ke2_survives_sigkill() {
 fn flip_in_files(dir: &std::path::Path, needle: &[u8]) -> usize {
     let mut flipped = 0;
     for entry in walk(dir) {
-        if entry.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap.")) {
+        if entry
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("snap."))
+        {
             continue;
         }
         let mut bytes = std::fs::read(&entry).expect("read store file");
@@ -118,7 +127,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 async fn expect_data_loss(node: &VaultNode, account: &str) {
     let mut c = node.client().await;
-    let err = c.recover_key(account.as_bytes(), PASSWORD).await.expect_err("tampered record");
+    let err = c
+        .recover_key(account.as_bytes(), PASSWORD)
+        .await
+        .expect_err("tampered record");
     match err {
         ClientError::Vault { code, message } => {
             assert_eq!(code, Code::DataLoss, "{message}");
@@ -142,8 +154,12 @@ async fn invariant7_flipped_byte_or_moved_record_is_refused_while_others_are_ser
     let inspector = node.inspector();
     {
         let db = sled::open(node.data_dir()).expect("open store");
-        let source = db.get(inspector.record_id("source").0).expect("read").expect("present");
-        db.insert(inspector.record_id("moved").0, source.to_vec()).expect("copy over another id");
+        let source = db
+            .get(inspector.record_id("source").0)
+            .expect("read")
+            .expect("present");
+        db.insert(inspector.record_id("moved").0, source.to_vec())
+            .expect("copy over another id");
         let flip_id = inspector.record_id("flip").0;
         let mut flipped = db.get(flip_id).expect("read").expect("present").to_vec();
         flipped[100] ^= 0x01;
@@ -158,13 +174,24 @@ async fn invariant7_flipped_byte_or_moved_record_is_refused_while_others_are_ser
     // Everyone else keeps being served, and the process is alive.
     let mut c = node.client().await;
     for (account, key) in &keys[2..] {
-        assert_eq!(c.recover_key(account.as_bytes(), PASSWORD).await.expect("served").0, key.0);
+        assert_eq!(
+            c.recover_key(account.as_bytes(), PASSWORD)
+                .await
+                .expect("served")
+                .0,
+            key.0
+        );
     }
     assert!(node.is_running());
     // The owner can re-register over a damaged record.
     let fresh = BackupKey::generate();
-    c.register_key(b"flip", &node.bearer("flip"), b"new", &fresh, 0).await.expect("re-register");
-    assert_eq!(c.recover_key(b"flip", b"new").await.expect("recover").0, fresh.0);
+    c.register_key(b"flip", &node.bearer("flip"), b"new", &fresh, 0)
+        .await
+        .expect("re-register");
+    assert_eq!(
+        c.recover_key(b"flip", b"new").await.expect("recover").0,
+        fresh.0
+    );
 }
 
 /// A bit flipped in sled's raw files breaks sled's own checksums, which it
@@ -179,12 +206,23 @@ async fn invariant7_flipped_byte_in_raw_store_files_fails_closed_with_a_clear_me
     let inspector = node.inspector();
     let sealed = {
         let db = sled::open(node.data_dir()).expect("open store");
-        db.get(inspector.record_id("alice").0).expect("read").expect("present").to_vec()
+        db.get(inspector.record_id("alice").0)
+            .expect("read")
+            .expect("present")
+            .to_vec()
     };
     drop(inspector);
-    assert!(flip_in_files(&node.data_dir(), &sealed[20..60]) > 0, "record bytes found on disk");
-    let log = node.start_process().expect_err("a corrupted store must not be served");
-    assert!(log.contains("corrupt"), "clear message expected, log was:\n{log}");
+    assert!(
+        flip_in_files(&node.data_dir(), &sealed[20..60]) > 0,
+        "record bytes found on disk"
+    );
+    let log = node
+        .start_process()
+        .expect_err("a corrupted store must not be served");
+    assert!(
+        log.contains("corrupt"),
+        "clear message expected, log was:\n{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -216,14 +254,21 @@ async fn invariant7_storage_restored_from_older_copy_is_refused() {
     // The host restores the old copy to win its guesses back.
     std::fs::remove_dir_all(node.data_dir()).expect("remove");
     copy_dir(snapshot.path(), &node.data_dir());
-    let log = node.start_process().expect_err("a rolled-back store must not be served");
-    assert!(log.contains("rolled back"), "clear message expected, log was:\n{log}");
+    let log = node
+        .start_process()
+        .expect_err("a rolled-back store must not be served");
+    assert!(
+        log.contains("rolled back"),
+        "clear message expected, log was:\n{log}"
+    );
 }
 
 fn authed<T>(token: &str, m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
     r
 }
 
@@ -259,7 +304,10 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         (b"alice".to_vec(), ke1(b"x")[..50].to_vec()),
     ] {
         let r = rpc
-            .recover_start(pb::RecoverStartRequest { account_id: account, ke1: ke1_bytes })
+            .recover_start(pb::RecoverStartRequest {
+                account_id: account,
+                ke1: ke1_bytes,
+            })
             .await;
         assert_eq!(code_of(r), Code::InvalidArgument);
     }
@@ -285,17 +333,26 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         assert_eq!(code_of(r), Code::InvalidArgument);
     }
     let r = rpc
-        .recover_finish(pb::RecoverFinishRequest { login_id: vec![1, 2, 3], ke3: vec![0; 32] })
+        .recover_finish(pb::RecoverFinishRequest {
+            login_id: vec![1, 2, 3],
+            ke3: vec![0; 32],
+        })
         .await;
     assert_eq!(code_of(r), Code::InvalidArgument);
 
     // Out of order: a KE3 for a login that was never started, or twice.
     let r = rpc
-        .recover_finish(pb::RecoverFinishRequest { login_id: vec![9; 16], ke3: vec![0; 32] })
+        .recover_finish(pb::RecoverFinishRequest {
+            login_id: vec![9; 16],
+            ke3: vec![0; 32],
+        })
         .await;
     assert_eq!(code_of(r), Code::FailedPrecondition);
     let started = rpc
-        .recover_start(pb::RecoverStartRequest { account_id: b"alice".to_vec(), ke1: ke1(b"x") })
+        .recover_start(pb::RecoverStartRequest {
+            account_id: b"alice".to_vec(),
+            ke1: ke1(b"x"),
+        })
         .await
         .expect("start")
         .into_inner();
@@ -303,20 +360,40 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         panic!("expected a challenge");
     };
     let r = rpc
-        .recover_finish(pb::RecoverFinishRequest { login_id: ch.login_id.clone(), ke3: vec![0; 5] })
+        .recover_finish(pb::RecoverFinishRequest {
+            login_id: ch.login_id.clone(),
+            ke3: vec![0; 5],
+        })
         .await;
-    assert_eq!(code_of(r), Code::InvalidArgument, "a KE3 of the wrong length");
-    rpc.recover_finish(pb::RecoverFinishRequest { login_id: ch.login_id.clone(), ke3: vec![0; 32] })
-        .await
-        .expect("first finish is answered");
+    assert_eq!(
+        code_of(r),
+        Code::InvalidArgument,
+        "a KE3 of the wrong length"
+    );
+    rpc.recover_finish(pb::RecoverFinishRequest {
+        login_id: ch.login_id.clone(),
+        ke3: vec![0; 32],
+    })
+    .await
+    .expect("first finish is answered");
     let r = rpc
-        .recover_finish(pb::RecoverFinishRequest { login_id: ch.login_id, ke3: vec![0; 32] })
+        .recover_finish(pb::RecoverFinishRequest {
+            login_id: ch.login_id,
+            ke3: vec![0; 32],
+        })
         .await;
-    assert_eq!(code_of(r), Code::FailedPrecondition, "a login is single use");
+    assert_eq!(
+        code_of(r),
+        Code::FailedPrecondition,
+        "a login is single use"
+    );
 
     // A message over the transport limit is refused before decoding.
     let r = rpc
-        .recover_start(pb::RecoverStartRequest { account_id: vec![b'a'; 100_000], ke1: ke1(b"x") })
+        .recover_start(pb::RecoverStartRequest {
+            account_id: vec![b'a'; 100_000],
+            ke1: ke1(b"x"),
+        })
         .await;
     assert_eq!(code_of(r), Code::OutOfRange);
 
@@ -326,6 +403,9 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         other => panic!("unexpected {other:?}"),
     };
     assert!(left >= 5);
-    assert_eq!(c.recover_key(b"alice", PASSWORD).await.expect("served").0, key.0);
+    assert_eq!(
+        c.recover_key(b"alice", PASSWORD).await.expect("served").0,
+        key.0
+    );
     let _ = all_bytes;
 }

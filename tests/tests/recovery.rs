@@ -42,9 +42,17 @@ async fn invariant4_register_then_recover_returns_the_same_key() {
         .expect("re-register");
     assert!(matches!(
         c.recover_key(b"alice", PASSWORD).await,
-        Err(ClientError::WrongPassword { guesses_remaining: 2 })
+        Err(ClientError::WrongPassword {
+            guesses_remaining: 2
+        })
     ));
-    assert_eq!(c.recover_key(b"alice", b"new password").await.expect("recover").0, key2.0);
+    assert_eq!(
+        c.recover_key(b"alice", b"new password")
+            .await
+            .expect("recover")
+            .0,
+        key2.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,8 +68,14 @@ async fn invariant3_ten_wrong_passwords_lock_and_destroy_the_secret() {
             other => panic!("guess {i}: unexpected {other:?}"),
         }
     }
-    assert!(matches!(c.recover_key(b"bob", PASSWORD).await, Err(ClientError::Locked)));
-    assert!(matches!(c.recover_key(b"bob", PASSWORD).await, Err(ClientError::Locked)));
+    assert!(matches!(
+        c.recover_key(b"bob", PASSWORD).await,
+        Err(ClientError::Locked)
+    ));
+    assert!(matches!(
+        c.recover_key(b"bob", PASSWORD).await,
+        Err(ClientError::Locked)
+    ));
     assert_eq!(
         c.status(b"bob", &node.bearer("bob")).await.expect("status"),
         RecordStatus::Locked
@@ -88,19 +102,33 @@ async fn invariant4_nine_wrong_then_right_recovers_and_resets_to_ten() {
     let mut c = node.client().await;
     for i in 1..=9u32 {
         match c.recover_key(b"carol", b"nope").await {
-            Err(ClientError::WrongPassword { guesses_remaining }) => assert_eq!(guesses_remaining, 10 - i),
+            Err(ClientError::WrongPassword { guesses_remaining }) => {
+                assert_eq!(guesses_remaining, 10 - i)
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert_eq!(c.recover_key(b"carol", PASSWORD).await.expect("recover").0, key.0);
     assert_eq!(
-        c.status(b"carol", &node.bearer("carol")).await.expect("status"),
-        RecordStatus::Registered { guesses_remaining: 10, max_guesses: 10 }
+        c.recover_key(b"carol", PASSWORD).await.expect("recover").0,
+        key.0
+    );
+    assert_eq!(
+        c.status(b"carol", &node.bearer("carol"))
+            .await
+            .expect("status"),
+        RecordStatus::Registered {
+            guesses_remaining: 10,
+            max_guesses: 10
+        }
     );
 }
 
 /// Runs KE1 → KE2 by hand and returns what the vault answered.
-async fn raw_start(c: &mut vault_client::VaultClient, account: &str, password: &[u8]) -> (pb::Challenge, ClientLogin<Suite>) {
+async fn raw_start(
+    c: &mut vault_client::VaultClient,
+    account: &str,
+    password: &[u8],
+) -> (pb::Challenge, ClientLogin<Suite>) {
     let start = ClientLogin::<Suite>::start(&mut OsRng, password).expect("start");
     let answer = c
         .raw()
@@ -126,7 +154,8 @@ async fn invariant5_unknown_account_gets_a_well_formed_ke2_and_fails_like_a_wron
     for account in ["dave", "nobody-at-all"] {
         let (challenge, state) = raw_start(&mut c, account, b"guess").await;
         // Same sizes, and the KE2 parses as an RFC 9807 message.
-        let ke2 = CredentialResponse::<Suite>::deserialize(&challenge.ke2).expect("well-formed KE2");
+        let ke2 =
+            CredentialResponse::<Suite>::deserialize(&challenge.ke2).expect("well-formed KE2");
         let client = state.finish(
             &mut OsRng,
             b"guess",
@@ -144,9 +173,17 @@ async fn invariant5_unknown_account_gets_a_well_formed_ke2_and_fails_like_a_wron
             .await
             .expect("finish")
             .into_inner();
-        answers.push((challenge.ke2.len(), challenge.login_id.len(), challenge.guesses_remaining, finish));
+        answers.push((
+            challenge.ke2.len(),
+            challenge.login_id.len(),
+            challenge.guesses_remaining,
+            finish,
+        ));
     }
-    assert_eq!(answers[0], answers[1], "a stranger must not tell real from unknown accounts");
+    assert_eq!(
+        answers[0], answers[1],
+        "a stranger must not tell real from unknown accounts"
+    );
     // And the unknown account counts down and locks like a real one.
     let mut seen = HashSet::new();
     for _ in 0..9 {
@@ -161,7 +198,10 @@ async fn invariant5_unknown_account_gets_a_well_formed_ke2_and_fails_like_a_wron
         }
     }
     assert!(seen.contains(&0), "{seen:?}");
-    assert!(matches!(c.recover_key(b"nobody-at-all", b"guess").await, Err(ClientError::Locked)));
+    assert!(matches!(
+        c.recover_key(b"nobody-at-all", b"guess").await,
+        Err(ClientError::Locked)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -182,7 +222,10 @@ async fn invariant2_fifty_concurrent_wrong_recoveries_release_at_most_ten_ke2() 
                 .await
                 .expect("recover start")
                 .into_inner();
-            matches!(answer.outcome, Some(pb::recover_start_response::Outcome::Challenge(_)))
+            matches!(
+                answer.outcome,
+                Some(pb::recover_start_response::Outcome::Challenge(_))
+            )
         }));
     }
     let mut released = 0;
@@ -191,11 +234,20 @@ async fn invariant2_fifty_concurrent_wrong_recoveries_release_at_most_ten_ke2() 
             released += 1;
         }
     }
-    assert!(start.elapsed() < std::time::Duration::from_secs(120), "bounded run");
-    assert!(released <= 10, "{released} KE2 released for a 10-guess record");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(120),
+        "bounded run"
+    );
+    assert!(
+        released <= 10,
+        "{released} KE2 released for a 10-guess record"
+    );
     assert_eq!(released, 10, "the first ten guesses are honoured");
     let mut c = node.client().await;
-    assert!(matches!(c.recover_key(b"erin", PASSWORD).await, Err(ClientError::Locked)));
+    assert!(matches!(
+        c.recover_key(b"erin", PASSWORD).await,
+        Err(ClientError::Locked)
+    ));
     drop(key);
 }
 
@@ -203,9 +255,16 @@ async fn invariant2_fifty_concurrent_wrong_recoveries_release_at_most_ten_ke2() 
 async fn pinned_client_refuses_a_vault_with_another_key() {
     let (a, _key) = registered("pin-a", "frank").await;
     let b = VaultNode::start("pin-b");
-    assert_ne!(a.pinned_key(), b.pinned_key(), "each token has its own OPAQUE key");
+    assert_ne!(
+        a.pinned_key(),
+        b.pinned_key(),
+        "each token has its own OPAQUE key"
+    );
     let refused = vault_client::VaultClient::connect(&b.endpoint(), a.pinned_key()).await;
-    assert!(matches!(refused, Err(ClientError::KeyMismatch)), "{refused:?}");
+    assert!(
+        matches!(refused, Err(ClientError::KeyMismatch)),
+        "{refused:?}"
+    );
     // The CLI says so and refuses to register or recover.
     std::fs::write(b.work.path().join("token"), b.bearer("frank")).expect("token file");
     for args in [
@@ -228,8 +287,17 @@ async fn pinned_client_refuses_a_vault_with_another_key() {
                 child.wait_with_output()
             })
             .expect("run vault");
-        assert_eq!(out.status.code(), Some(6), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(String::from_utf8_lossy(&out.stderr).contains("does not match the pinned key"), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(6),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("does not match the pinned key"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -247,11 +315,20 @@ async fn invariant9_register_or_delete_without_valid_token_is_unauthenticated() 
     ];
     for token in &bad_tokens {
         let r = c.register_key(b"grace", token, b"pw", &key, 0).await;
-        assert!(matches!(r, Err(ClientError::Unauthenticated(_))), "register with {token:?}: {r:?}");
+        assert!(
+            matches!(r, Err(ClientError::Unauthenticated(_))),
+            "register with {token:?}: {r:?}"
+        );
         let r = c.delete(b"grace", token, PASSWORD).await;
-        assert!(matches!(r, Err(ClientError::Unauthenticated(_))), "delete with {token:?}: {r:?}");
+        assert!(
+            matches!(r, Err(ClientError::Unauthenticated(_))),
+            "delete with {token:?}: {r:?}"
+        );
         let r = c.status(b"grace", token).await;
-        assert!(matches!(r, Err(ClientError::Unauthenticated(_))), "status with {token:?}: {r:?}");
+        assert!(
+            matches!(r, Err(ClientError::Unauthenticated(_))),
+            "status with {token:?}: {r:?}"
+        );
     }
     // No header at all.
     let status = c
@@ -264,10 +341,17 @@ async fn invariant9_register_or_delete_without_valid_token_is_unauthenticated() 
         .expect_err("no token");
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
     // The record is untouched, and the owner can delete it.
-    assert_eq!(c.recover_key(b"grace", PASSWORD).await.expect("recover").0, key.0);
-    c.delete(b"grace", &node.bearer("grace"), PASSWORD).await.expect("delete");
     assert_eq!(
-        c.status(b"grace", &node.bearer("grace")).await.expect("status"),
+        c.recover_key(b"grace", PASSWORD).await.expect("recover").0,
+        key.0
+    );
+    c.delete(b"grace", &node.bearer("grace"), PASSWORD)
+        .await
+        .expect("delete");
+    assert_eq!(
+        c.status(b"grace", &node.bearer("grace"))
+            .await
+            .expect("status"),
         RecordStatus::NotRegistered
     );
 }

@@ -16,8 +16,10 @@ const SECRET: &[u8] = b"STORED-SECRET-MARKER-0123456789abcdef-must-never-appear-
 
 fn authed<T>(token: &str, m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().expect("header"));
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
     r
 }
 
@@ -32,10 +34,13 @@ async fn invariant6_no_plaintext_secret_in_store_or_logs() {
     let start = ClientRegistration::<Suite>::start(&mut OsRng, PASSWORD).expect("start");
     let response = c
         .raw()
-        .register_start(authed(&token, pb::RegisterStartRequest {
-            account_id: ACCOUNT.as_bytes().to_vec(),
-            registration_request: start.message.serialize().to_vec(),
-        }))
+        .register_start(authed(
+            &token,
+            pb::RegisterStartRequest {
+                account_id: ACCOUNT.as_bytes().to_vec(),
+                registration_request: start.message.serialize().to_vec(),
+            },
+        ))
         .await
         .expect("register start")
         .into_inner();
@@ -50,12 +55,15 @@ async fn invariant6_no_plaintext_secret_in_store_or_logs() {
         .expect("finish");
     let password_file = finish.message.serialize().to_vec();
     c.raw()
-        .register_finish(authed(&token, pb::RegisterFinishRequest {
-            account_id: ACCOUNT.as_bytes().to_vec(),
-            registration_upload: password_file.clone(),
-            secret: SECRET.to_vec(),
-            max_guesses: 0,
-        }))
+        .register_finish(authed(
+            &token,
+            pb::RegisterFinishRequest {
+                account_id: ACCOUNT.as_bytes().to_vec(),
+                registration_upload: password_file.clone(),
+                secret: SECRET.to_vec(),
+                max_guesses: 0,
+            },
+        ))
         .await
         .expect("register finish");
 
@@ -87,7 +95,10 @@ async fn invariant6_no_plaintext_secret_in_store_or_logs() {
         };
         let out = c
             .raw()
-            .recover_finish(pb::RecoverFinishRequest { login_id: ch.login_id, ke3 })
+            .recover_finish(pb::RecoverFinishRequest {
+                login_id: ch.login_id,
+                ke3,
+            })
             .await
             .expect("finish")
             .into_inner();
@@ -109,12 +120,21 @@ async fn invariant6_no_plaintext_secret_in_store_or_logs() {
         ("password", PASSWORD),
         ("stored secret", SECRET),
         ("password file", &password_file),
-        ("password file's envelope", &password_file[password_file.len() - 64..]),
+        (
+            "password file's envelope",
+            &password_file[password_file.len() - 64..],
+        ),
         ("account id", ACCOUNT.as_bytes()),
     ];
     for (what, needle) in needles {
-        assert!(!contains(&haystack, needle), "{what} found in plaintext in the store or logs");
+        assert!(
+            !contains(&haystack, needle),
+            "{what} found in plaintext in the store or logs"
+        );
         let hexed = hex::encode(needle);
-        assert!(!contains(&haystack, hexed.as_bytes()), "{what} found hex-encoded");
+        assert!(
+            !contains(&haystack, hexed.as_bytes()),
+            "{what} found hex-encoded"
+        );
     }
 }

@@ -110,7 +110,11 @@ fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Encrypts `input` into `output`; returns the plaintext length.
-pub fn encrypt(key: &BackupKey, mut input: impl Read, mut output: impl Write) -> Result<u64, BackupError> {
+pub fn encrypt(
+    key: &BackupKey,
+    mut input: impl Read,
+    mut output: impl Write,
+) -> Result<u64, BackupError> {
     let mut header = [0u8; HEADER_LEN];
     header[..8].copy_from_slice(MAGIC);
     header[8..12].copy_from_slice(&(CHUNK_SIZE as u32).to_be_bytes());
@@ -125,14 +129,25 @@ pub fn encrypt(key: &BackupKey, mut input: impl Read, mut output: impl Write) ->
     loop {
         total += len as u64;
         // Look ahead so the final chunk, even a full one, carries the flag.
-        let ahead = if len == CHUNK_SIZE { fill(&mut input, &mut next)? } else { 0 };
-        let payload = Payload { msg: &buf[..len], aad: &header };
+        let ahead = if len == CHUNK_SIZE {
+            fill(&mut input, &mut next)?
+        } else {
+            0
+        };
+        let payload = Payload {
+            msg: &buf[..len],
+            aad: &header,
+        };
         if ahead == 0 {
-            let ct = enc.encrypt_last(payload).map_err(|_| BackupError::Corrupt)?;
+            let ct = enc
+                .encrypt_last(payload)
+                .map_err(|_| BackupError::Corrupt)?;
             output.write_all(&ct)?;
             break;
         }
-        let ct = enc.encrypt_next(payload).map_err(|_| BackupError::Corrupt)?;
+        let ct = enc
+            .encrypt_next(payload)
+            .map_err(|_| BackupError::Corrupt)?;
         output.write_all(&ct)?;
         std::mem::swap(&mut buf, &mut next);
         len = ahead;
@@ -144,7 +159,11 @@ pub fn encrypt(key: &BackupKey, mut input: impl Read, mut output: impl Write) ->
 /// Decrypts `input` into `output`. On error, what was written so far must be
 /// discarded by the caller (the CLI writes to a temporary file and renames
 /// it only on success).
-pub fn decrypt(key: &BackupKey, mut input: impl Read, mut output: impl Write) -> Result<u64, BackupError> {
+pub fn decrypt(
+    key: &BackupKey,
+    mut input: impl Read,
+    mut output: impl Write,
+) -> Result<u64, BackupError> {
     let mut header = [0u8; HEADER_LEN];
     if fill(&mut input, &mut header)? != HEADER_LEN || &header[..8] != MAGIC {
         return Err(BackupError::BadHeader);
@@ -164,15 +183,28 @@ pub fn decrypt(key: &BackupKey, mut input: impl Read, mut output: impl Write) ->
     }
     let mut total = 0u64;
     loop {
-        let ahead = if len == block { fill(&mut input, &mut next)? } else { 0 };
-        let payload = Payload { msg: &buf[..len], aad: &header };
+        let ahead = if len == block {
+            fill(&mut input, &mut next)?
+        } else {
+            0
+        };
+        let payload = Payload {
+            msg: &buf[..len],
+            aad: &header,
+        };
         if ahead == 0 {
-            let pt = Zeroizing::new(dec.decrypt_last(payload).map_err(|_| BackupError::Corrupt)?);
+            let pt = Zeroizing::new(
+                dec.decrypt_last(payload)
+                    .map_err(|_| BackupError::Corrupt)?,
+            );
             output.write_all(&pt)?;
             total += pt.len() as u64;
             break;
         }
-        let pt = Zeroizing::new(dec.decrypt_next(payload).map_err(|_| BackupError::Corrupt)?);
+        let pt = Zeroizing::new(
+            dec.decrypt_next(payload)
+                .map_err(|_| BackupError::Corrupt)?,
+        );
         output.write_all(&pt)?;
         total += pt.len() as u64;
         std::mem::swap(&mut buf, &mut next);
@@ -190,7 +222,10 @@ mod tests {
         let key = BackupKey::generate();
         let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         let mut file = Vec::new();
-        assert_eq!(encrypt(&key, &data[..], &mut file).expect("encrypt"), len as u64);
+        assert_eq!(
+            encrypt(&key, &data[..], &mut file).expect("encrypt"),
+            len as u64
+        );
         let mut out = Vec::new();
         decrypt(&key, &file[..], &mut out).expect("decrypt");
         assert_eq!(out, data);
@@ -198,7 +233,14 @@ mod tests {
 
     #[test]
     fn round_trips_at_chunk_edges() {
-        for len in [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 3 * CHUNK_SIZE] {
+        for len in [
+            0,
+            1,
+            CHUNK_SIZE - 1,
+            CHUNK_SIZE,
+            CHUNK_SIZE + 1,
+            3 * CHUNK_SIZE,
+        ] {
             round_trip(len);
         }
     }
@@ -224,7 +266,10 @@ mod tests {
         encrypt(&key, &data[..], &mut file).expect("encrypt");
         let b = CHUNK_SIZE + TAG_LEN;
         let mut swapped = file.clone();
-        let (first, second) = (HEADER_LEN..HEADER_LEN + b, HEADER_LEN + b..HEADER_LEN + 2 * b);
+        let (first, second) = (
+            HEADER_LEN..HEADER_LEN + b,
+            HEADER_LEN + b..HEADER_LEN + 2 * b,
+        );
         let tmp = swapped[first.clone()].to_vec();
         swapped.copy_within(second, HEADER_LEN);
         swapped[HEADER_LEN + b..HEADER_LEN + 2 * b].copy_from_slice(&tmp);
@@ -235,7 +280,10 @@ mod tests {
             assert!(decrypt(&key, &bad[..], io::sink()).is_err(), "flip at {i}");
         }
         let other = BackupKey::generate();
-        assert!(matches!(decrypt(&other, &file[..], io::sink()), Err(BackupError::Corrupt)));
+        assert!(matches!(
+            decrypt(&other, &file[..], io::sink()),
+            Err(BackupError::Corrupt)
+        ));
     }
 
     #[test]

@@ -68,7 +68,10 @@ impl From<tonic::Status> for ClientError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordStatus {
     NotRegistered,
-    Registered { guesses_remaining: u32, max_guesses: u32 },
+    Registered {
+        guesses_remaining: u32,
+        max_guesses: u32,
+    },
     Locked,
 }
 
@@ -83,9 +86,9 @@ pub fn parse_pinned_key(text: &str) -> Result<[u8; 33], ClientError> {
 
 fn bearer<T>(message: T, token: &str) -> Result<Request<T>, ClientError> {
     let mut req = Request::new(message);
-    let value = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| ClientError::Unauthenticated("bearer token is not valid header text".into()))?;
+    let value = format!("Bearer {token}").parse().map_err(|_| {
+        ClientError::Unauthenticated("bearer token is not valid header text".into())
+    })?;
     req.metadata_mut().insert("authorization", value);
     Ok(req)
 }
@@ -173,7 +176,13 @@ impl VaultClient {
         }
         let mut nonce = [0u8; 12];
         OsRng.fill_bytes(&mut nonce);
-        let wrapped = seal_with(&finish.export_key, WRAP_INFO, WRAP_AAD, nonce, key.0.as_ref());
+        let wrapped = seal_with(
+            &finish.export_key,
+            WRAP_INFO,
+            WRAP_AAD,
+            nonce,
+            key.0.as_ref(),
+        );
         let done = self
             .rpc
             .register_finish(bearer(
@@ -205,7 +214,9 @@ impl VaultClient {
             .into_inner();
         let challenge = match answer.outcome {
             Some(pb::recover_start_response::Outcome::Challenge(c)) => c,
-            Some(pb::recover_start_response::Outcome::Locked(_)) => return Err(ClientError::Locked),
+            Some(pb::recover_start_response::Outcome::Locked(_)) => {
+                return Err(ClientError::Locked)
+            }
             None => return Err(ClientError::Protocol("empty recovery answer")),
         };
         let ke2 = CredentialResponse::deserialize(&challenge.ke2)
@@ -259,7 +270,11 @@ impl VaultClient {
 
     /// Recovers the key registered for `account`. Each call spends one of
     /// the record's guesses until it succeeds.
-    pub async fn recover_key(&mut self, account: &[u8], password: &[u8]) -> Result<BackupKey, ClientError> {
+    pub async fn recover_key(
+        &mut self,
+        account: &[u8],
+        password: &[u8],
+    ) -> Result<BackupKey, ClientError> {
         let login = self.login(account, password).await?;
         let Some(ke3) = login.ke3.clone() else {
             return Err(self.abandon(&login.login_id).await?);
@@ -297,7 +312,12 @@ impl VaultClient {
 
     /// Deletes the account's record; needs the owner's token and the
     /// password.
-    pub async fn delete(&mut self, account: &[u8], token: &str, password: &[u8]) -> Result<(), ClientError> {
+    pub async fn delete(
+        &mut self,
+        account: &[u8],
+        token: &str,
+        password: &[u8],
+    ) -> Result<(), ClientError> {
         let login = self.login(account, password).await?;
         let Some(ke3) = login.ke3.clone() else {
             return Err(self.abandon(&login.login_id).await?);
@@ -316,16 +336,22 @@ impl VaultClient {
             .into_inner();
         match answer.outcome {
             Some(pb::delete_response::Outcome::Deleted(_)) => Ok(()),
-            Some(pb::delete_response::Outcome::WrongPassword(w)) => Err(ClientError::WrongPassword {
-                guesses_remaining: w.guesses_remaining,
-            }),
+            Some(pb::delete_response::Outcome::WrongPassword(w)) => {
+                Err(ClientError::WrongPassword {
+                    guesses_remaining: w.guesses_remaining,
+                })
+            }
             Some(pb::delete_response::Outcome::Locked(_)) => Err(ClientError::Locked),
             None => Err(ClientError::Protocol("empty deletion answer")),
         }
     }
 
     /// The owner's view of the account's record.
-    pub async fn status(&mut self, account: &[u8], token: &str) -> Result<RecordStatus, ClientError> {
+    pub async fn status(
+        &mut self,
+        account: &[u8],
+        token: &str,
+    ) -> Result<RecordStatus, ClientError> {
         use pb::status_response::State;
         let s = self
             .rpc

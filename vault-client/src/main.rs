@@ -13,7 +13,10 @@ use vault_client::{parse_pinned_key, ClientError, RecordStatus, VaultClient};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Parser)]
-#[command(version, about = "Back up and restore with a key kept by the HSM vault")]
+#[command(
+    version,
+    about = "Back up and restore with a key kept by the HSM vault"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -170,7 +173,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -226,8 +232,10 @@ fn read_key(stdin: &mut Stdin, from_stdin: bool) -> anyhow::Result<BackupKey> {
         Zeroizing::new(rpassword::prompt_password("Backup key (64 hex digits): ")?)
     };
     BackupKey::from_hex(&text).ok_or_else(|| {
-        ClientError::BadKey("a backup key is exactly 64 hex digits (spaces and dashes allowed)".into())
-            .into()
+        ClientError::BadKey(
+            "a backup key is exactly 64 hex digits (spaces and dashes allowed)".into(),
+        )
+        .into()
     })
 }
 
@@ -250,19 +258,29 @@ async fn connect(vault: &VaultArgs) -> anyhow::Result<VaultClient> {
 
 /// Writes to `path` through a temporary file renamed into place on success,
 /// so a failed restore never leaves a partial plaintext file behind.
-fn write_atomically(path: &Path, f: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<u64>) -> anyhow::Result<u64> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+fn write_atomically(
+    path: &Path,
+    f: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<u64>,
+) -> anyhow::Result<u64> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = tempfile::NamedTempFile::new_in(dir).context("creating a temporary output file")?;
     let mut w = BufWriter::new(tmp.reopen()?);
     let n = f(&mut w)?;
     w.flush()?;
     drop(w);
-    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(n)
 }
 
 fn open_input(path: &Path) -> anyhow::Result<BufReader<File>> {
-    Ok(BufReader::new(File::open(path).with_context(|| format!("opening {}", path.display()))?))
+    Ok(BufReader::new(
+        File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    ))
 }
 
 fn fmt_key(key: &BackupKey) -> Zeroizing<String> {
@@ -279,13 +297,28 @@ fn fmt_key(key: &BackupKey) -> Zeroizing<String> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut stdin = Stdin::new();
     match cli.command {
-        Command::Key(KeyCommand::Register { vault, token_file, max_guesses, generate }) => {
+        Command::Key(KeyCommand::Register {
+            vault,
+            token_file,
+            max_guesses,
+            generate,
+        }) => {
             let token = read_token(&token_file)?;
             let password = stdin.password(&vault, "New vault password: ")?;
-            let key = if generate { BackupKey::generate() } else { read_key(&mut stdin, true)? };
+            let key = if generate {
+                BackupKey::generate()
+            } else {
+                read_key(&mut stdin, true)?
+            };
             let mut client = connect(&vault).await?;
             let max = client
-                .register_key(vault.account()?, &token, password.as_bytes(), &key, max_guesses)
+                .register_key(
+                    vault.account()?,
+                    &token,
+                    password.as_bytes(),
+                    &key,
+                    max_guesses,
+                )
                 .await?;
             if generate {
                 println!("{}", key.to_hex().as_str());
@@ -295,22 +328,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(KeyCommand::Recover { vault }) => {
             let password = stdin.password(&vault, "Vault password: ")?;
             let mut client = connect(&vault).await?;
-            let key = client.recover_key(vault.account()?, password.as_bytes()).await?;
+            let key = client
+                .recover_key(vault.account()?, password.as_bytes())
+                .await?;
             println!("{}", key.to_hex().as_str());
         }
-        Command::Backup(BackupCommand::Create { input, output, no_vault, max_guesses, token_file, vault }) => {
+        Command::Backup(BackupCommand::Create {
+            input,
+            output,
+            no_vault,
+            max_guesses,
+            token_file,
+            vault,
+        }) => {
             let key = BackupKey::generate();
             if !no_vault {
-                let token = read_token(token_file.as_deref().ok_or_else(|| anyhow!("--token-file is needed"))?)?;
+                let token = read_token(
+                    token_file
+                        .as_deref()
+                        .ok_or_else(|| anyhow!("--token-file is needed"))?,
+                )?;
                 let password = stdin.password(&vault, "New backup password: ")?;
                 // Register first: a file whose key the vault refused would be
                 // unreadable.
                 let mut client = connect(&vault).await?;
                 client
-                    .register_key(vault.account()?, &token, password.as_bytes(), &key, max_guesses)
+                    .register_key(
+                        vault.account()?,
+                        &token,
+                        password.as_bytes(),
+                        &key,
+                        max_guesses,
+                    )
                     .await?;
             }
-            let n = write_atomically(&output, |w| Ok(backup::encrypt(&key, open_input(&input)?, w)?))?;
+            let n = write_atomically(&output, |w| {
+                Ok(backup::encrypt(&key, open_input(&input)?, w)?)
+            })?;
             if no_vault {
                 println!("{}", fmt_key(&key).as_str());
                 eprintln!("encrypted {n} bytes to {}; write the 64-digit key above down: it is the only way to restore", output.display());
@@ -318,30 +372,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("encrypted {n} bytes to {}; the key is protected by the vault under your password", output.display());
             }
         }
-        Command::Backup(BackupCommand::Restore { input, output, no_vault, key_stdin, vault }) => {
+        Command::Backup(BackupCommand::Restore {
+            input,
+            output,
+            no_vault,
+            key_stdin,
+            vault,
+        }) => {
             let key = if no_vault {
                 read_key(&mut stdin, key_stdin)?
             } else {
                 let password = stdin.password(&vault, "Backup password: ")?;
-                connect(&vault).await?.recover_key(vault.account()?, password.as_bytes()).await?
+                connect(&vault)
+                    .await?
+                    .recover_key(vault.account()?, password.as_bytes())
+                    .await?
             };
-            let n = write_atomically(&output, |w| Ok(backup::decrypt(&key, open_input(&input)?, w)?))?;
+            let n = write_atomically(&output, |w| {
+                Ok(backup::decrypt(&key, open_input(&input)?, w)?)
+            })?;
             eprintln!("restored {n} bytes to {}", output.display());
         }
         Command::Backup(BackupCommand::Disable { vault, token_file }) => {
             let token = read_token(&token_file)?;
             let password = stdin.password(&vault, "Backup password: ")?;
-            connect(&vault).await?.delete(vault.account()?, &token, password.as_bytes()).await?;
+            connect(&vault)
+                .await?
+                .delete(vault.account()?, &token, password.as_bytes())
+                .await?;
             eprintln!("encrypted backup disabled: the vault record is deleted");
         }
         Command::Status { vault, token_file } => {
             let token = read_token(&token_file)?;
-            match connect(&vault).await?.status(vault.account()?, &token).await? {
+            match connect(&vault)
+                .await?
+                .status(vault.account()?, &token)
+                .await?
+            {
                 RecordStatus::NotRegistered => println!("not registered"),
-                RecordStatus::Registered { guesses_remaining, max_guesses } => {
+                RecordStatus::Registered {
+                    guesses_remaining,
+                    max_guesses,
+                } => {
                     println!("registered: {guesses_remaining} of {max_guesses} guesses remaining")
                 }
-                RecordStatus::Locked => println!("locked: the key was destroyed after too many wrong passwords"),
+                RecordStatus::Locked => {
+                    println!("locked: the key was destroyed after too many wrong passwords")
+                }
             }
         }
         Command::Token(TokenCommand::Keygen { out_dir }) => {
@@ -351,9 +428,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_private(&out_dir.join("identity.key"), secret.as_bytes())?;
             let pk = hex::encode(sk.verifying_key().to_encoded_point(true).as_bytes());
             std::fs::write(out_dir.join("identity.pub"), format!("{pk}\n"))?;
-            eprintln!("wrote {0}/identity.key and {0}/identity.pub", out_dir.display());
+            eprintln!(
+                "wrote {0}/identity.key and {0}/identity.pub",
+                out_dir.display()
+            );
         }
-        Command::Token(TokenCommand::Issue { signing_key, account, ttl_secs }) => {
+        Command::Token(TokenCommand::Issue {
+            signing_key,
+            account,
+            ttl_secs,
+        }) => {
             let text = Zeroizing::new(std::fs::read_to_string(&signing_key)?);
             let sk = vault_proto::token::parse_signing_key(&text)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();

@@ -212,8 +212,9 @@ fn random_iv() -> [u8; 12] {
 impl SecureCore {
     /// Builds the core around the AKE public key read from the token (SEC1).
     pub fn new(ake_public_sec1: &[u8]) -> Result<Self, CoreError> {
-        let server_public = ecdh::ServerPublic::from_sec1(ake_public_sec1)
-            .ok_or(CoreError::InvalidArgument("token AKE public key is not a P-256 point"))?;
+        let server_public = ecdh::ServerPublic::from_sec1(ake_public_sec1).ok_or(
+            CoreError::InvalidArgument("token AKE public key is not a P-256 point"),
+        )?;
         let pk = PublicKey::deserialize(&server_public.compressed)
             .map_err(|_| CoreError::InvalidArgument("token AKE public key rejected by OPAQUE"))?;
         let setup = ServerSetup::new_with_key_pair_and_seed(
@@ -252,7 +253,9 @@ impl SecureCore {
         let mut data: Vec<u8> = info.iter().flat_map(|part| part.iter().copied()).collect();
         data.push(1);
         let block = Zeroizing::new(token.hmac(MacKey::OprfSeed, &data)?);
-        Ok(generic_array::GenericArray::clone_from_slice(block.as_ref()))
+        Ok(generic_array::GenericArray::clone_from_slice(
+            block.as_ref(),
+        ))
     }
 
     /// OPAQUE registration, first step. Stateless.
@@ -265,8 +268,9 @@ impl SecureCore {
         let request = RegistrationRequest::<Suite>::deserialize(request)
             .map_err(|_| CoreError::InvalidMessage("registration request"))?;
         let km = self.key_material(token, id)?;
-        let response = ServerRegistration::<Suite>::start_with_key_material(&self.setup, km, request)
-            .map_err(|_| CoreError::InvalidMessage("registration request"))?;
+        let response =
+            ServerRegistration::<Suite>::start_with_key_material(&self.setup, km, request)
+                .map_err(|_| CoreError::InvalidMessage("registration request"))?;
         Ok(response.message.serialize().to_vec())
     }
 
@@ -287,7 +291,11 @@ impl SecureCore {
         let max_guesses = match max_guesses {
             0 => DEFAULT_MAX_GUESSES,
             n if n <= u32::from(MAX_GUESSES_LIMIT) => n as u8,
-            _ => return Err(CoreError::InvalidArgument("max_guesses must be 0 (default) or 1..=10")),
+            _ => {
+                return Err(CoreError::InvalidArgument(
+                    "max_guesses must be 0 (default) or 1..=10",
+                ))
+            }
         };
         let upload = RegistrationUpload::<Suite>::deserialize(upload)
             .map_err(|_| CoreError::InvalidMessage("registration upload"))?;
@@ -308,7 +316,10 @@ impl SecureCore {
             guesses_used: 0,
             generation,
         };
-        Ok((record::seal(token, id, seq, &record, random_iv())?, max_guesses))
+        Ok((
+            record::seal(token, id, seq, &record, random_iv())?,
+            max_guesses,
+        ))
     }
 
     /// Recovery, step one: charges a guess against the record (or against a
@@ -445,7 +456,10 @@ impl SecureCore {
                     .map_err(|_| CoreError::InvalidMessage("KE3"))?,
             )
         };
-        let pending = self.pending.take(login, now).ok_or(CoreError::UnknownLogin)?;
+        let pending = self
+            .pending
+            .take(login, now)
+            .ok_or(CoreError::UnknownLogin)?;
         let Some(stored) = stored else {
             return Err(CoreError::RecordChanged);
         };
@@ -484,13 +498,8 @@ impl SecureCore {
                     // verify against.
                     return Err(CoreError::RecordChanged);
                 };
-                let release = seal_with(
-                    &session_key,
-                    RELEASE_INFO,
-                    RELEASE_AAD,
-                    random_iv(),
-                    secret,
-                );
+                let release =
+                    seal_with(&session_key, RELEASE_INFO, RELEASE_AAD, random_iv(), secret);
                 record.guesses_used = 0;
                 Ok(Finish::Recovered {
                     write: record::seal(token, &pending.id, seq, &record, random_iv())?,

@@ -34,7 +34,9 @@ pub struct PendingLogin {
 
 impl std::fmt::Debug for PendingLogin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PendingLogin").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("PendingLogin")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 

@@ -102,7 +102,12 @@ pub struct SealedRecord(Vec<u8>);
 
 impl std::fmt::Debug for SealedRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SealedRecord(seq {:?}, {} bytes)", self.seq(), self.0.len())
+        write!(
+            f,
+            "SealedRecord(seq {:?}, {} bytes)",
+            self.seq(),
+            self.0.len()
+        )
     }
 }
 
@@ -128,7 +133,9 @@ impl SealedRecord {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("stored record failed its integrity check (altered, truncated or moved from another id)")]
+    #[error(
+        "stored record failed its integrity check (altered, truncated or moved from another id)"
+    )]
     Tampered,
     #[error(transparent)]
     Token(PartitionError),
@@ -214,7 +221,11 @@ pub fn seal(
 }
 
 /// Unseals a stored record, checking that it belongs to `id`.
-pub fn unseal(token: &impl Token, id: &RecordId, sealed: &SealedRecord) -> Result<(Seq, Record), RecordError> {
+pub fn unseal(
+    token: &impl Token,
+    id: &RecordId,
+    sealed: &SealedRecord,
+) -> Result<(Seq, Record), RecordError> {
     let b = sealed.as_bytes();
     if b.len() != SEALED_LEN {
         return Err(RecordError::Tampered);
@@ -227,5 +238,7 @@ pub fn unseal(token: &impl Token, id: &RecordId, sealed: &SealedRecord) -> Resul
         Err(PartitionError::Integrity) => return Err(RecordError::Tampered),
         Err(e) => return Err(RecordError::Token(e)),
     };
-    decode(&plain).map(|r| (seq, r)).ok_or(RecordError::Tampered)
+    decode(&plain)
+        .map(|r| (seq, r))
+        .ok_or(RecordError::Tampered)
 }
