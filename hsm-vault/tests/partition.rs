@@ -161,3 +161,51 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
         assert_eq!(record.guesses_remaining(), 10);
     }
 }
+
+/// Records of every kind seal to one size (a locked or phantom record cannot
+/// be told from a live one on disk), and a sealed record is bound to its id
+/// and its sequence number.
+#[test]
+fn invariant7_sealed_records_are_one_size_and_bound_to_id_and_seq() {
+    use hsm_vault::core::record::{self, Record, RecordBody, SEALED_LEN};
+    use hsm_vault::types::RecordId;
+    let (_token, p) = open_token("records");
+    let t = p.session().expect("session");
+    assert_eq!(SEALED_LEN, 314, "the record format changed");
+    let id = RecordId([1; 32]);
+    let bodies = [
+        RecordBody::Registered {
+            password_file: [9; record::PASSWORD_FILE_LEN],
+            secret: vec![7; 128],
+        },
+        RecordBody::Registered {
+            password_file: [9; record::PASSWORD_FILE_LEN],
+            secret: vec![7; 1],
+        },
+        RecordBody::Locked,
+        RecordBody::Phantom,
+    ];
+    for body in bodies {
+        let r = Record {
+            body,
+            max_guesses: 10,
+            guesses_used: 3,
+            generation: [5; 16],
+        };
+        let sealed = record::seal(&t, &id, Seq(42), &r, [3; 12]).expect("seal");
+        assert_eq!(sealed.as_bytes().len(), SEALED_LEN);
+        let (seq, back) = record::unseal(&t, &id, &sealed).expect("unseal");
+        assert_eq!((seq, &back), (Seq(42), &r));
+        assert!(
+            record::unseal(&t, &RecordId([2; 32]), &sealed).is_err(),
+            "moved to another id"
+        );
+        let mut bytes = sealed.as_bytes().to_vec();
+        bytes[7] ^= 1; // claims another sequence number
+        let forged = record::SealedRecord::from_stored(bytes);
+        assert!(
+            record::unseal(&t, &id, &forged).is_err(),
+            "sequence number is authenticated"
+        );
+    }
+}

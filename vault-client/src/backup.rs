@@ -301,3 +301,22 @@ mod tests {
         assert!(BackupKey::from_hex(&"zz".repeat(32)).is_none());
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    /// A backup made by this format's first version, with key 0x55.. and
+    /// plaintext "golden backup\n". If this stops decrypting, old backups
+    /// would stop restoring.
+    const GOLDEN: &str = "48534d5642414b3100010000e1ebb2048f230007c44d3452e170b01d025c97c3d9e940a0398ca05284ecea34d91788761ae5a200000000000000000000000000ff3ac145f4f59fd42986377b46460e449b29175f72286d3aba4c5c57b08b";
+
+    #[test]
+    fn golden_backup_still_decrypts() {
+        let key = BackupKey(Zeroizing::new([0x55; 32]));
+        let mut out = Vec::new();
+        let file = hex::decode(GOLDEN).expect("hex");
+        decrypt(&key, &file[..], &mut out).expect("golden file decrypts");
+        assert_eq!(out, b"golden backup\n");
+    }
+}
