@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The end-to-end tests start the real binaries: build them all first (cargo
+# only builds a package's binaries for its own integration tests).
+cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast

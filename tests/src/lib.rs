@@ -242,24 +242,32 @@ impl Inspector {
     }
 }
 
-/// Every file under `dir`, concatenated: for byte searches.
-pub fn all_bytes(dir: &Path) -> Vec<u8> {
+/// Every file below `dir`.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
             continue;
         };
-        for e in entries.flatten() {
-            let p = e.path();
+        for p in entries.flatten().map(|e| e.path()) {
             if p.is_dir() {
                 stack.push(p);
-            } else if let Ok(b) = std::fs::read(&p) {
-                out.extend_from_slice(&b);
+            } else {
+                out.push(p);
             }
         }
     }
     out
+}
+
+/// Every file under `dir`, concatenated: for byte searches.
+pub fn all_bytes(dir: &Path) -> Vec<u8> {
+    files_under(dir)
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .flatten()
+        .collect()
 }
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {

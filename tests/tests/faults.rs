@@ -6,7 +6,7 @@ use rand::rngs::OsRng;
 use rand::RngCore;
 use tonic::Code;
 use vault_client::{BackupKey, ClientError, RecordStatus, VaultClient};
-use vault_e2e::{all_bytes, VaultNode};
+use vault_e2e::{files_under, VaultNode};
 use vault_proto::suite::Suite;
 use vault_proto::vault::v1 as pb;
 
@@ -82,7 +82,7 @@ async fn invariant1_guess_charged_before_ke2_survives_sigkill() {
 /// bit in the middle of each.
 fn flip_in_files(dir: &std::path::Path, needle: &[u8]) -> usize {
     let mut flipped = 0;
-    for entry in walk(dir) {
+    for entry in files_under(dir) {
         if entry
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("snap."))
@@ -107,22 +107,6 @@ fn flip_in_files(dir: &std::path::Path, needle: &[u8]) -> usize {
         }
     }
     flipped
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 async fn expect_data_loss(node: &VaultNode, account: &str) {
@@ -227,7 +211,7 @@ async fn invariant7_flipped_byte_in_raw_store_files_fails_closed_with_a_clear_me
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    for file in walk(from) {
+    for file in files_under(from) {
         let rel = file.strip_prefix(from).expect("prefix");
         let dest = to.join(rel);
         std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
@@ -407,5 +391,4 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         c.recover_key(b"alice", PASSWORD).await.expect("served").0,
         key.0
     );
-    let _ = all_bytes;
 }
