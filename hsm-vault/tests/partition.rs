@@ -209,3 +209,40 @@ fn invariant7_sealed_records_are_one_size_and_bound_to_id_and_seq() {
         );
     }
 }
+
+/// A pending login expires: after the deadline its KE3 is refused as out of
+/// order, and the guess it was charged stays charged.
+#[test]
+fn invariant2_pending_logins_expire_and_keep_their_charge() {
+    use hsm_vault::core::pending::LOGIN_DEADLINE;
+    use hsm_vault::core::CoreError;
+    let (_token, p) = open_token("expiry");
+    let t = p.session().expect("session");
+    let core = SecureCore::new(p.ake_public_key()).expect("core");
+    let id = core.record_id(&t, b"zoe").expect("id");
+    let login = ClientLogin::<Suite>::start(&mut OsRng, b"pw").expect("start");
+    let now = Instant::now();
+    let Charge::Charged { write, ticket } = core
+        .charge_guess(&t, &id, None, &login.message.serialize(), Seq(1), now)
+        .expect("charge")
+    else {
+        panic!("expected a charge");
+    };
+    let challenge = core.evaluate(&t, ticket, &write, now).expect("evaluate");
+    let later = now + LOGIN_DEADLINE + std::time::Duration::from_secs(1);
+    assert!(core.pending_record(&challenge.login_id, later).is_none());
+    let err = core
+        .finish(
+            &t,
+            &challenge.login_id,
+            &[],
+            Some(&write),
+            Purpose::Recover,
+            Seq(2),
+            later,
+        )
+        .expect_err("expired");
+    assert!(matches!(err, CoreError::UnknownLogin), "{err}");
+    let (_, record) = core.inspect(&t, &id, &write).expect("inspect");
+    assert_eq!(record.guesses_used, 1, "the charge outlives the login");
+}

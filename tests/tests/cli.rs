@@ -197,3 +197,43 @@ fn unreachable_vault_gets_a_clear_message() {
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("vault unreachable"));
 }
+
+#[test]
+fn invariant4_raw_key_register_then_recover_through_the_cli() {
+    let node = VaultNode::start("cli-key");
+    let dir = tempfile::tempdir().expect("dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, node.bearer("kim")).expect("token");
+    let mut register = node.cli();
+    register.args([
+        "key",
+        "register",
+        "--generate",
+        "--account",
+        "kim",
+        "--password-stdin",
+        "--token-file",
+    ]);
+    register.arg(&token);
+    let key = ok(&run(register, "pw for kim\n"));
+    assert_eq!(key.trim().len(), 64);
+    let mut recover = node.cli();
+    recover.args(["key", "recover", "--account", "kim", "--password-stdin"]);
+    assert_eq!(ok(&run(recover, "pw for kim\n")).trim(), key.trim());
+    // A key given on standard input, after the password line.
+    let given = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let mut register = node.cli();
+    register.args([
+        "key",
+        "register",
+        "--account",
+        "kim",
+        "--password-stdin",
+        "--token-file",
+    ]);
+    register.arg(&token);
+    ok(&run(register, &format!("second pw\n{given}\n")));
+    let mut recover = node.cli();
+    recover.args(["key", "recover", "--account", "kim", "--password-stdin"]);
+    assert_eq!(ok(&run(recover, "second pw\n")).trim(), given);
+}

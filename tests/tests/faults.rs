@@ -392,3 +392,57 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         key.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant8_acknowledged_writes_survive_sigkill() {
+    let mut node = VaultNode::start("acked");
+    let mut keys = Vec::new();
+    for i in 0..8 {
+        let account = format!("user-{i}");
+        keys.push((account.clone(), register(&node, &account).await));
+    }
+    // Acknowledged guesses on half of them, a deletion on one.
+    let mut c = node.client().await;
+    for (account, _) in &keys[..4] {
+        for _ in 0..2 {
+            assert!(matches!(
+                c.recover_key(account.as_bytes(), b"wrong").await,
+                Err(ClientError::WrongPassword { .. })
+            ));
+        }
+    }
+    c.delete(b"user-7", &node.bearer("user-7"), PASSWORD)
+        .await
+        .expect("delete");
+    node.kill9();
+    node.restart();
+
+    let mut c = node.client().await;
+    for (i, (account, key)) in keys.iter().enumerate() {
+        let status = c
+            .status(account.as_bytes(), &node.bearer(account))
+            .await
+            .expect("status");
+        let expected = match i {
+            7 => RecordStatus::NotRegistered,
+            0..=3 => RecordStatus::Registered {
+                guesses_remaining: 8,
+                max_guesses: 10,
+            },
+            _ => RecordStatus::Registered {
+                guesses_remaining: 10,
+                max_guesses: 10,
+            },
+        };
+        assert_eq!(status, expected, "{account}");
+        if i != 7 {
+            assert_eq!(
+                c.recover_key(account.as_bytes(), PASSWORD)
+                    .await
+                    .expect("recover")
+                    .0,
+                key.0
+            );
+        }
+    }
+}
