@@ -243,11 +243,12 @@ impl Vault for VaultService {
         check_opaque("registration_request", &req.registration_request)?;
         let id = self.record_id(req.account_id).await?;
         let message = req.registration_request;
-        let response = self
+        let (response, generation) = self
             .with_token(move |core, t| core.registration_start(t, &id, &message))
             .await?;
         Ok(Response::new(pb::RegisterStartResponse {
             registration_response: response,
+            registration_id: generation.to_vec(),
         }))
     }
 
@@ -263,8 +264,11 @@ impl Vault for VaultService {
         let _guard = self.stripe(&id).lock().await;
         let seq = self.inner.store.reserve();
         let (upload, secret, max) = (req.registration_upload, req.secret, req.max_guesses);
+        let generation = req.registration_id;
         let (sealed, max_guesses) = self
-            .with_token(move |core, t| core.registration_finish(t, &id, &upload, &secret, max, seq))
+            .with_token(move |core, t| {
+                core.registration_finish(t, &id, &generation, &upload, &secret, max, seq)
+            })
             .await?;
         self.commit(seq, Write::Put(id, sealed)).await?;
         tracing::info!(record = %id, max_guesses, "registered");

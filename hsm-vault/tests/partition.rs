@@ -87,7 +87,7 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
     let password = b"correct horse";
     let ksf = vault_proto::suite::client_ksf();
     let start = ClientRegistration::<Suite>::start(&mut OsRng, password).expect("client start");
-    let response = core
+    let (response, generation) = core
         .registration_start(&t, &id, &start.message.serialize())
         .expect("server start");
     let finish = start
@@ -107,6 +107,7 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
         .registration_finish(
             &t,
             &id,
+            &generation,
             &finish.message.serialize(),
             b"the secret",
             0,

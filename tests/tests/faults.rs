@@ -312,6 +312,7 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
                 registration_upload: upload,
                 secret,
                 max_guesses: max,
+                registration_id: vec![0; 16],
             }))
             .await;
         assert_eq!(code_of(r), Code::InvalidArgument);

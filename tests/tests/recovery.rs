@@ -355,3 +355,66 @@ async fn invariant9_register_or_delete_without_valid_token_is_unauthenticated() 
         RecordStatus::NotRegistered
     );
 }
+
+/// RegisterStart evaluates the OPRF under a fresh per-registration key, so
+/// whoever may register (holds an owner token, or can mint one) cannot use it
+/// as an unmetered password-guessing oracle against the stored record: the
+/// same blinded element gets a different evaluation from RegisterStart each
+/// time, and never the one a (charged) login gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant2_register_start_is_not_an_oprf_oracle_for_logins() {
+    let (node, _key) = registered("oracle", "heidi").await;
+    let mut c = node.client().await;
+    let blinded = opaque_ke::ClientRegistration::<Suite>::start(&mut OsRng, b"guess")
+        .expect("start")
+        .message
+        .serialize()
+        .to_vec();
+    let mut register_evaluations = HashSet::new();
+    for _ in 0..3 {
+        let mut req = tonic::Request::new(pb::RegisterStartRequest {
+            account_id: b"heidi".to_vec(),
+            registration_request: blinded.clone(),
+        });
+        let bearer = format!("Bearer {}", node.bearer("heidi"));
+        req.metadata_mut()
+            .insert("authorization", bearer.parse().expect("header"));
+        let answer = c
+            .raw()
+            .register_start(req)
+            .await
+            .expect("register start")
+            .into_inner();
+        assert_eq!(answer.registration_id.len(), 16);
+        register_evaluations.insert(answer.registration_response[..33].to_vec());
+    }
+    assert_eq!(
+        register_evaluations.len(),
+        3,
+        "a fresh OPRF key per registration"
+    );
+
+    // A login with the same blinded element (KE1 = blinded || nonce || epk).
+    let mut ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"guess")
+        .expect("login")
+        .message
+        .serialize()
+        .to_vec();
+    ke1[..33].copy_from_slice(&blinded);
+    let answer = c
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: b"heidi".to_vec(),
+            ke1,
+        })
+        .await
+        .expect("recover start")
+        .into_inner();
+    let Some(pb::recover_start_response::Outcome::Challenge(ch)) = answer.outcome else {
+        panic!("expected a challenge");
+    };
+    assert!(
+        !register_evaluations.contains(&ch.ke2[..33]),
+        "login OPRF key leaked through RegisterStart"
+    );
+}

@@ -62,6 +62,7 @@ async fn invariant6_no_plaintext_secret_in_store_or_logs() {
                 registration_upload: password_file.clone(),
                 secret: SECRET.to_vec(),
                 max_guesses: 0,
+                registration_id: response.registration_id.clone(),
             },
         ))
         .await

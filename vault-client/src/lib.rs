@@ -159,6 +159,7 @@ impl VaultClient {
             )?)
             .await?
             .into_inner();
+        let registration_id = response.registration_id;
         let response = RegistrationResponse::deserialize(&response.registration_response)
             .map_err(|_| ClientError::Protocol("registration response"))?;
         let ksf = client_ksf();
@@ -191,6 +192,7 @@ impl VaultClient {
                     registration_upload: finish.message.serialize().to_vec(),
                     secret: wrapped,
                     max_guesses,
+                    registration_id,
                 },
                 token,
             )?)

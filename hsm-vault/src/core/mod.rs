@@ -242,14 +242,23 @@ impl SecureCore {
         Ok(RecordId(token.hmac(MacKey::RecordId, &data)?))
     }
 
-    /// Per-record OPRF key material: HKDF-Expand over the OPRF seed, done as
-    /// one HMAC inside the token (32 bytes is one SHA-256 block).
+    /// OPRF key material of one registration: HKDF-Expand over the OPRF seed
+    /// with the credential identifier `record id || generation`, done as one
+    /// HMAC inside the token (32 bytes is one SHA-256 block).
+    ///
+    /// The generation is fresh for every registration, so a caller who may
+    /// register (holds the owner's token) cannot use `RegisterStart` as an
+    /// unmetered OPRF oracle for the key a stored record's logins use.
     fn key_material(
         &self,
         token: &impl Token,
         id: &RecordId,
+        generation: &Generation,
     ) -> Result<generic_array::GenericArray<u8, generic_array::typenum::U32>, CoreError> {
-        let info = self.setup.key_material_info(&id.0).info;
+        let mut credential = [0u8; 48];
+        credential[..32].copy_from_slice(&id.0);
+        credential[32..].copy_from_slice(generation);
+        let info = self.setup.key_material_info(&credential).info;
         let mut data: Vec<u8> = info.iter().flat_map(|part| part.iter().copied()).collect();
         data.push(1);
         let block = Zeroizing::new(token.hmac(MacKey::OprfSeed, &data)?);
@@ -258,28 +267,35 @@ impl SecureCore {
         ))
     }
 
-    /// OPAQUE registration, first step. Stateless.
+    /// OPAQUE registration, first step. Stateless: it picks the new
+    /// registration's generation, which the client echoes in the last step.
     pub fn registration_start(
         &self,
         token: &impl Token,
         id: &RecordId,
         request: &[u8],
-    ) -> Result<Vec<u8>, CoreError> {
+    ) -> Result<(Vec<u8>, Generation), CoreError> {
         let request = RegistrationRequest::<Suite>::deserialize(request)
             .map_err(|_| CoreError::InvalidMessage("registration request"))?;
-        let km = self.key_material(token, id)?;
+        let mut generation = [0u8; 16];
+        OsRng.fill_bytes(&mut generation);
+        let km = self.key_material(token, id, &generation)?;
         let response =
             ServerRegistration::<Suite>::start_with_key_material(&self.setup, km, request)
                 .map_err(|_| CoreError::InvalidMessage("registration request"))?;
-        Ok(response.message.serialize().to_vec())
+        Ok((response.message.serialize().to_vec(), generation))
     }
 
     /// OPAQUE registration, last step: seals a fresh record at `seq`. It
-    /// replaces whatever the id held before.
+    /// replaces whatever the id held before. `generation` is the one
+    /// `registration_start` handed out; a client that sends another only
+    /// makes its own envelope unopenable.
+    #[allow(clippy::too_many_arguments)]
     pub fn registration_finish(
         &self,
         token: &impl Token,
         id: &RecordId,
+        generation: &[u8],
         upload: &[u8],
         secret: &[u8],
         max_guesses: u32,
@@ -305,8 +321,9 @@ impl SecureCore {
             return Err(CoreError::InvalidMessage("registration upload"));
         }
         password_file.copy_from_slice(&file);
-        let mut generation = [0u8; 16];
-        OsRng.fill_bytes(&mut generation);
+        let generation: Generation = generation
+            .try_into()
+            .map_err(|_| CoreError::InvalidArgument("registration_id must be 16 bytes"))?;
         let record = Record {
             body: RecordBody::Registered {
                 password_file,
@@ -399,7 +416,7 @@ impl SecureCore {
             RecordBody::Phantom => (None, true),
             RecordBody::Locked => return Err(CoreError::RecordChanged),
         };
-        let km = self.key_material(token, &ticket.id)?;
+        let km = self.key_material(token, &ticket.id, &record.generation)?;
         let builder = ServerLogin::builder_with_key_material(
             &mut OsRng,
             &self.setup,
