@@ -12,6 +12,7 @@ use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::store::Store;
 use tokio_stream::wrappers::TcpListenerStream;
 use vault_proto::vault::v1::vault_server::VaultServer;
+use zeroize::Zeroizing;
 
 /// Serves the vault's client API from a PKCS#11 token and a sled store.
 #[derive(Debug, Parser)]
@@ -47,20 +48,38 @@ struct Args {
     publish_key: Option<PathBuf>,
 }
 
-fn read_pin(args: &Args) -> anyhow::Result<String> {
+/// Reads the token PIN from the file or, failing that, from HSM_VAULT_PIN,
+/// which is then removed from the environment. Runs before any thread
+/// exists.
+fn read_pin(args: &Args) -> anyhow::Result<Zeroizing<String>> {
     if let Some(path) = &args.pin_file {
-        let pin = std::fs::read_to_string(path)
-            .with_context(|| format!("reading PIN file {}", path.display()))?;
-        return Ok(pin.trim_end_matches(['\n', '\r']).to_owned());
+        let pin = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading PIN file {}", path.display()))?,
+        );
+        return Ok(Zeroizing::new(
+            pin.trim_end_matches(['\n', '\r']).to_owned(),
+        ));
     }
     match std::env::var("HSM_VAULT_PIN") {
-        Ok(pin) => Ok(pin),
+        Ok(pin) => {
+            std::env::remove_var("HSM_VAULT_PIN");
+            Ok(Zeroizing::new(pin))
+        }
         Err(_) => bail!("no token PIN: set --pin-file or HSM_VAULT_PIN"),
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let pin = read_pin(&args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(args, pin))
+}
+
+async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -68,8 +87,6 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
-    let pin = zeroize::Zeroizing::new(read_pin(&args)?);
     let auth_key = std::fs::read_to_string(&args.auth_public_key)
         .with_context(|| format!("reading {}", args.auth_public_key.display()))?;
     let auth_key = vault_proto::token::parse_verifying_key(&auth_key)

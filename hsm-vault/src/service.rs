@@ -71,7 +71,9 @@ fn core_status(e: CoreError) -> Status {
 
 fn store_status(e: StoreError) -> Status {
     tracing::error!(error = %e, "storage failure");
-    Status::unavailable("storage is unavailable; the request was not applied")
+    Status::unavailable(
+        "storage is unavailable; the request may not have been applied (check with Status)",
+    )
 }
 
 fn check_account(account_id: &[u8]) -> Result<(), Status> {

@@ -178,11 +178,19 @@ async fn writer(db: sled::Db, partition: Arc<Partition>, mut rx: mpsc::Receiver<
             }
         }
         let result = commit_batch(&db, &partition, &batch_reqs).await;
+        let failed = result.is_err();
         if let Err(e) = &result {
-            tracing::error!(error = %e, writes = batch_reqs.len(), "commit failed");
+            tracing::error!(error = %e, writes = batch_reqs.len(), "commit failed; the store stops accepting writes");
         }
         for req in batch_reqs.drain(..) {
             let _ = req.done.send(result.clone());
+        }
+        if failed {
+            // The batch may be applied in memory but not durable, or durable
+            // but not covered by the watermark: fail closed. Every later
+            // commit gets `WriterGone` until the node is restarted (and its
+            // store re-checked against the token).
+            return;
         }
     }
 }

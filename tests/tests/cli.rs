@@ -99,6 +99,27 @@ fn invariant4_backup_round_trips_50mib_with_a_password_and_refuses_tampering() {
     assert!(same_file(&input, &restored), "restored file differs");
     std::fs::remove_file(&restored).expect("rm");
 
+    // A create that cannot read its input fails before it replaces the key
+    // the existing backup needs.
+    let mut failing = node.cli();
+    failing.args([
+        "backup",
+        "create",
+        "--account",
+        "alice",
+        "--password-stdin",
+        "--in",
+    ]);
+    failing
+        .arg(dir.path().join("missing.db"))
+        .arg("--out")
+        .arg(dir.path().join("x.enc"));
+    failing.arg("--token-file").arg(&token);
+    assert!(!run(failing, "another password\n").status.success());
+    ok(&restore("my backup password", &enc));
+    assert!(same_file(&input, &restored));
+    std::fs::remove_file(&restored).expect("rm");
+
     // A flipped byte and a truncated file are refused, leaving no output.
     let mut bytes = std::fs::read(&enc).expect("read backup");
     let tampered = dir.path().join("tampered.enc");

@@ -382,6 +382,34 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
         .await;
     assert_eq!(code_of(r), Code::OutOfRange);
 
+    // A KE1 whose ephemeral key is -G (so C + G is the point at infinity)
+    // is refused before any guess is charged.
+    let before = c
+        .status(b"alice", &node.bearer("alice"))
+        .await
+        .expect("status");
+    let minus_g = {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        (-p256::ProjectivePoint::GENERATOR)
+            .to_affine()
+            .to_encoded_point(true)
+    };
+    let mut bad_ke1 = ke1(b"x");
+    bad_ke1[65..98].copy_from_slice(minus_g.as_bytes());
+    let r = c
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: b"alice".to_vec(),
+            ke1: bad_ke1,
+        })
+        .await;
+    assert_eq!(code_of(r), Code::InvalidArgument);
+    let after = c
+        .status(b"alice", &node.bearer("alice"))
+        .await
+        .expect("status");
+    assert_eq!(before, after, "no guess charged for an unusable KE1");
+
     // The service kept serving through all of it.
     let left = match c.recover_key(b"alice", b"another wrong").await {
         Err(ClientError::WrongPassword { guesses_remaining }) => guesses_remaining,

@@ -258,10 +258,13 @@ async fn connect(vault: &VaultArgs) -> anyhow::Result<VaultClient> {
 
 /// Writes to `path` through a temporary file renamed into place on success,
 /// so a failed restore never leaves a partial plaintext file behind.
-fn write_atomically(
+/// Writes the output through a temporary file beside it; nothing appears at
+/// `path` until [`publish`] renames it into place, so a failed restore never
+/// leaves partial plaintext behind.
+fn stage(
     path: &Path,
     f: impl FnOnce(&mut BufWriter<File>) -> anyhow::Result<u64>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(tempfile::NamedTempFile, u64)> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -270,11 +273,15 @@ fn write_atomically(
     let mut w = BufWriter::new(tmp.reopen()?);
     let n = f(&mut w)?;
     w.flush()?;
-    drop(w);
+    w.get_ref().sync_all()?;
+    Ok((tmp, n))
+}
+
+fn publish(tmp: tempfile::NamedTempFile, path: &Path) -> anyhow::Result<()> {
     tmp.persist(path)
         .map_err(|e| e.error)
         .with_context(|| format!("writing {}", path.display()))?;
-    Ok(n)
+    Ok(())
 }
 
 fn open_input(path: &Path) -> anyhow::Result<BufReader<File>> {
@@ -342,17 +349,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             vault,
         }) => {
             let key = BackupKey::generate();
-            if !no_vault {
+            let credentials = if no_vault {
+                None
+            } else {
                 let token = read_token(
                     token_file
                         .as_deref()
                         .ok_or_else(|| anyhow!("--token-file is needed"))?,
                 )?;
-                let password = stdin.password(&vault, "New backup password: ")?;
-                // Register first: a file whose key the vault refused would be
-                // unreadable.
-                let mut client = connect(&vault).await?;
-                client
+                Some((token, stdin.password(&vault, "New backup password: ")?))
+            };
+            // Encrypt first, register second, publish last: registering
+            // replaces the account's old key, so it must not happen unless
+            // the new backup file is ready to take the old one's place.
+            let (staged, n) = stage(&output, |w| {
+                Ok(backup::encrypt(&key, open_input(&input)?, w)?)
+            })?;
+            if let Some((token, password)) = credentials {
+                connect(&vault)
+                    .await?
                     .register_key(
                         vault.account()?,
                         &token,
@@ -362,9 +377,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     )
                     .await?;
             }
-            let n = write_atomically(&output, |w| {
-                Ok(backup::encrypt(&key, open_input(&input)?, w)?)
-            })?;
+            publish(staged, &output)?;
             if no_vault {
                 println!("{}", fmt_key(&key).as_str());
                 eprintln!("encrypted {n} bytes to {}; write the 64-digit key above down: it is the only way to restore", output.display());
@@ -388,9 +401,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .recover_key(vault.account()?, password.as_bytes())
                     .await?
             };
-            let n = write_atomically(&output, |w| {
+            let (staged, n) = stage(&output, |w| {
                 Ok(backup::decrypt(&key, open_input(&input)?, w)?)
             })?;
+            publish(staged, &output)?;
             eprintln!("restored {n} bytes to {}", output.display());
         }
         Command::Backup(BackupCommand::Disable { vault, token_file }) => {

@@ -36,6 +36,25 @@ impl ServerPublic {
     }
 }
 
+/// Offset and length of the client's ephemeral public key in an RFC 9807
+/// KE1 for P256-SHA256: blinded element (33) || client nonce (32) || key (33).
+const KE1_EPHEMERAL: std::ops::Range<usize> = 65..98;
+
+/// The shifted point `C + G` to derive against, or `None` when it is the
+/// point at infinity (`C = -G`), which no token can use.
+fn shifted(client_sec1: &[u8]) -> Option<p256::EncodedPoint> {
+    let c = p256::PublicKey::from_sec1_bytes(client_sec1).ok()?;
+    let sum = c.to_projective() + ProjectivePoint::GENERATOR;
+    let sum = p256::PublicKey::from_affine(sum.to_affine()).ok()?;
+    Some(sum.to_encoded_point(true))
+}
+
+/// Checks, before a guess is charged, that the KE1's ephemeral key is one
+/// [`shared_point`] can use.
+pub fn usable_ke1(ke1: &[u8]) -> bool {
+    ke1.get(KE1_EPHEMERAL).and_then(shifted).is_some()
+}
+
 /// Computes `sk·C` for the client's ephemeral key `C`, SEC1 compressed.
 pub fn shared_point(
     token: &impl Token,
@@ -43,10 +62,7 @@ pub fn shared_point(
     client: &PublicKey<NistP256>,
 ) -> Result<Share, CoreError> {
     let client_bytes = client.serialize();
-    let c = p256::PublicKey::from_sec1_bytes(&client_bytes)
-        .map_err(|_| CoreError::InvalidMessage("KE1 ephemeral key"))?;
-    let shifted = (c.to_projective() + ProjectivePoint::GENERATOR).to_affine();
-    let shifted = shifted.to_encoded_point(true);
+    let shifted = shifted(&client_bytes).ok_or(CoreError::InvalidMessage("KE1 ephemeral key"))?;
 
     let x = token.ecdh_x(&client_bytes)?;
     let check_x = token.ecdh_x(shifted.as_bytes())?;

@@ -350,8 +350,13 @@ impl SecureCore {
         seq: Seq,
         now: Instant,
     ) -> Result<Charge, CoreError> {
+        let ke1_bytes = ke1;
         let ke1 = CredentialRequest::<Suite>::deserialize(ke1)
             .map_err(|_| CoreError::InvalidMessage("KE1"))?;
+        // Refuse, before charging, an ephemeral key the token cannot use.
+        if !ecdh::usable_ke1(ke1_bytes) {
+            return Err(CoreError::InvalidMessage("KE1 ephemeral key"));
+        }
         if !self.pending.has_room(now) {
             return Err(CoreError::Busy);
         }

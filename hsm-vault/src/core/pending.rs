@@ -40,9 +40,14 @@ impl std::fmt::Debug for PendingLogin {
     }
 }
 
+/// Expired logins are swept every this many inserts (and whenever the map is
+/// full), so their state does not linger long past the deadline.
+const SWEEP_EVERY: u32 = 256;
+
 #[derive(Default)]
 pub struct PendingLogins {
     inner: Mutex<HashMap<LoginId, (Instant, PendingLogin)>>,
+    inserts: std::sync::atomic::AtomicU32,
 }
 
 impl PendingLogins {
@@ -64,8 +69,11 @@ impl PendingLogins {
         let mut id = [0u8; 16];
         OsRng.fill_bytes(&mut id);
         let id = LoginId(id);
+        let n = self
+            .inserts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut map) = self.inner.lock() {
-            if map.len() >= MAX_PENDING_LOGINS {
+            if map.len() >= MAX_PENDING_LOGINS || n % SWEEP_EVERY == 0 {
                 Self::sweep(&mut map, now);
             }
             map.insert(id, (now + LOGIN_DEADLINE, login));
