@@ -18,9 +18,9 @@
 //! - The AAD binds the record to its id and to its sequence number (the
 //!   store's commit counter), so bytes moved to another id, or altered, fail
 //!   to unseal.
-//! - A locked record's secret and password file are zeros: the secret is
-//!   gone (crypto-shredding of the plaintext; the old sealed bytes are
-//!   unusable because the sequence they bind to is older than the record's).
+//! - A locked record's secret and password file are zeros. Older sealed
+//!   copies are not authenticated as stale on a single node (see the known
+//!   limit in ARCHITECTURE.md); the replicated log closes that.
 
 use vault_proto::suite::MAX_SECRET_LEN;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
