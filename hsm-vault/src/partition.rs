@@ -40,7 +40,8 @@ pub mod labels {
     pub const AKE_PUBLIC: &str = "hsm-vault/v1/ake-public";
     pub const SEAL: &str = "hsm-vault/v1/seal";
     pub const RECORD_ID: &str = "hsm-vault/v1/record-id";
-    /// `CKA_APPLICATION` of the data object whose label holds the watermark.
+    /// `CKA_APPLICATION` of the data object whose label holds the anchor
+    /// (watermark and index digest).
     pub const WATERMARK_APP: &str = "hsm-vault/v1/watermark";
 }
 
@@ -315,7 +316,7 @@ fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), Partit
                 Attribute::Private(true),
                 Attribute::Modifiable(true),
                 Attribute::Application(labels::WATERMARK_APP.as_bytes().to_vec()),
-                Attribute::Label(b"0".to_vec()),
+                Attribute::Label(Vec::new()),
             ])
             .map_err(op_err("create watermark"))?,
     };
@@ -505,42 +506,28 @@ impl PartitionSession {
             .map_err(op_err("generate random"))
     }
 
-    /// Reads the monotonic watermark kept in the token.
+    /// Reads the vault's anchor state kept in the token (see
+    /// `core::index`): opaque bytes to this module.
     ///
-    /// It lives in the label of a private data object: SoftHSM cannot change a
-    /// data object's `CKA_VALUE` in place, but it updates labels in place.
-    pub fn watermark(&self) -> Result<u64, PartitionError> {
-        let label = self
-            .s()
+    /// It lives in the label of a private data object: SoftHSM cannot change
+    /// a data object's `CKA_VALUE` in place, but it updates labels in place.
+    pub fn anchor_state(&self) -> Result<Vec<u8>, PartitionError> {
+        self.s()
             .get_attributes(self.keys().watermark, &[AttributeType::Label])
-            .map_err(op_err("read watermark"))?
+            .map_err(op_err("read anchor"))?
             .into_iter()
             .find_map(|a| match a {
                 Attribute::Label(l) => Some(l),
                 _ => None,
             })
-            .ok_or(PartitionError::MissingKey(labels::WATERMARK_APP))?;
-        std::str::from_utf8(&label)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or(PartitionError::Operation {
-                op: "read watermark",
-                detail: "watermark label is not a number".into(),
-            })
+            .ok_or(PartitionError::MissingKey(labels::WATERMARK_APP))
     }
 
-    /// Raises the token watermark. It never goes down: a lower value is
-    /// ignored.
-    pub fn raise_watermark(&self, value: u64) -> Result<(), PartitionError> {
-        if value <= self.watermark()? {
-            return Ok(());
-        }
+    /// Replaces the anchor state kept in the token.
+    pub fn set_anchor_state(&self, state: &[u8]) -> Result<(), PartitionError> {
         self.s()
-            .update_attributes(
-                self.keys().watermark,
-                &[Attribute::Label(value.to_string().into_bytes())],
-            )
-            .map_err(op_err("write watermark"))
+            .update_attributes(self.keys().watermark, &[Attribute::Label(state.to_vec())])
+            .map_err(op_err("write anchor"))
     }
 
     /// Reads back how each domain key is protected, and tries the two ways a

@@ -19,6 +19,7 @@ use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_server::Vault;
 
 use crate::auth::Authorizer;
+use crate::core::record::Stored;
 use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
 use crate::partition::{Partition, PartitionSession};
 use crate::store::{Store, StoreError, Write};
@@ -61,7 +62,7 @@ fn core_status(e: CoreError) -> Status {
             Status::failed_precondition(e.to_string())
         }
         CoreError::Busy => Status::resource_exhausted(e.to_string()),
-        CoreError::Tampered => Status::data_loss(e.to_string()),
+        CoreError::Tampered | CoreError::Stale => Status::data_loss(e.to_string()),
         CoreError::Token(t) => {
             tracing::error!(error = %t, "HSM operation failed");
             Status::internal("HSM operation failed")
@@ -142,7 +143,7 @@ impl VaultService {
             .await
     }
 
-    fn stored(&self, id: &RecordId) -> Result<Option<crate::core::record::SealedRecord>, Status> {
+    fn stored(&self, id: &RecordId) -> Result<Stored, Status> {
         self.inner.store.get(id).map_err(store_status)
     }
 
@@ -182,15 +183,7 @@ impl VaultService {
         let seq = self.inner.store.reserve();
         let outcome = self
             .with_token(move |core, t| {
-                core.finish(
-                    t,
-                    &login,
-                    &ke3,
-                    stored.as_ref(),
-                    purpose,
-                    seq,
-                    Instant::now(),
-                )
+                core.finish(t, &login, &ke3, &stored, purpose, seq, Instant::now())
             })
             .await?;
         match &outcome {
@@ -293,7 +286,7 @@ impl Vault for VaultService {
         let ke1 = req.ke1;
         let charge = self
             .with_token(move |core, t| {
-                core.charge_guess(t, &id, stored.as_ref(), &ke1, seq, Instant::now())
+                core.charge_guess(t, &id, &stored, &ke1, seq, Instant::now())
             })
             .await?;
         let outcome = match charge {
@@ -395,7 +388,7 @@ impl Vault for VaultService {
         let id = self.record_id(req.account_id).await?;
         let stored = self.stored(&id)?;
         let view = self
-            .with_token(move |core, t| core.status(t, &id, stored.as_ref()))
+            .with_token(move |core, t| core.status(t, &id, &stored))
             .await?;
         let (state, guesses_remaining, max_guesses) = match view {
             StatusView::NotRegistered => (State::NotRegistered, 0, 0),

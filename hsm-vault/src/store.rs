@@ -1,19 +1,29 @@
-//! Durable storage of sealed records in sled, with group commit and a
-//! rollback check against the token watermark.
+//! Durable storage of sealed records in sled, with group commit, anchored in
+//! the token so that the host cannot roll it back.
+//!
+//! Layout (one sled tree, keys of distinct lengths):
+//!
+//! ```text
+//! record id (32 B)        → sealed record
+//! "i" || record id (33 B) → sequence number of the current record (u64be)
+//! "head" (4 B)            → highest committed sequence number (u64be)
+//! ```
 //!
 //! Invariants:
-//! - The store only ever holds sealed bytes; it cannot read a record.
-//! - [`Store::commit`] returns only after the write is flushed to disk *and*
-//!   the token watermark has been raised to cover it. Callers release a KE2
-//!   or acknowledge a write only after that (invariants 1 and 8).
-//! - Every write carries a fresh sequence number ([`Seq`]) reserved with
-//!   [`Store::reserve`]; the sealed record is bound to it. The largest
-//!   committed one is kept under [`HEAD_KEY`] in the same atomic batch.
-//! - On open, a head below the token watermark means the directory was
-//!   restored from an older copy: the store refuses to open (fail closed).
+//! - The store only ever holds sealed bytes and sequence numbers.
+//! - [`Store::commit`] returns only after the write is flushed *and* the
+//!   token's anchor covers it (`core::index`). Callers release a KE2 or
+//!   acknowledge a write only after that (invariants 1 and 8).
+//! - Every write carries a fresh sequence number reserved with
+//!   [`Store::reserve`]; the sealed record is bound to it, and the index
+//!   entry written in the same atomic batch names it.
+//! - On open, the index must match the token's digest; a store rolled back
+//!   or with its index altered is refused (fail closed).
 //!
-//! Concurrent commits are grouped: one batch, one flush and one watermark
-//! update serve every write that arrived while the previous flush ran.
+//! Concurrent commits are grouped: one batch, one flush and one pair of
+//! anchor updates serve every write that arrived while the previous flush
+//! ran. Writes to one record never share a batch: the service holds the
+//! record's lock until its commit returns.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,12 +31,15 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::record::SealedRecord;
+use crate::core::index::{self, Anchor, AnchorState, OpenCheck};
+use crate::core::record::{SealedRecord, Stored};
 use crate::partition::{Partition, PartitionError};
 use crate::types::{RecordId, Seq};
 
 /// Key of the head entry. Record keys are 32 bytes, so it cannot collide.
 const HEAD_KEY: &[u8] = b"head";
+/// Prefix of index keys (33 bytes with the record id).
+const INDEX_PREFIX: u8 = b'i';
 
 /// Writes grouped into one flush at most. Bounds the batch (and the latency
 /// of its first member) while amortizing the ~0.1–0.4 ms flush.
@@ -50,9 +63,14 @@ pub enum StoreError {
          refusing to serve stale state"
     )]
     RolledBack { store: u64, token: u64 },
-    #[error("storage head entry is malformed")]
-    BadHead,
-    #[error("token watermark: {0}")]
+    #[error(
+        "storage index does not match the digest kept in the token: records were added, \
+         removed or rolled back behind the vault's back; refusing to serve"
+    )]
+    Altered,
+    #[error("storage entry is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("token anchor: {0}")]
     Token(#[from] PartitionError),
     #[error("commit failed: {0}")]
     Commit(String),
@@ -60,11 +78,56 @@ pub enum StoreError {
     WriterGone,
 }
 
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
+            e => StoreError::Sled(e),
+        }
+    }
+}
+
+/// Named crash points for fault tests: the node aborts (as with `kill -9`)
+/// at the chosen step of a group commit. Read once from `HSM_VAULT_CRASH_POINT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After the token records the pending anchor, before the batch is
+    /// applied.
+    AfterAnchorPending,
+    /// After the batch is flushed, before the token marks it committed.
+    AfterFlush,
+}
+
+impl CrashPoint {
+    fn from_env() -> Option<Self> {
+        match std::env::var("HSM_VAULT_CRASH_POINT").ok()?.as_str() {
+            "after-anchor-pending" => Some(CrashPoint::AfterAnchorPending),
+            "after-flush" => Some(CrashPoint::AfterFlush),
+            _ => None,
+        }
+    }
+
+    fn reached(crash: Option<CrashPoint>, here: CrashPoint) {
+        if crash == Some(here) {
+            tracing::warn!(?here, "crash point reached: aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// A change to make durable.
 #[derive(Debug)]
 pub enum Write {
     Put(RecordId, SealedRecord),
     Delete(RecordId),
+}
+
+impl Write {
+    fn id(&self) -> &RecordId {
+        match self {
+            Write::Put(id, _) | Write::Delete(id) => id,
+        }
+    }
 }
 
 struct CommitRequest {
@@ -87,44 +150,106 @@ impl std::fmt::Debug for Store {
     }
 }
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
-        match e {
-            sled::Error::Corruption { .. } => StoreError::Corrupt(e.to_string()),
-            e => StoreError::Sled(e),
-        }
-    }
+fn index_key(id: &RecordId) -> [u8; 33] {
+    let mut k = [INDEX_PREFIX; 33];
+    k[1..].copy_from_slice(&id.0);
+    k
 }
 
-fn read_head(db: &sled::Db) -> Result<u64, StoreError> {
-    match db.get(HEAD_KEY)? {
-        None => Ok(0),
-        Some(v) => Ok(u64::from_be_bytes(
-            v.as_ref().try_into().map_err(|_| StoreError::BadHead)?,
-        )),
+fn read_u64(v: &[u8], what: &'static str) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(
+        v.try_into().map_err(|_| StoreError::Malformed(what))?,
+    ))
+}
+
+fn read_index(db: &sled::Db, id: &RecordId) -> Result<Option<Seq>, StoreError> {
+    db.get(index_key(id))?
+        .map(|v| read_u64(&v, "index entry").map(Seq))
+        .transpose()
+}
+
+/// The store's own anchor: its head and the digest of its index.
+fn store_anchor(db: &sled::Db, partition: &Arc<Partition>) -> Result<Anchor, StoreError> {
+    let head = match db.get(HEAD_KEY)? {
+        None => 0,
+        Some(v) => read_u64(&v, "head")?,
+    };
+    let session = partition.session()?;
+    let mut digest = [0u8; 32];
+    for entry in db.scan_prefix([INDEX_PREFIX]) {
+        let (k, v) = entry?;
+        if k.len() != 33 {
+            continue;
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&k[1..]);
+        let seq = Seq(read_u64(&v, "index entry")?);
+        index::toggle(&session, &mut digest, &RecordId(id), seq)?;
     }
+    Ok(Anchor {
+        seq: Seq(head),
+        digest,
+    })
+}
+
+fn token_state(partition: &Arc<Partition>) -> Result<AnchorState, StoreError> {
+    let bytes = partition.session()?.anchor_state()?;
+    AnchorState::decode(&bytes).ok_or(StoreError::Malformed("token anchor"))
+}
+
+fn set_token_state(partition: &Arc<Partition>, state: &AnchorState) -> Result<(), StoreError> {
+    Ok(partition.session()?.set_anchor_state(&state.encode())?)
 }
 
 impl Store {
-    /// Opens the store and checks it against the token watermark. Must be
+    /// Opens the store and checks it against the token's anchor. Must be
     /// called inside a tokio runtime (it starts the commit writer).
     pub fn open(dir: &Path, partition: Arc<Partition>) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open()?;
-        let head = read_head(&db)?;
-        let session = partition.session()?;
-        let token = session.watermark()?;
-        if head < token {
-            return Err(StoreError::RolledBack { store: head, token });
-        }
-        // head > token happens after a crash between the flush and the
-        // watermark update; the store is then the newer of the two.
-        session.raise_watermark(head)?;
-        drop(session);
+        let store = store_anchor(&db, &partition)?;
+        let state = token_state(&partition)?;
+        let anchor = match index::check_open(&state, store) {
+            OpenCheck::Current => store,
+            OpenCheck::RollForward(a) => {
+                tracing::warn!(seq = a.seq.0, "completing a commit interrupted by a crash");
+                set_token_state(
+                    &partition,
+                    &AnchorState {
+                        committed: a,
+                        pending: None,
+                    },
+                )?;
+                a
+            }
+            OpenCheck::DropPending => {
+                set_token_state(
+                    &partition,
+                    &AnchorState {
+                        committed: store,
+                        pending: None,
+                    },
+                )?;
+                store
+            }
+            OpenCheck::RolledBack { store, token } => {
+                return Err(StoreError::RolledBack {
+                    store: store.0,
+                    token: token.0,
+                })
+            }
+            OpenCheck::Altered => return Err(StoreError::Altered),
+        };
         let (tx, rx) = mpsc::channel(COMMIT_QUEUE);
-        tokio::spawn(writer(db.clone(), partition, rx));
+        tokio::spawn(writer(
+            db.clone(),
+            partition,
+            anchor,
+            CrashPoint::from_env(),
+            rx,
+        ));
         Ok(Store {
             db,
-            next_seq: Arc::new(AtomicU64::new(head + 1)),
+            next_seq: Arc::new(AtomicU64::new(anchor.seq.0 + 1)),
             tx,
         })
     }
@@ -134,14 +259,17 @@ impl Store {
         Seq(self.next_seq.fetch_add(1, Ordering::SeqCst))
     }
 
-    pub fn get(&self, id: &RecordId) -> Result<Option<SealedRecord>, StoreError> {
-        Ok(self
-            .db
-            .get(id.0)?
-            .map(|v| SealedRecord::from_stored(v.to_vec())))
+    pub fn get(&self, id: &RecordId) -> Result<Stored, StoreError> {
+        Ok(Stored {
+            record: self
+                .db
+                .get(id.0)?
+                .map(|v| SealedRecord::from_stored(v.to_vec())),
+            index: read_index(&self.db, id)?,
+        })
     }
 
-    /// Makes `write` durable (flushed, and covered by the token watermark).
+    /// Makes `write` durable (flushed, and covered by the token anchor).
     pub async fn commit(&self, seq: Seq, write: Write) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
@@ -154,20 +282,15 @@ impl Store {
             Err(_) => Err(StoreError::WriterGone),
         }
     }
-
-    /// Number of record entries (sealed records and locked tombstones).
-    pub fn len(&self) -> usize {
-        self.db
-            .len()
-            .saturating_sub(usize::from(self.db.contains_key(HEAD_KEY).unwrap_or(false)))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
-async fn writer(db: sled::Db, partition: Arc<Partition>, mut rx: mpsc::Receiver<CommitRequest>) {
+async fn writer(
+    db: sled::Db,
+    partition: Arc<Partition>,
+    mut anchor: Anchor,
+    crash: Option<CrashPoint>,
+    mut rx: mpsc::Receiver<CommitRequest>,
+) {
     let mut batch_reqs = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch_reqs.push(first);
@@ -177,44 +300,97 @@ async fn writer(db: sled::Db, partition: Arc<Partition>, mut rx: mpsc::Receiver<
                 Err(_) => break,
             }
         }
-        let result = commit_batch(&db, &partition, &batch_reqs).await;
+        let result = commit_batch(&db, &partition, anchor, crash, &batch_reqs).await;
         let failed = result.is_err();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, writes = batch_reqs.len(), "commit failed; the store stops accepting writes");
+        match &result {
+            Ok(next) => anchor = *next,
+            Err(e) => tracing::error!(
+                error = %e,
+                writes = batch_reqs.len(),
+                "commit failed; the store stops accepting writes"
+            ),
         }
+        let reply = result.map(|_| ()).map_err(|e| e.to_string());
         for req in batch_reqs.drain(..) {
-            let _ = req.done.send(result.clone());
+            let _ = req.done.send(reply.clone());
         }
         if failed {
             // The batch may be applied in memory but not durable, or durable
-            // but not covered by the watermark: fail closed. Every later
-            // commit gets `WriterGone` until the node is restarted (and its
-            // store re-checked against the token).
+            // but not anchored: fail closed. Every later commit gets
+            // `WriterGone` until the node restarts and re-checks its store
+            // against the token.
             return;
         }
     }
 }
 
+/// One group commit: anchor as pending, apply and flush, anchor as
+/// committed. Returns the new anchor.
 async fn commit_batch(
     db: &sled::Db,
     partition: &Arc<Partition>,
+    current: Anchor,
+    crash: Option<CrashPoint>,
     reqs: &[CommitRequest],
-) -> Result<(), String> {
+) -> Result<Anchor, StoreError> {
     let mut batch = sled::Batch::default();
-    let mut head = read_head(db).map_err(|e| e.to_string())?;
+    let mut next = current;
+    let mut changes = Vec::with_capacity(reqs.len());
     for req in reqs {
+        let id = *req.write.id();
+        let put = matches!(req.write, Write::Put(..));
+        changes.push((id, read_index(db, &id)?, req.seq, put));
         match &req.write {
-            Write::Put(id, sealed) => batch.insert(&id.0[..], sealed.as_bytes()),
-            Write::Delete(id) => batch.remove(&id.0[..]),
+            Write::Put(id, sealed) => {
+                batch.insert(&id.0[..], sealed.as_bytes());
+                batch.insert(&index_key(id)[..], &req.seq.0.to_be_bytes()[..]);
+            }
+            Write::Delete(id) => {
+                batch.remove(&id.0[..]);
+                batch.remove(&index_key(id)[..]);
+            }
         }
-        head = head.max(req.seq.0);
+        next.seq = next.seq.max(req.seq);
     }
-    batch.insert(HEAD_KEY, &head.to_be_bytes()[..]);
-    db.apply_batch(batch).map_err(|e| e.to_string())?;
-    db.flush_async().await.map_err(|e| e.to_string())?;
+    batch.insert(HEAD_KEY, &next.seq.0.to_be_bytes()[..]);
+
     let partition = Arc::clone(partition);
-    tokio::task::spawn_blocking(move || partition.session()?.raise_watermark(head))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    let (partition, next) = tokio::task::spawn_blocking(move || {
+        let session = partition.session()?;
+        for (id, old, seq, put) in changes {
+            if let Some(old) = old {
+                index::toggle(&session, &mut next.digest, &id, old)?;
+            }
+            if put {
+                index::toggle(&session, &mut next.digest, &id, seq)?;
+            }
+        }
+        drop(session);
+        let pending = AnchorState {
+            committed: current,
+            pending: Some(next),
+        };
+        set_token_state(&partition, &pending)?;
+        Ok::<_, StoreError>((partition, next))
+    })
+    .await
+    .map_err(|e| StoreError::Commit(e.to_string()))??;
+
+    CrashPoint::reached(crash, CrashPoint::AfterAnchorPending);
+    db.apply_batch(batch)?;
+    db.flush_async().await?;
+    CrashPoint::reached(crash, CrashPoint::AfterFlush);
+
+    tokio::task::spawn_blocking(move || {
+        set_token_state(
+            &partition,
+            &AnchorState {
+                committed: next,
+                pending: None,
+            },
+        )
+    })
+    .await
+    .map_err(|e| StoreError::Commit(e.to_string()))??;
+    Ok(next)
 }

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use hsm_vault::core::record::Stored;
 use hsm_vault::core::{Charge, Finish, Purpose, SecureCore};
 use hsm_vault::partition::Partition;
 use hsm_vault::types::Seq;
@@ -116,12 +117,16 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
         .expect("register");
     assert_eq!(max, 10);
 
+    let mut current = Stored {
+        record: Some(sealed),
+        index: Some(Seq(1)),
+    };
     for round in 0..2u64 {
         let login = ClientLogin::<Suite>::start(&mut OsRng, password).expect("login start");
         let now = Instant::now();
         let seq = Seq(2 + 2 * round);
         let Charge::Charged { write, ticket } = core
-            .charge_guess(&t, &id, Some(&sealed), &login.message.serialize(), seq, now)
+            .charge_guess(&t, &id, &current, &login.message.serialize(), seq, now)
             .expect("charge")
         else {
             panic!("expected a charge");
@@ -142,7 +147,10 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
                 &t,
                 &challenge.login_id,
                 &client.message.serialize(),
-                Some(&write),
+                &Stored {
+                    record: Some(write),
+                    index: Some(seq),
+                },
                 Purpose::Recover,
                 Seq(seq.0 + 1),
                 now,
@@ -160,6 +168,10 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
         assert_eq!(&secret[..], b"the secret");
         let (_, record) = core.inspect(&t, &id, &reset).expect("inspect");
         assert_eq!(record.guesses_remaining(), 10);
+        current = Stored {
+            record: Some(reset),
+            index: Some(Seq(seq.0 + 1)),
+        };
     }
 }
 
@@ -224,7 +236,14 @@ fn invariant2_pending_logins_expire_and_keep_their_charge() {
     let login = ClientLogin::<Suite>::start(&mut OsRng, b"pw").expect("start");
     let now = Instant::now();
     let Charge::Charged { write, ticket } = core
-        .charge_guess(&t, &id, None, &login.message.serialize(), Seq(1), now)
+        .charge_guess(
+            &t,
+            &id,
+            &Stored::default(),
+            &login.message.serialize(),
+            Seq(1),
+            now,
+        )
         .expect("charge")
     else {
         panic!("expected a charge");
@@ -237,7 +256,10 @@ fn invariant2_pending_logins_expire_and_keep_their_charge() {
             &t,
             &challenge.login_id,
             &[],
-            Some(&write),
+            &Stored {
+                record: Some(write.clone()),
+                index: Some(Seq(1)),
+            },
             Purpose::Recover,
             Seq(2),
             later,

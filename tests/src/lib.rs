@@ -46,6 +46,8 @@ pub struct VaultNode {
     child: Option<Child>,
     addr: Option<SocketAddr>,
     signing_key: p256::ecdsa::SigningKey,
+    /// Extra environment for the next start (e.g. a crash point).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl VaultNode {
@@ -71,6 +73,7 @@ impl VaultNode {
             child: None,
             addr: None,
             signing_key,
+            extra_env: Vec::new(),
         };
         node.restart();
         node
@@ -114,6 +117,7 @@ impl VaultNode {
         let mut child = Command::new(bin("hsm-vault"))
             .envs(self.token.env())
             .env("RUST_LOG", "info")
+            .envs(self.extra_env.iter().cloned())
             .arg("--listen=127.0.0.1:0")
             .arg(format!("--data-dir={}", self.data_dir().display()))
             .arg(format!("--pkcs11-module={}", module_path().display()))
@@ -159,6 +163,21 @@ impl VaultNode {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("SIGKILL");
             child.wait().expect("reap");
+        }
+        self.addr = None;
+    }
+
+    /// Waits for the process to exit by itself (a crash point), with a
+    /// deadline.
+    pub fn wait_for_exit(&mut self, deadline: Duration) {
+        let mut child = self.child.take().expect("node running");
+        let start = Instant::now();
+        loop {
+            if child.try_wait().expect("poll").is_some() {
+                break;
+            }
+            assert!(start.elapsed() < deadline, "node did not exit");
+            std::thread::sleep(Duration::from_millis(20));
         }
         self.addr = None;
     }

@@ -475,3 +475,112 @@ async fn invariant8_acknowledged_writes_survive_sigkill() {
         }
     }
 }
+
+/// The host splices back an older copy of one record (to win back its
+/// guesses): that record is refused on its own. If it also rolls the
+/// record's index entry back, the node refuses to serve at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant7_one_record_rolled_back_is_detected() {
+    let mut node = VaultNode::start("rollback-one");
+    register(&node, "alice").await;
+    let bob = register(&node, "bob").await;
+    node.kill9();
+    let inspector = node.inspector();
+    let alice = inspector.record_id("alice");
+    let mut index_key = vec![b'i'];
+    index_key.extend_from_slice(&alice.0);
+    let (old_record, old_index) = {
+        let db = sled::open(node.data_dir()).expect("open store");
+        let r = db.get(alice.0).expect("read").expect("record");
+        let i = db.get(&index_key).expect("read").expect("index");
+        (r.to_vec(), i.to_vec())
+    };
+    drop(inspector);
+
+    node.restart();
+    let mut c = node.client().await;
+    for _ in 0..3 {
+        assert!(matches!(
+            c.recover_key(b"alice", b"wrong").await,
+            Err(ClientError::WrongPassword { .. })
+        ));
+    }
+    node.kill9();
+
+    // Splice back the old record only.
+    {
+        let db = sled::open(node.data_dir()).expect("open store");
+        db.insert(alice.0, old_record).expect("splice");
+        db.flush().expect("flush");
+    }
+    node.restart();
+    let mut c = node.client().await;
+    match c.recover_key(b"alice", PASSWORD).await {
+        Err(ClientError::Vault { code, message }) => {
+            assert_eq!(code, Code::DataLoss, "{message}");
+            assert!(message.contains("older copy"), "{message}");
+        }
+        other => panic!("a rolled-back record must not be served: {other:?}"),
+    }
+    assert_eq!(
+        c.recover_key(b"bob", PASSWORD).await.expect("bob served").0,
+        bob.0
+    );
+    node.kill9();
+
+    // Roll the index entry back too: the digest in the token no longer
+    // matches, and the node refuses to serve.
+    {
+        let db = sled::open(node.data_dir()).expect("open store");
+        db.insert(index_key, old_index).expect("splice index");
+        db.flush().expect("flush");
+    }
+    let log = node
+        .start_process()
+        .expect_err("a store whose index was rolled back must not be served");
+    assert!(
+        log.contains("does not match the digest kept in the token"),
+        "{log}"
+    );
+}
+
+/// A crash between the steps of a group commit leaves a store the token
+/// accepts: before the flush, the write is simply absent (it was never
+/// acknowledged); after the flush, the commit is completed on restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant8_crash_inside_a_group_commit_recovers() {
+    for (point, survives) in [("after-anchor-pending", false), ("after-flush", true)] {
+        let mut node = VaultNode::start(&format!("crash-{point}"));
+        let key = register(&node, "alice").await;
+        node.kill9();
+        node.extra_env = vec![("HSM_VAULT_CRASH_POINT".into(), point.into())];
+        node.restart();
+        let mut c = node.client().await;
+        let r = c
+            .register_key(b"carol", &node.bearer("carol"), PASSWORD, &key, 0)
+            .await;
+        assert!(r.is_err(), "{point}: the write was not acknowledged");
+        node.wait_for_exit(std::time::Duration::from_secs(10));
+        node.extra_env.clear();
+        node.restart();
+        let mut c = node.client().await;
+        let status = c
+            .status(b"carol", &node.bearer("carol"))
+            .await
+            .expect("status");
+        let expected = if survives {
+            RecordStatus::Registered {
+                guesses_remaining: 10,
+                max_guesses: 10,
+            }
+        } else {
+            RecordStatus::NotRegistered
+        };
+        assert_eq!(status, expected, "{point}");
+        assert_eq!(
+            c.recover_key(b"alice", PASSWORD).await.expect("alice").0,
+            key.0,
+            "{point}"
+        );
+    }
+}

@@ -20,6 +20,7 @@
 //!    guesses like a real one, and OPAQUE's fake-record KE2.
 
 pub mod ecdh;
+pub mod index;
 pub mod pending;
 pub mod record;
 
@@ -41,7 +42,9 @@ use zeroize::Zeroizing;
 use crate::partition::{MacKey, PartitionError, PartitionSession};
 use crate::types::{LoginId, RecordId, Seq};
 use pending::{PendingLogin, PendingLogins};
-use record::{Generation, Record, RecordBody, RecordError, SealedRecord, PASSWORD_FILE_LEN};
+use record::{
+    Generation, Record, RecordBody, RecordError, SealedRecord, Stored, PASSWORD_FILE_LEN,
+};
 
 /// The operations the core needs from its HSM partition.
 pub trait Token {
@@ -102,6 +105,10 @@ pub enum CoreError {
     Busy,
     #[error("stored record failed its integrity check; it is not served")]
     Tampered,
+    #[error(
+        "stored record is an older copy than the vault committed (rolled back); it is not served"
+    )]
+    Stale,
     #[error("HSM operation failed: {0}")]
     Token(PartitionError),
 }
@@ -116,6 +123,7 @@ impl From<RecordError> for CoreError {
     fn from(e: RecordError) -> Self {
         match e {
             RecordError::Tampered => CoreError::Tampered,
+            RecordError::Stale => CoreError::Stale,
             RecordError::Token(t) => CoreError::Token(t),
         }
     }
@@ -345,7 +353,7 @@ impl SecureCore {
         &self,
         token: &impl Token,
         id: &RecordId,
-        stored: Option<&SealedRecord>,
+        stored: &Stored,
         ke1: &[u8],
         seq: Seq,
         now: Instant,
@@ -360,8 +368,8 @@ impl SecureCore {
         if !self.pending.has_room(now) {
             return Err(CoreError::Busy);
         }
-        let mut record = match stored {
-            Some(s) => record::unseal(token, id, s)?.1,
+        let mut record = match record::current(token, id, stored)? {
+            Some(r) => r,
             None => {
                 let mut generation = [0u8; 16];
                 OsRng.fill_bytes(&mut generation);
@@ -465,7 +473,7 @@ impl SecureCore {
         token: &impl Token,
         login: &LoginId,
         ke3: &[u8],
-        stored: Option<&SealedRecord>,
+        stored: &Stored,
         purpose: Purpose,
         seq: Seq,
         now: Instant,
@@ -482,10 +490,9 @@ impl SecureCore {
             .pending
             .take(login, now)
             .ok_or(CoreError::UnknownLogin)?;
-        let Some(stored) = stored else {
+        let Some(mut record) = record::current(token, &pending.id, stored)? else {
             return Err(CoreError::RecordChanged);
         };
-        let (_, mut record) = record::unseal(token, &pending.id, stored)?;
         if record.body == RecordBody::Locked {
             return Ok(Finish::Locked);
         }
@@ -536,12 +543,11 @@ impl SecureCore {
         &self,
         token: &impl Token,
         id: &RecordId,
-        stored: Option<&SealedRecord>,
+        stored: &Stored,
     ) -> Result<StatusView, CoreError> {
-        let Some(stored) = stored else {
+        let Some(r) = record::current(token, id, stored)? else {
             return Ok(StatusView::NotRegistered);
         };
-        let (_, r) = record::unseal(token, id, stored)?;
         Ok(match r.body {
             RecordBody::Registered { .. } => StatusView::Registered {
                 remaining: r.guesses_remaining(),

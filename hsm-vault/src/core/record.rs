@@ -131,12 +131,23 @@ impl SealedRecord {
     }
 }
 
+/// A record as the store holds it: the sealed bytes and the sequence number
+/// its index entry names (see `core::index`). Both absent means the id was
+/// never written or was deleted.
+#[derive(Debug, Default, Clone)]
+pub struct Stored {
+    pub record: Option<SealedRecord>,
+    pub index: Option<Seq>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
     #[error(
         "stored record failed its integrity check (altered, truncated or moved from another id)"
     )]
     Tampered,
+    #[error("stored record is an older copy than the one the vault committed (rolled back)")]
+    Stale,
     #[error(transparent)]
     Token(PartitionError),
 }
@@ -241,4 +252,26 @@ pub fn unseal(
     decode(&plain)
         .map(|r| (seq, r))
         .ok_or(RecordError::Tampered)
+}
+
+/// The current record of `id`: unseals it and checks it is the copy its
+/// index entry names.
+pub fn current(
+    token: &impl Token,
+    id: &RecordId,
+    stored: &Stored,
+) -> Result<Option<Record>, RecordError> {
+    match (&stored.record, stored.index) {
+        (None, None) => Ok(None),
+        (Some(sealed), Some(index)) => {
+            let (seq, record) = unseal(token, id, sealed)?;
+            if seq != index {
+                return Err(RecordError::Stale);
+            }
+            Ok(Some(record))
+        }
+        // A record without its index entry, or the reverse, was edited
+        // behind the vault's back.
+        _ => Err(RecordError::Tampered),
+    }
 }
