@@ -18,9 +18,10 @@
 //! - The AAD binds the record to its id and to its sequence number (the
 //!   store's commit counter), so bytes moved to another id, or altered, fail
 //!   to unseal.
-//! - A locked record's secret and password file are zeros. Older sealed
-//!   copies are not authenticated as stale on a single node (see the known
-//!   limit in ARCHITECTURE.md); the replicated log closes that.
+//! - A locked record's secret and password file are zeros. An older sealed
+//!   copy is refused as stale: the record must carry the sequence number its
+//!   index entry names ([`current`]), and the index is anchored in the token
+//!   (`core::index`).
 
 use vault_proto::suite::MAX_SECRET_LEN;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
