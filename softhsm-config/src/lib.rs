@@ -49,6 +49,7 @@ pub struct TestToken {
     dir: tempfile::TempDir,
     label: String,
     pin: String,
+    so_pin: String,
 }
 
 #[derive(Debug)]
@@ -69,47 +70,28 @@ impl TestToken {
             .prefix("softhsm-test-")
             .tempdir()
             .map_err(|e| HarnessError(format!("temp dir: {e}")))?;
-        let tokens = dir.path().join("tokens");
-        std::fs::create_dir(&tokens).map_err(|e| HarnessError(format!("token dir: {e}")))?;
-        let conf = dir.path().join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            TEMPLATE.replace("@TOKENDIR@", &tokens.to_string_lossy()),
-        )
-        .map_err(|e| HarnessError(format!("writing config: {e}")))?;
-        let pin = random_hex(8)?;
-        let so_pin = random_hex(8)?;
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                label,
-                "--pin",
-                &pin,
-                "--so-pin",
-                &so_pin,
-            ])
-            .output()
-            .map_err(|e| {
-                HarnessError(format!(
-                    "running softhsm2-util (is the softhsm2 package installed?): {e}"
-                ))
-            })?;
-        if !out.status.success() {
-            return Err(HarnessError(format!(
-                "softhsm2-util --init-token failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        write_config(dir.path())?;
+        let (pin, so_pin) = init_token(&dir.path().join("softhsm2.conf"), label)?;
         std::fs::write(dir.path().join("user.pin"), &pin)
             .map_err(|e| HarnessError(format!("writing PIN file: {e}")))?;
         Ok(TestToken {
             dir,
             label: label.to_owned(),
             pin,
+            so_pin,
         })
+    }
+
+    /// Adds another token to this token's SoftHSM configuration, so one
+    /// process can open both (through one PKCS#11 context), as a cloning
+    /// ceremony between two tokens needs.
+    pub fn add_token(&self, label: &str) -> Result<(String, String), HarnessError> {
+        init_token(&self.conf_path(), label)
+    }
+
+    /// The security officer's PIN (needed for cloning ceremonies).
+    pub fn so_pin(&self) -> &str {
+        &self.so_pin
     }
 
     pub fn label(&self) -> &str {
@@ -170,6 +152,47 @@ impl TestToken {
         std::env::set_var("SOFTHSM2_CONF", &conf);
         Ok(())
     }
+}
+
+fn write_config(dir: &Path) -> Result<(), HarnessError> {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir(&tokens).map_err(|e| HarnessError(format!("token dir: {e}")))?;
+    std::fs::write(
+        dir.join("softhsm2.conf"),
+        TEMPLATE.replace("@TOKENDIR@", &tokens.to_string_lossy()),
+    )
+    .map_err(|e| HarnessError(format!("writing config: {e}")))
+}
+
+/// Initializes a token in the first free slot; returns (user PIN, SO PIN).
+fn init_token(conf: &Path, label: &str) -> Result<(String, String), HarnessError> {
+    let pin = random_hex(8)?;
+    let so_pin = random_hex(8)?;
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            &pin,
+            "--so-pin",
+            &so_pin,
+        ])
+        .output()
+        .map_err(|e| {
+            HarnessError(format!(
+                "running softhsm2-util (is the softhsm2 package installed?): {e}"
+            ))
+        })?;
+    if !out.status.success() {
+        return Err(HarnessError(format!(
+            "softhsm2-util --init-token failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok((pin, so_pin))
 }
 
 fn random_hex(n: usize) -> Result<String, HarnessError> {

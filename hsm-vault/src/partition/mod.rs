@@ -17,9 +17,11 @@
 //!
 //! Where SoftHSM differs from a real HSM it is said at the call site.
 
+pub mod ceremony;
+
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -93,16 +95,64 @@ struct DomainKeys {
     watermark: ObjectHandle,
 }
 
+/// A loaded and initialized PKCS#11 module. A process initializes a module
+/// once; every token it uses (by label) goes through this one context.
+pub struct Module {
+    ctx: Pkcs11,
+}
+
+impl fmt::Debug for Module {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Module").finish_non_exhaustive()
+    }
+}
+
+impl Module {
+    pub fn load(path: &Path) -> Result<Arc<Self>, PartitionError> {
+        let ctx = Pkcs11::new(path).map_err(|e| PartitionError::Module(e.to_string()))?;
+        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .map_err(|e| PartitionError::Module(e.to_string()))?;
+        Ok(Arc::new(Module { ctx }))
+    }
+
+    /// Opens a session on the token labelled `label` and logs the user in
+    /// (login state is per token and application: later sessions share it).
+    fn user_session(&self, label: &str, pin: &str) -> Result<(Slot, Session), PartitionError> {
+        let slot = find_slot(&self.ctx, label)?;
+        let session = self
+            .ctx
+            .open_rw_session(slot)
+            .map_err(op_err("open session"))?;
+        match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(PartitionError::Login(e.to_string())),
+        }
+        Ok((slot, session))
+    }
+}
+
+/// Whether a partition may create the domain keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySetup {
+    /// Generate any missing domain key (the first token of a domain).
+    GenerateIfMissing,
+    /// The keys must already be there (a token enrolled by a cloning
+    /// ceremony); a token without them cannot serve.
+    RequireExisting,
+}
+
 /// An open, logged-in token holding the vault's domain keys.
 pub struct Partition {
-    // Field order matters: sessions must close before the context finalizes.
+    // Field order matters: sessions must close before the module finalizes.
     idle: Mutex<Vec<Session>>,
-    keys: DomainKeys,
+    /// Handles change when the token is logged out and in again (a cloning
+    /// ceremony does that), so they are re-found by label then.
+    keys: RwLock<DomainKeys>,
     /// SEC1 uncompressed encoding of the AKE public key (65 bytes).
     ake_public: Vec<u8>,
     slot: Slot,
     label: String,
-    ctx: Pkcs11,
+    module: Arc<Module>,
 }
 
 impl fmt::Debug for Partition {
@@ -132,23 +182,34 @@ impl Partition {
     /// makes sure the domain keys exist (generating them inside the token on
     /// first start).
     pub fn open(module: &Path, token_label: &str, pin: &str) -> Result<Arc<Self>, PartitionError> {
-        let ctx = Pkcs11::new(module).map_err(|e| PartitionError::Module(e.to_string()))?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(|e| PartitionError::Module(e.to_string()))?;
-        let slot = find_slot(&ctx, token_label)?;
-        let session = ctx.open_rw_session(slot).map_err(op_err("open session"))?;
-        match session.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
-            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-            Err(e) => return Err(PartitionError::Login(e.to_string())),
-        }
-        let (keys, ake_public) = ensure_domain_keys(&session)?;
+        Self::open_in(
+            &Module::load(module)?,
+            token_label,
+            pin,
+            KeySetup::GenerateIfMissing,
+        )
+    }
+
+    /// Opens the token labelled `token_label` through an already loaded
+    /// module.
+    pub fn open_in(
+        module: &Arc<Module>,
+        token_label: &str,
+        pin: &str,
+        setup: KeySetup,
+    ) -> Result<Arc<Self>, PartitionError> {
+        let (slot, session) = module.user_session(token_label, pin)?;
+        let (keys, ake_public) = match setup {
+            KeySetup::GenerateIfMissing => ensure_domain_keys(&session)?,
+            KeySetup::RequireExisting => load_domain_keys(&session)?,
+        };
         Ok(Arc::new(Partition {
             idle: Mutex::new(vec![session]),
-            keys,
+            keys: RwLock::new(keys),
             ake_public,
             slot,
             label: token_label.to_owned(),
-            ctx,
+            module: Arc::clone(module),
         }))
     }
 
@@ -165,6 +226,7 @@ impl Partition {
             // Login state is per application, so a new session is already
             // logged in.
             None => self
+                .module
                 .ctx
                 .open_rw_session(self.slot)
                 .map_err(op_err("open session"))?,
@@ -277,16 +339,7 @@ fn ake_key_pair(session: &Session) -> Result<(ObjectHandle, Vec<u8>), PartitionE
             (private, public)
         }
     };
-    let point = session
-        .get_attributes(public, &[AttributeType::EcPoint])
-        .map_err(op_err("read AKE public key"))?
-        .into_iter()
-        .find_map(|a| match a {
-            Attribute::EcPoint(p) => Some(p),
-            _ => None,
-        })
-        .ok_or(PartitionError::MissingKey(labels::AKE_PUBLIC))?;
-    Ok((private, unwrap_der_octet_string(&point)?))
+    Ok((private, read_ec_point(session, public)?))
 }
 
 /// `CKA_EC_POINT` is a DER OCTET STRING around the SEC1 point.
@@ -302,13 +355,46 @@ fn unwrap_der_octet_string(der: &[u8]) -> Result<Vec<u8>, PartitionError> {
     }
 }
 
-fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), PartitionError> {
-    let oprf_seed = generic_secret(session, labels::OPRF_SEED)?;
-    let record_id = generic_secret(session, labels::RECORD_ID)?;
-    let seal = aes_key(session, labels::SEAL)?;
-    let (ake_private, ake_public) = ake_key_pair(session)?;
-    let watermark = match find_watermark(session)? {
-        Some(h) => h,
+/// Finds the domain keys by label, creating none.
+fn load_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), PartitionError> {
+    let find = |class, label: &'static str| {
+        find_one(session, class, label)?.ok_or(PartitionError::MissingKey(label))
+    };
+    let oprf_seed = find(ObjectClass::SECRET_KEY, labels::OPRF_SEED)?;
+    let record_id = find(ObjectClass::SECRET_KEY, labels::RECORD_ID)?;
+    let seal = find(ObjectClass::SECRET_KEY, labels::SEAL)?;
+    let ake_private = find(ObjectClass::PRIVATE_KEY, labels::AKE_PRIVATE)?;
+    let ake_public = find(ObjectClass::PUBLIC_KEY, labels::AKE_PUBLIC)?;
+    let ake_public = read_ec_point(session, ake_public)?;
+    let watermark = ensure_watermark(session)?;
+    Ok((
+        DomainKeys {
+            oprf_seed,
+            ake_private,
+            seal,
+            record_id,
+            watermark,
+        },
+        ake_public,
+    ))
+}
+
+fn read_ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, PartitionError> {
+    let point = session
+        .get_attributes(public, &[AttributeType::EcPoint])
+        .map_err(op_err("read AKE public key"))?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::EcPoint(p) => Some(p),
+            _ => None,
+        })
+        .ok_or(PartitionError::MissingKey(labels::AKE_PUBLIC))?;
+    unwrap_der_octet_string(&point)
+}
+
+fn ensure_watermark(session: &Session) -> Result<ObjectHandle, PartitionError> {
+    match find_watermark(session)? {
+        Some(h) => Ok(h),
         None => session
             .create_object(&[
                 Attribute::Class(ObjectClass::DATA),
@@ -318,8 +404,16 @@ fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), Partit
                 Attribute::Application(labels::WATERMARK_APP.as_bytes().to_vec()),
                 Attribute::Label(Vec::new()),
             ])
-            .map_err(op_err("create watermark"))?,
-    };
+            .map_err(op_err("create watermark")),
+    }
+}
+
+fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), PartitionError> {
+    let oprf_seed = generic_secret(session, labels::OPRF_SEED)?;
+    let record_id = generic_secret(session, labels::RECORD_ID)?;
+    let seal = aes_key(session, labels::SEAL)?;
+    let (ake_private, ake_public) = ake_key_pair(session)?;
+    let watermark = ensure_watermark(session)?;
     Ok((
         DomainKeys {
             oprf_seed,
@@ -388,7 +482,10 @@ impl PartitionSession {
     }
 
     fn keys(&self) -> DomainKeys {
-        self.partition.keys
+        match self.partition.keys.read() {
+            Ok(k) => *k,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
     }
 
     /// HMAC-SHA256 inside the token.
