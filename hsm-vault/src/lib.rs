@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod core;
 pub mod partition;
+pub mod replication;
 pub mod service;
 pub mod store;
 pub mod types;

@@ -627,6 +627,55 @@ impl PartitionSession {
             .map_err(op_err("write anchor"))
     }
 
+    /// Reads the monotonic state kept under application name `app` in the
+    /// token (created empty on first use). Like the anchor, it lives in the
+    /// label of a private data object, where the host cannot roll it back.
+    pub fn app_state(&self, app: &str) -> Result<Vec<u8>, PartitionError> {
+        let handle = self.app_object(app)?;
+        self.s()
+            .get_attributes(handle, &[AttributeType::Label])
+            .map_err(op_err("read token state"))?
+            .into_iter()
+            .find_map(|a| match a {
+                Attribute::Label(l) => Some(l),
+                _ => None,
+            })
+            .ok_or(PartitionError::Operation {
+                op: "read token state",
+                detail: "state object has no label".into(),
+            })
+    }
+
+    /// Replaces the state kept under application name `app`.
+    pub fn set_app_state(&self, app: &str, state: &[u8]) -> Result<(), PartitionError> {
+        let handle = self.app_object(app)?;
+        self.s()
+            .update_attributes(handle, &[Attribute::Label(state.to_vec())])
+            .map_err(op_err("write token state"))
+    }
+
+    fn app_object(&self, app: &str) -> Result<ObjectHandle, PartitionError> {
+        let s = self.s();
+        let found = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Application(app.as_bytes().to_vec()),
+            ])
+            .map_err(op_err("find token state"))?;
+        if let Some(h) = found.into_iter().next() {
+            return Ok(h);
+        }
+        s.create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(true),
+            Attribute::Application(app.as_bytes().to_vec()),
+            Attribute::Label(Vec::new()),
+        ])
+        .map_err(op_err("create token state"))
+    }
+
     /// Reads back how each domain key is protected, and tries the two ways a
     /// plaintext copy could leave the token: reading `CKA_VALUE`, and wrapping
     /// under an untrusted key made for the purpose.

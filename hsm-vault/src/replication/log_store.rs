@@ -1,0 +1,288 @@
+//! The Raft log in sled, with the vote and the commit watermark in the
+//! token.
+//!
+//! Invariants:
+//! - `append` returns (and reports the entries flushed) only after sled's
+//!   flush, so an entry a node acknowledged is on its disk.
+//! - The vote and the highest committed log id live in the token
+//!   (`app_state`), not on the disk: a disk restored from an older copy
+//!   cannot make the node vote twice in a term or forget what it committed.
+//! - On open, a log that ends before the committed log id the token
+//!   remembers was rolled back: [`LogStore::open`] refuses it, so the node
+//!   neither votes nor acknowledges with stale state (it must be resynced).
+
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{Entry, LogId, RaftLogId, StorageError, StorageIOError, Vote};
+use serde::{Deserialize, Serialize};
+
+use super::{io_error, NodeId, TypeConfig};
+use crate::partition::Partition;
+
+const LAST_PURGED: &[u8] = b"last_purged";
+
+/// What the token keeps for one replica's log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct TokenLogState {
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogOpenError {
+    #[error(
+        "raft log was rolled back: it ends at index {log}, but the token recorded index {token} \
+         as committed; this replica must be resynced from its peers"
+    )]
+    RolledBack { log: u64, token: u64 },
+    #[error("log storage: {0}")]
+    Storage(String),
+}
+
+/// One replica's Raft log.
+#[derive(Clone)]
+pub struct LogStore {
+    log: sled::Tree,
+    meta: sled::Tree,
+    partition: Arc<Partition>,
+    /// Application name of this log's state object in the token.
+    app: String,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+    serde_json::to_vec(v).map_err(|e| io_error(StorageIOError::write_logs, e))
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StorageError<NodeId>> {
+    serde_json::from_slice(b).map_err(|e| io_error(StorageIOError::read_logs, e))
+}
+
+impl LogStore {
+    /// Opens the log of replica group `group` in `db`, checking it against
+    /// the token.
+    pub fn open(
+        db: &sled::Db,
+        partition: Arc<Partition>,
+        group: &str,
+    ) -> Result<Self, LogOpenError> {
+        let storage = |e: sled::Error| LogOpenError::Storage(e.to_string());
+        let store = LogStore {
+            log: db.open_tree(format!("raft-log/{group}")).map_err(storage)?,
+            meta: db
+                .open_tree(format!("raft-meta/{group}"))
+                .map_err(storage)?,
+            partition,
+            app: format!("hsm-vault/v1/raft/{group}"),
+        };
+        let token = store
+            .token_state()
+            .map_err(|e| LogOpenError::Storage(e.to_string()))?;
+        let last = store
+            .last_index()
+            .map_err(|e| LogOpenError::Storage(e.to_string()))?;
+        if let Some(committed) = token.committed {
+            if last.is_none_or(|l| l < committed.index) {
+                return Err(LogOpenError::RolledBack {
+                    log: last.unwrap_or(0),
+                    token: committed.index,
+                });
+            }
+        }
+        Ok(store)
+    }
+
+    fn token_state(&self) -> Result<TokenLogState, StorageError<NodeId>> {
+        let bytes = self
+            .partition
+            .session()
+            .and_then(|s| s.app_state(&self.app))
+            .map_err(|e| io_error(StorageIOError::read_vote, e))?;
+        if bytes.is_empty() {
+            return Ok(TokenLogState::default());
+        }
+        serde_json::from_slice(&bytes).map_err(|e| io_error(StorageIOError::read_vote, e))
+    }
+
+    fn update_token(&self, f: impl FnOnce(&mut TokenLogState)) -> Result<(), StorageError<NodeId>> {
+        let mut state = self.token_state()?;
+        f(&mut state);
+        let bytes =
+            serde_json::to_vec(&state).map_err(|e| io_error(StorageIOError::write_vote, e))?;
+        self.partition
+            .session()
+            .and_then(|s| s.set_app_state(&self.app, &bytes))
+            .map_err(|e| io_error(StorageIOError::write_vote, e))
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        match self
+            .meta
+            .get(LAST_PURGED)
+            .map_err(|e| io_error(StorageIOError::read_logs, e))?
+        {
+            Some(v) => decode(&v),
+            None => Ok(None),
+        }
+    }
+
+    /// Index of the last entry present, or of the last purged one.
+    fn last_index(&self) -> Result<Option<u64>, StorageError<NodeId>> {
+        let state = self.log_state()?;
+        Ok(state.last_log_id.map(|l| l.index))
+    }
+
+    fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let last_purged_log_id = self.last_purged()?;
+        let last = self
+            .log
+            .last()
+            .map_err(|e| io_error(StorageIOError::read_logs, e))?
+            .map(|(_, v)| decode::<Entry<TypeConfig>>(&v))
+            .transpose()?
+            .map(|e| *e.get_log_id());
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.or(last_purged_log_id),
+        })
+    }
+
+    async fn flush(&self) -> Result<(), StorageError<NodeId>> {
+        self.log
+            .flush_async()
+            .await
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        self.meta
+            .flush_async()
+            .await
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let start = match range.start_bound() {
+            std::ops::Bound::Included(i) => *i,
+            std::ops::Bound::Excluded(i) => i + 1,
+            std::ops::Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        for item in self.log.range(start.to_be_bytes()..) {
+            let (k, v) = item.map_err(|e| io_error(StorageIOError::read_logs, e))?;
+            let index = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| io_error(StorageIOError::read_logs, std::fmt::Error))?,
+            );
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        self.log_state()
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let vote = *vote;
+        self.update_token(|s| s.vote = Some(vote))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(self.token_state()?.vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.update_token(|s| {
+            // The watermark never goes down.
+            if committed > s.committed {
+                s.committed = committed;
+            }
+        })
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.token_state()?.committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            batch.insert(&entry.get_log_id().index.to_be_bytes()[..], encode(&entry)?);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        let flushed = self.flush().await;
+        callback.log_io_completed(
+            flushed
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        flushed
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(log_id.index.to_be_bytes()..) {
+            let (k, _) = item.map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        self.flush().await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.meta
+            .insert(LAST_PURGED, encode(&Some(log_id))?)
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        let mut batch = sled::Batch::default();
+        for item in self.log.range(..=log_id.index.to_be_bytes()) {
+            let (k, _) = item.map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            batch.remove(k);
+        }
+        self.log
+            .apply_batch(batch)
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        self.flush().await
+    }
+}
