@@ -2,7 +2,7 @@
 //! is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["vault/v1/vault.proto"];
+    let files = ["vault/v1/vault.proto", "vault/node/v1/node.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -7,7 +7,16 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use hsm_vault::auth::Authorizer;
-use hsm_vault::partition::Partition;
+use hsm_vault::backend::Backend;
+use hsm_vault::backend::Replica;
+use hsm_vault::partition::{KeySetup, Module, Partition};
+use hsm_vault::replication::log_store::LogStore;
+use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
+use hsm_vault::replication::state_machine::StateMachine;
+use openraft::{BasicNode, Raft};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use vault_proto::vault::node::v1::node_server::NodeServer;
 use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::store::Store;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -46,6 +55,38 @@ struct Args {
     /// Where to publish the vault's OPAQUE public key (hex) for clients to pin.
     #[arg(long, env = "HSM_VAULT_PUBLISH_KEY")]
     publish_key: Option<PathBuf>,
+    /// Refuse to start unless the token already holds the domain keys (a
+    /// node enrolled by a cloning ceremony). Without it, missing keys are
+    /// generated: right only for the first token of a domain.
+    #[arg(long)]
+    require_cloned_keys: bool,
+    /// This node's id in its replica group (with --peers).
+    #[arg(long, env = "HSM_VAULT_NODE_ID", requires = "peers")]
+    node_id: Option<u64>,
+    /// The replica group, as `ID=HOST:PORT,...` (this node included, at its
+    /// --listen address). Without it the node runs alone.
+    #[arg(long, env = "HSM_VAULT_PEERS", requires = "node_id")]
+    peers: Option<String>,
+    /// Form the group from --peers (on one node, on first start).
+    #[arg(long)]
+    init: bool,
+}
+
+/// Parses `ID=HOST:PORT,...`.
+fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, BasicNode>> {
+    let mut out = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.parse().with_context(|| format!("peer id {id:?}"))?;
+        let addr: SocketAddr = addr.parse().with_context(|| format!("peer address {addr:?}"))?;
+        out.insert(id, BasicNode::new(addr.to_string()));
+    }
+    if out.is_empty() {
+        bail!("--peers names no node");
+    }
+    Ok(out)
 }
 
 /// Reads the token PIN from the file or, failing that, from HSM_VAULT_PIN,
@@ -94,12 +135,63 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
 
     let module = args.pkcs11_module.clone();
     let label = args.token_label.clone();
-    let partition = tokio::task::spawn_blocking(move || Partition::open(&module, &label, &pin))
-        .await?
-        .context("opening the PKCS#11 partition")?;
-    let store =
-        Store::open(&args.data_dir, partition.clone()).context("opening the record store")?;
-    let service = VaultService::new(partition, store, Authorizer::new(auth_key))?;
+    let setup = if args.require_cloned_keys {
+        KeySetup::RequireExisting
+    } else {
+        KeySetup::GenerateIfMissing
+    };
+    let partition = tokio::task::spawn_blocking(move || {
+        Partition::open_in(&Module::load(&module)?, &label, &pin, setup)
+    })
+    .await?
+    .context("opening the PKCS#11 partition (a node of a group needs the domain keys from the cloning ceremony)")?;
+
+    let mut node_service = None;
+    let backend = match (args.node_id, &args.peers) {
+        (Some(id), Some(peers)) => {
+            let peers = parse_peers(peers)?;
+            let me = peers
+                .get(&id)
+                .with_context(|| format!("--peers does not name this node ({id})"))?;
+            if me.addr != args.listen.to_string() {
+                bail!("--listen {} differs from this node's address in --peers ({})", args.listen, me.addr);
+            }
+            let db = sled::open(&args.data_dir).context("opening the node's store")?;
+            let log = LogStore::open(&db, partition.clone(), "g0").context("opening the Raft log")?;
+            let sm = StateMachine::open(&db, "g0").context("opening the state machine")?;
+            let config = openraft::Config {
+                cluster_name: "hsm-vault".into(),
+                heartbeat_interval: 100,
+                election_timeout_min: 500,
+                election_timeout_max: 1000,
+                ..Default::default()
+            }
+            .validate()
+            .context("Raft configuration")?;
+            let network = Network {
+                id,
+                partition: partition.clone(),
+            };
+            let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
+                .await
+                .context("starting Raft")?;
+            if args.init {
+                if let Err(e) = raft.initialize(peers).await {
+                    tracing::info!(error = %e, "group already formed");
+                }
+            }
+            node_service = Some(NodeService {
+                id,
+                raft: raft.clone(),
+                partition: partition.clone(),
+            });
+            Backend::Replicated(Replica::new(id, raft, sm))
+        }
+        _ => Backend::Local(
+            Store::open(&args.data_dir, partition.clone()).context("opening the record store")?,
+        ),
+    };
+    let service = VaultService::new(partition, backend, Authorizer::new(auth_key))?;
     let public_hex = hex::encode(service.server_public_key());
     if let Some(path) = &args.publish_key {
         std::fs::write(path, format!("{public_hex}\n"))
@@ -121,6 +213,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_optional_service(node_service.map(|n| {
+            NodeServer::new(n)
+                .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE)
+        }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
         .await?;
     Ok(())

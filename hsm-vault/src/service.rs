@@ -16,13 +16,16 @@ use vault_proto::suite::{
     DEFAULT_MAX_GUESSES, MAX_ACCOUNT_ID_LEN, MAX_GUESSES_LIMIT, MAX_SECRET_LEN, SUITE_NAME,
 };
 use vault_proto::vault::v1 as pb;
+use tonic::transport::Channel;
+use vault_proto::vault::v1::vault_client::VaultClient;
 use vault_proto::vault::v1::vault_server::Vault;
 
 use crate::auth::Authorizer;
 use crate::core::record::Stored;
 use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
 use crate::partition::{Partition, PartitionSession};
-use crate::store::{Store, StoreError, Write};
+use crate::backend::Backend;
+use crate::store::Write;
 use crate::types::{LoginId, RecordId};
 
 /// Largest gRPC message accepted. The biggest legitimate request (a
@@ -38,11 +41,36 @@ const MAX_OPAQUE_MESSAGE: usize = 1024;
 /// records. Two operations on one record never interleave.
 const STRIPES: usize = 1024;
 
+/// Metadata entry marking a request that a node forwarded to its leader.
+const FORWARDED: &str = "x-vault-forwarded";
+
+/// In a replica group, hands the request to the leader and returns its
+/// answer unchanged.
+macro_rules! forward {
+    ($self:ident, $request:ident, $method:ident) => {
+        if let Some(mut leader) = $self.leader(&$request).await? {
+            return leader.$method(forwarded(&$request)).await;
+        }
+    };
+}
+
+/// A copy of `request` for the leader: the message, the owner's bearer
+/// token, and the forwarded mark (nothing else of the original metadata).
+fn forwarded<T: Clone>(request: &Request<T>) -> Request<T> {
+    let mut r = Request::new(request.get_ref().clone());
+    if let Some(auth) = request.metadata().get("authorization") {
+        r.metadata_mut().insert("authorization", auth.clone());
+    }
+    r.metadata_mut()
+        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r
+}
+
 #[derive(Debug)]
 struct Inner {
     core: SecureCore,
     partition: Arc<Partition>,
-    store: Store,
+    backend: Backend,
     auth: Authorizer,
     stripes: Vec<Mutex<()>>,
 }
@@ -70,13 +98,6 @@ fn core_status(e: CoreError) -> Status {
     }
 }
 
-fn store_status(e: StoreError) -> Status {
-    tracing::error!(error = %e, "storage failure");
-    Status::unavailable(
-        "storage is unavailable; the request may not have been applied (check with Status)",
-    )
-}
-
 fn check_account(account_id: &[u8]) -> Result<(), Status> {
     if account_id.is_empty() || account_id.len() > MAX_ACCOUNT_ID_LEN {
         return Err(Status::invalid_argument(format!(
@@ -98,7 +119,7 @@ fn check_opaque(name: &str, msg: &[u8]) -> Result<(), Status> {
 impl VaultService {
     pub fn new(
         partition: Arc<Partition>,
-        store: Store,
+        backend: Backend,
         auth: Authorizer,
     ) -> Result<Self, CoreError> {
         let core = SecureCore::new(partition.ake_public_key())?;
@@ -106,7 +127,7 @@ impl VaultService {
             inner: Arc::new(Inner {
                 core,
                 partition,
-                store,
+                backend,
                 auth,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             }),
@@ -143,16 +164,27 @@ impl VaultService {
             .await
     }
 
-    fn stored(&self, id: &RecordId) -> Result<Stored, Status> {
-        self.inner.store.get(id).map_err(store_status)
+    async fn stored(&self, id: &RecordId) -> Result<Stored, Status> {
+        self.inner.backend.read(id).await
     }
 
-    async fn commit(&self, seq: crate::types::Seq, write: Write) -> Result<(), Status> {
-        self.inner
-            .store
-            .commit(seq, write)
-            .await
-            .map_err(store_status)
+    fn reserve(&self, stored: &Stored) -> crate::types::Seq {
+        self.inner.backend.reserve(stored)
+    }
+
+    async fn commit(
+        &self,
+        seq: crate::types::Seq,
+        write: Write,
+        expect: Option<crate::types::Seq>,
+    ) -> Result<(), Status> {
+        self.inner.backend.commit(seq, write, expect).await
+    }
+
+    /// In a replica group, the leader to forward this request to.
+    async fn leader<T>(&self, request: &Request<T>) -> Result<Option<VaultClient<Channel>>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        self.inner.backend.leader_client(forwarded).await
     }
 
     /// Shared path of RecoverFinish and Delete.
@@ -179,8 +211,9 @@ impl VaultService {
             ));
         }
         let _guard = self.stripe(&id).lock().await;
-        let stored = self.stored(&id)?;
-        let seq = self.inner.store.reserve();
+        let stored = self.stored(&id).await?;
+        let seq = self.reserve(&stored);
+        let expect = stored.index;
         let outcome = self
             .with_token(move |core, t| {
                 core.finish(t, &login, &ke3, &stored, purpose, seq, Instant::now())
@@ -188,9 +221,10 @@ impl VaultService {
             .await?;
         match &outcome {
             Finish::Recovered { write, .. } | Finish::Lock { write } => {
-                self.commit(seq, Write::Put(id, write.clone())).await?
+                self.commit(seq, Write::Put(id, write.clone()), expect)
+                    .await?
             }
-            Finish::Delete => self.commit(seq, Write::Delete(id)).await?,
+            Finish::Delete => self.commit(seq, Write::Delete(id), expect).await?,
             Finish::WrongPassword { .. } | Finish::Locked => {}
         }
         tracing::info!(record = %id, outcome = finish_name(&outcome), "login finished");
@@ -232,6 +266,7 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RegisterStartRequest>,
     ) -> Result<Response<pb::RegisterStartResponse>, Status> {
+        forward!(self, request, register_start);
         let (metadata, _, req) = request.into_parts();
         check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
@@ -251,13 +286,15 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RegisterFinishRequest>,
     ) -> Result<Response<pb::RegisterFinishResponse>, Status> {
+        forward!(self, request, register_finish);
         let (metadata, _, req) = request.into_parts();
         check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
         check_opaque("registration_upload", &req.registration_upload)?;
         let id = self.record_id(req.account_id).await?;
         let _guard = self.stripe(&id).lock().await;
-        let seq = self.inner.store.reserve();
+        let stored = self.stored(&id).await?;
+        let seq = self.reserve(&stored);
         let (upload, secret, max) = (req.registration_upload, req.secret, req.max_guesses);
         let generation = req.registration_id;
         let (sealed, max_guesses) = self
@@ -265,7 +302,7 @@ impl Vault for VaultService {
                 core.registration_finish(t, &id, &generation, &upload, &secret, max, seq)
             })
             .await?;
-        self.commit(seq, Write::Put(id, sealed)).await?;
+        self.commit(seq, Write::Put(id, sealed), stored.index).await?;
         tracing::info!(record = %id, max_guesses, "registered");
         Ok(Response::new(pb::RegisterFinishResponse {
             max_guesses: u32::from(max_guesses),
@@ -276,13 +313,15 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RecoverStartRequest>,
     ) -> Result<Response<pb::RecoverStartResponse>, Status> {
+        forward!(self, request, recover_start);
         let req = request.into_inner();
         check_account(&req.account_id)?;
         check_opaque("ke1", &req.ke1)?;
         let id = self.record_id(req.account_id).await?;
         let _guard = self.stripe(&id).lock().await;
-        let stored = self.stored(&id)?;
-        let seq = self.inner.store.reserve();
+        let stored = self.stored(&id).await?;
+        let seq = self.reserve(&stored);
+        let expect = stored.index;
         let ke1 = req.ke1;
         let charge = self
             .with_token(move |core, t| {
@@ -292,7 +331,8 @@ impl Vault for VaultService {
         let outcome = match charge {
             Charge::Charged { write, ticket } => {
                 // Invariant 1: durable before the KE2 exists.
-                self.commit(seq, Write::Put(id, write.clone())).await?;
+                self.commit(seq, Write::Put(id, write.clone()), expect)
+                    .await?;
                 let challenge = self
                     .with_token(move |core, t| core.evaluate(t, ticket, &write, Instant::now()))
                     .await?;
@@ -304,7 +344,7 @@ impl Vault for VaultService {
                 })
             }
             Charge::Lock { write } => {
-                self.commit(seq, Write::Put(id, write)).await?;
+                self.commit(seq, Write::Put(id, write), expect).await?;
                 tracing::info!(record = %id, "guess limit reached: record locked");
                 pb::recover_start_response::Outcome::Locked(locked())
             }
@@ -319,6 +359,7 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RecoverFinishRequest>,
     ) -> Result<Response<pb::RecoverFinishResponse>, Status> {
+        forward!(self, request, recover_finish);
         use pb::recover_finish_response::Outcome;
         let req = request.into_inner();
         let outcome = match self
@@ -349,6 +390,7 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        forward!(self, request, delete);
         use pb::delete_response::Outcome;
         let (metadata, _, req) = request.into_parts();
         check_account(&req.account_id)?;
@@ -381,12 +423,13 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        forward!(self, request, status);
         use pb::status_response::State;
         let (metadata, _, req) = request.into_parts();
         check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
         let id = self.record_id(req.account_id).await?;
-        let stored = self.stored(&id)?;
+        let stored = self.stored(&id).await?;
         let view = self
             .with_token(move |core, t| core.status(t, &id, &stored))
             .await?;

@@ -1,6 +1,7 @@
 //! Contracts shared by the vault, its clients and its operators:
 //!
-//! - [`vault::v1`]: the gRPC client API, compiled from `vault/v1/vault.proto`
+//! - [`vault::v1`]: the gRPC client API, compiled from `vault/v1/vault.proto`;
+//!   [`vault::node::v1`]: the node-to-node API of a replica group,
 //!   with protox (no system `protoc`). A breaking change gets a new package
 //!   beside the old one.
 //! - [`suite`]: the OPAQUE cipher suite (RFC 9807 P256-SHA256 with Argon2id
@@ -16,5 +17,13 @@ pub mod vault {
     pub mod v1 {
         #![allow(missing_debug_implementations, clippy::all)]
         tonic::include_proto!("vault.v1");
+    }
+
+    /// Node-to-node API of a replica group.
+    pub mod node {
+        pub mod v1 {
+            #![allow(missing_debug_implementations, clippy::all)]
+            tonic::include_proto!("vault.node.v1");
+        }
     }
 }

@@ -1,0 +1,246 @@
+//! Raft messages between the nodes of a replica group, over gRPC, each
+//! request and response authenticated with a MAC made inside the tokens.
+//!
+//! The MAC key is a domain key (the record-id key, under its own label), so
+//! only tokens that went through the cloning ceremony can produce or check
+//! it: a process that is not a member cannot vote, append or install
+//! snapshots, and cannot forge an answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode, Raft};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use vault_proto::vault::node::v1 as pb;
+use vault_proto::vault::node::v1::node_client::NodeClient;
+use vault_proto::vault::node::v1::node_server::Node;
+
+use super::{NodeId, TypeConfig};
+use crate::partition::{MacKey, Partition, PartitionError};
+
+const REQUEST_LABEL: &[u8] = b"hsm-vault/v1/peer-request";
+const RESPONSE_LABEL: &[u8] = b"hsm-vault/v1/peer-response";
+
+/// Largest Raft message accepted (snapshot chunks are the big ones).
+pub const MAX_RAFT_MESSAGE: usize = 8 * 1024 * 1024;
+
+fn mac_input(label: &[u8], kind: &str, from: NodeId, to: NodeId, payload: &[u8]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(label.len() + kind.len() + 17 + payload.len());
+    d.extend_from_slice(label);
+    d.extend_from_slice(kind.as_bytes());
+    d.push(0);
+    d.extend_from_slice(&from.to_be_bytes());
+    d.extend_from_slice(&to.to_be_bytes());
+    d.extend_from_slice(payload);
+    d
+}
+
+fn mac(partition: &Arc<Partition>, input: &[u8]) -> Result<[u8; 32], PartitionError> {
+    partition.session()?.hmac(MacKey::RecordId, input)
+}
+
+fn verify(partition: &Arc<Partition>, input: &[u8], tag: &[u8]) -> bool {
+    match mac(partition, input) {
+        Ok(expected) => bool::from(expected.ct_eq(tag)),
+        Err(_) => false,
+    }
+}
+
+/// Makes a client per peer.
+#[derive(Clone, Debug)]
+pub struct Network {
+    pub id: NodeId,
+    pub partition: Arc<Partition>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            from: self.id,
+            to: target,
+            addr: format!("http://{}", node.addr),
+            partition: Arc::clone(&self.partition),
+            client: None,
+        }
+    }
+}
+
+/// The connection to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    from: NodeId,
+    to: NodeId,
+    addr: String,
+    partition: Arc<Partition>,
+    client: Option<NodeClient<Channel>>,
+}
+
+type Rpc<T, E> = Result<T, RPCError<NodeId, BasicNode, E>>;
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        kind: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Rpc<Resp, RaftError<NodeId, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
+        };
+        let network = |e: &dyn std::fmt::Display| {
+            RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+        };
+        let payload = serde_json::to_vec(req).map_err(|e| network(&e))?;
+        let tag = mac(&self.partition, &mac_input(REQUEST_LABEL, kind, self.from, self.to, &payload))
+            .map_err(|e| network(&e))?;
+        if self.client.is_none() {
+            let channel = tonic::transport::Endpoint::from_shared(self.addr.clone())
+                .map_err(|e| unreachable(&e))?
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .map_err(|e| unreachable(&e))?;
+            self.client = Some(
+                NodeClient::new(channel)
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                    .max_encoding_message_size(MAX_RAFT_MESSAGE),
+            );
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Err(unreachable(&"no connection"));
+        };
+        let mut request = Request::new(pb::RaftRequest {
+            kind: kind.to_owned(),
+            from: self.from,
+            to: self.to,
+            payload,
+            mac: tag.to_vec(),
+        });
+        request.set_timeout(timeout);
+        let response = match client.raft(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                // Drop the connection; the next call reconnects.
+                self.client = None;
+                return Err(unreachable(&status));
+            }
+        };
+        let input = mac_input(RESPONSE_LABEL, kind, self.from, self.to, &response.payload);
+        if !verify(&self.partition, &input, &response.mac) {
+            return Err(network(&Status::unauthenticated("peer response MAC does not verify")));
+        }
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&response.payload).map_err(|e| network(&e))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Rpc<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+        self.call("append_entries", &rpc, option.hard_ttl()).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Rpc<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
+        self.call("install_snapshot", &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Rpc<VoteResponse<NodeId>, RaftError<NodeId>> {
+        self.call("vote", &rpc, option.hard_ttl()).await
+    }
+}
+
+/// The server side: checks the MAC, hands the message to Raft, MACs the
+/// answer.
+#[derive(Clone)]
+pub struct NodeService {
+    pub id: NodeId,
+    pub raft: Raft<TypeConfig>,
+    pub partition: Arc<Partition>,
+}
+
+impl std::fmt::Debug for NodeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeService").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+fn bad_request(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("malformed Raft message: {e}"))
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftResponse>, Status> {
+        let req = request.into_inner();
+        if req.to != self.id {
+            return Err(Status::failed_precondition("message addressed to another node"));
+        }
+        let input = mac_input(REQUEST_LABEL, &req.kind, req.from, req.to, &req.payload);
+        let partition = Arc::clone(&self.partition);
+        let tag = req.mac.clone();
+        let ok = tokio::task::spawn_blocking(move || verify(&partition, &input, &tag))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            tracing::warn!(from = req.from, kind = %req.kind, "refused a peer message whose MAC does not verify");
+            return Err(Status::unauthenticated(
+                "peer message MAC does not verify: the sender is not a member of this domain",
+            ));
+        }
+        let payload = match req.kind.as_str() {
+            "append_entries" => {
+                let rpc: AppendEntriesRequest<TypeConfig> =
+                    serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                serde_json::to_vec(&self.raft.append_entries(rpc).await)
+            }
+            "vote" => {
+                let rpc: VoteRequest<NodeId> = serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                serde_json::to_vec(&self.raft.vote(rpc).await)
+            }
+            "install_snapshot" => {
+                let rpc: InstallSnapshotRequest<TypeConfig> =
+                    serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                serde_json::to_vec(&self.raft.install_snapshot(rpc).await)
+            }
+            other => return Err(Status::invalid_argument(format!("unknown Raft message kind {other:?}"))),
+        }
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let input = mac_input(RESPONSE_LABEL, &req.kind, req.from, req.to, &payload);
+        let tag = mac(&self.partition, &input).map_err(|_| Status::internal("HSM operation failed"))?;
+        Ok(Response::new(pb::RaftResponse {
+            payload,
+            mac: tag.to_vec(),
+        }))
+    }
+}
