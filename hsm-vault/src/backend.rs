@@ -34,7 +34,9 @@ pub struct Replica {
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Replica").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Replica")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,7 +89,9 @@ impl Backend {
                 // Make sure this leader has applied everything committed
                 // before it, so the charge starts from the current count.
                 r.raft.ensure_linearizable().await.map_err(no_quorum)?;
-                let got = r.sm.get(&id.0).map_err(|e| store_status(StoreError::from(e)))?;
+                let got =
+                    r.sm.get(&id.0)
+                        .map_err(|e| store_status(StoreError::from(e)))?;
                 Ok(match got {
                     Some((seq, sealed)) => Stored {
                         record: Some(SealedRecord::from_stored(sealed)),
@@ -147,10 +151,21 @@ impl Backend {
         }
     }
 
+    /// This node's id and the leader it knows of (0 when alone or unknown).
+    pub async fn roles(&self) -> (u64, u64) {
+        match self {
+            Backend::Local(_) => (0, 0),
+            Backend::Replicated(r) => (r.id, r.raft.current_leader().await.unwrap_or(0)),
+        }
+    }
+
     /// The leader to forward a client request to, or `None` when this node
     /// serves it itself. A request that was already forwarded once is never
     /// forwarded again.
-    pub async fn leader_client(&self, already_forwarded: bool) -> Result<Option<VaultClient<Channel>>, Status> {
+    pub async fn leader_client(
+        &self,
+        already_forwarded: bool,
+    ) -> Result<Option<VaultClient<Channel>>, Status> {
         let Backend::Replicated(r) = self else {
             return Ok(None);
         };
@@ -177,7 +192,7 @@ impl Backend {
         }
         .ok_or_else(|| no_quorum("the leader's address is unknown"))?;
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| no_quorum(e))?
+            .map_err(no_quorum)?
             .connect_timeout(std::time::Duration::from_secs(2))
             .connect_lazy();
         let client = VaultClient::new(channel);

@@ -13,13 +13,13 @@ use hsm_vault::partition::{KeySetup, Module, Partition};
 use hsm_vault::replication::log_store::LogStore;
 use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
 use hsm_vault::replication::state_machine::StateMachine;
+use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
+use hsm_vault::store::Store;
 use openraft::{BasicNode, Raft};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use vault_proto::vault::node::v1::node_server::NodeServer;
-use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
-use hsm_vault::store::Store;
 use tokio_stream::wrappers::TcpListenerStream;
+use vault_proto::vault::node::v1::node_server::NodeServer;
 use vault_proto::vault::v1::vault_server::VaultServer;
 use zeroize::Zeroizing;
 
@@ -80,7 +80,9 @@ fn parse_peers(text: &str) -> anyhow::Result<BTreeMap<u64, BasicNode>> {
             .split_once('=')
             .with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
         let id: u64 = id.parse().with_context(|| format!("peer id {id:?}"))?;
-        let addr: SocketAddr = addr.parse().with_context(|| format!("peer address {addr:?}"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("peer address {addr:?}"))?;
         out.insert(id, BasicNode::new(addr.to_string()));
     }
     if out.is_empty() {
@@ -154,10 +156,15 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .get(&id)
                 .with_context(|| format!("--peers does not name this node ({id})"))?;
             if me.addr != args.listen.to_string() {
-                bail!("--listen {} differs from this node's address in --peers ({})", args.listen, me.addr);
+                bail!(
+                    "--listen {} differs from this node's address in --peers ({})",
+                    args.listen,
+                    me.addr
+                );
             }
             let db = sled::open(&args.data_dir).context("opening the node's store")?;
-            let log = LogStore::open(&db, partition.clone(), "g0").context("opening the Raft log")?;
+            let log =
+                LogStore::open(&db, partition.clone(), "g0").context("opening the Raft log")?;
             let sm = StateMachine::open(&db, "g0").context("opening the state machine")?;
             let config = openraft::Config {
                 cluster_name: "hsm-vault".into(),

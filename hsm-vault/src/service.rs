@@ -11,20 +11,20 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::Mutex;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use vault_proto::suite::{
     DEFAULT_MAX_GUESSES, MAX_ACCOUNT_ID_LEN, MAX_GUESSES_LIMIT, MAX_SECRET_LEN, SUITE_NAME,
 };
 use vault_proto::vault::v1 as pb;
-use tonic::transport::Channel;
 use vault_proto::vault::v1::vault_client::VaultClient;
 use vault_proto::vault::v1::vault_server::Vault;
 
 use crate::auth::Authorizer;
+use crate::backend::Backend;
 use crate::core::record::Stored;
 use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
 use crate::partition::{Partition, PartitionSession};
-use crate::backend::Backend;
 use crate::store::Write;
 use crate::types::{LoginId, RecordId};
 
@@ -182,7 +182,10 @@ impl VaultService {
     }
 
     /// In a replica group, the leader to forward this request to.
-    async fn leader<T>(&self, request: &Request<T>) -> Result<Option<VaultClient<Channel>>, Status> {
+    async fn leader<T>(
+        &self,
+        request: &Request<T>,
+    ) -> Result<Option<VaultClient<Channel>>, Status> {
         let forwarded = request.metadata().contains_key(FORWARDED);
         self.inner.backend.leader_client(forwarded).await
     }
@@ -252,7 +255,10 @@ impl Vault for VaultService {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
+        let (node_id, leader_id) = self.inner.backend.roles().await;
         Ok(Response::new(pb::GetInfoResponse {
+            node_id,
+            leader_id,
             cipher_suite: SUITE_NAME.to_owned(),
             server_public_key: self.server_public_key().to_vec(),
             max_secret_len: MAX_SECRET_LEN as u32,
@@ -302,7 +308,8 @@ impl Vault for VaultService {
                 core.registration_finish(t, &id, &generation, &upload, &secret, max, seq)
             })
             .await?;
-        self.commit(seq, Write::Put(id, sealed), stored.index).await?;
+        self.commit(seq, Write::Put(id, sealed), stored.index)
+            .await?;
         tracing::info!(record = %id, max_guesses, "registered");
         Ok(Response::new(pb::RegisterFinishResponse {
             max_guesses: u32::from(max_guesses),

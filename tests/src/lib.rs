@@ -41,7 +41,16 @@ pub fn bin(name: &str) -> PathBuf {
 /// One vault node and everything it owns, in a temporary directory.
 #[derive(Debug)]
 pub struct VaultNode {
-    pub token: TestToken,
+    /// The SoftHSM configuration this node's token lives in (shared by the
+    /// nodes of a group, each with its own token).
+    pub token: Arc<TestToken>,
+    /// This node's token label and PIN file.
+    pub label: String,
+    pin_file: PathBuf,
+    /// Fixed listen address (a group member), or port 0.
+    listen: String,
+    /// Flags added to every start (group membership, key setup).
+    pub extra_args: Vec<String>,
     pub work: tempfile::TempDir,
     child: Option<Child>,
     addr: Option<SocketAddr>,
@@ -54,7 +63,21 @@ impl VaultNode {
     /// Creates a token, an identity key pair and a data directory, and
     /// starts the node.
     pub fn start(label: &str) -> Self {
-        let token = TestToken::new(label).expect("SoftHSM token");
+        let token = Arc::new(TestToken::new(label).expect("SoftHSM token"));
+        let pin_file = token.pin_file();
+        let mut node = Self::prepare(token, label, pin_file, "127.0.0.1:0".into(), Vec::new());
+        node.restart();
+        node
+    }
+
+    /// A node that is not started yet.
+    fn prepare(
+        token: Arc<TestToken>,
+        label: &str,
+        pin_file: PathBuf,
+        listen: String,
+        extra_args: Vec<String>,
+    ) -> Self {
         let work = tempfile::Builder::new()
             .prefix("vault-node-")
             .tempdir()
@@ -67,16 +90,29 @@ impl VaultNode {
                 .as_bytes(),
         );
         std::fs::write(work.path().join("identity.pub"), public).expect("identity.pub");
-        let mut node = VaultNode {
+        VaultNode {
             token,
+            label: label.to_owned(),
+            pin_file,
+            listen,
+            extra_args,
             work,
             child: None,
             addr: None,
             signing_key,
             extra_env: Vec::new(),
-        };
-        node.restart();
-        node
+        }
+    }
+
+    /// Uses `identity` (another node's) as this node's identity service, so
+    /// one bearer token works across a group.
+    fn share_identity(&mut self, from: &VaultNode) {
+        self.signing_key = from.signing_key.clone();
+        std::fs::copy(
+            from.work.path().join("identity.pub"),
+            self.work.path().join("identity.pub"),
+        )
+        .expect("copy identity");
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -100,7 +136,34 @@ impl VaultNode {
         format!("http://{}", self.addr.expect("node is running"))
     }
 
-    /// Starts (or restarts) the node process on a fresh port.
+    /// A stand-alone node on its own new token, not started, with extra
+    /// flags.
+    pub fn unstarted(label: &str, extra_args: Vec<String>) -> Self {
+        Self::unstarted_at(label, "127.0.0.1:0", extra_args)
+    }
+
+    /// Like [`VaultNode::unstarted`], listening on a fixed address.
+    pub fn unstarted_at(label: &str, listen: &str, extra_args: Vec<String>) -> Self {
+        let token = Arc::new(TestToken::new(label).expect("SoftHSM token"));
+        let pin_file = token.pin_file();
+        Self::prepare(token, label, pin_file, listen.into(), extra_args)
+    }
+
+    /// The endpoint, if the node is running.
+    pub fn endpoint_if_running(&self) -> Option<String> {
+        self.addr.map(|a| format!("http://{a}"))
+    }
+
+    /// The `--peers` value this node was started with.
+    pub fn peers_arg(&self) -> String {
+        self.extra_args
+            .iter()
+            .find_map(|a| a.strip_prefix("--peers="))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Starts (or restarts) the node process.
     pub fn restart(&mut self) {
         self.start_process().expect("node starts");
     }
@@ -118,11 +181,12 @@ impl VaultNode {
             .envs(self.token.env())
             .env("RUST_LOG", "info")
             .envs(self.extra_env.iter().cloned())
-            .arg("--listen=127.0.0.1:0")
+            .arg(format!("--listen={}", self.listen))
+            .args(&self.extra_args)
             .arg(format!("--data-dir={}", self.data_dir().display()))
             .arg(format!("--pkcs11-module={}", module_path().display()))
-            .arg(format!("--token-label={}", self.token.label()))
-            .arg(format!("--pin-file={}", self.token.pin_file().display()))
+            .arg(format!("--token-label={}", self.label))
+            .arg(format!("--pin-file={}", self.pin_file.display()))
             .arg(format!(
                 "--auth-public-key={}",
                 self.work.path().join("identity.pub").display()
@@ -237,6 +301,82 @@ impl VaultNode {
         let core = SecureCore::new(partition.ake_public_key()).expect("core");
         Inspector { partition, core }
     }
+}
+
+/// Free loopback ports for the members of a group (bound, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// Starts a replica group of `n` nodes: one SoftHSM configuration with a
+/// token per node, domain keys generated in node 1's token and cloned into
+/// the others through the ceremony (run here, in the test process), and `n`
+/// `hsm-vault` processes on fixed loopback ports. Returns once every node
+/// listens; the group elects its leader on its own.
+pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
+    use hsm_vault::partition::ceremony::Enrollment;
+    use hsm_vault::partition::{KeySetup, Module};
+
+    let first = format!("{prefix}-1");
+    let token = Arc::new(TestToken::new(&first).expect("token"));
+    let mut pins = vec![(first.clone(), token.pin_file())];
+    for i in 2..=n {
+        let label = format!("{prefix}-{i}");
+        let (pin, _) = token.add_token(&label).expect("token");
+        let pin_file = token.dir().join(format!("{label}.pin"));
+        std::fs::write(&pin_file, pin).expect("pin file");
+        pins.push((label, pin_file));
+    }
+    {
+        token.use_in_this_process().expect("env");
+        let module = Module::load(&module_path()).expect("module");
+        let source = Partition::open_in(&module, &first, token.pin(), KeySetup::GenerateIfMissing)
+            .expect("first token");
+        for (label, pin_file) in &pins[1..] {
+            let pin = std::fs::read_to_string(pin_file).expect("pin");
+            let enrollment = Enrollment::begin(&module, label, &pin).expect("begin");
+            let package = source
+                .export_for_clone(
+                    token.so_pin(),
+                    token.pin(),
+                    enrollment.transport_public_key(),
+                )
+                .expect("export");
+            enrollment.complete(&package).expect("complete");
+        }
+    }
+    let ports = free_ports(n);
+    let peers = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes: Vec<VaultNode> = Vec::new();
+    for (i, (label, pin_file)) in pins.into_iter().enumerate() {
+        let mut args = vec![format!("--node-id={}", i + 1), format!("--peers={peers}")];
+        if i == 0 {
+            args.push("--init".into());
+        } else {
+            args.push("--require-cloned-keys".into());
+        }
+        let listen = format!("127.0.0.1:{}", ports[i]);
+        let mut node = VaultNode::prepare(Arc::clone(&token), &label, pin_file, listen, args);
+        if let Some(first) = nodes.first() {
+            node.share_identity(first);
+        }
+        nodes.push(node);
+    }
+    for node in &mut nodes {
+        node.restart();
+    }
+    nodes
 }
 
 impl Drop for VaultNode {

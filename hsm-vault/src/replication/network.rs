@@ -110,8 +110,11 @@ impl PeerClient {
             RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
         };
         let payload = serde_json::to_vec(req).map_err(|e| network(&e))?;
-        let tag = mac(&self.partition, &mac_input(REQUEST_LABEL, kind, self.from, self.to, &payload))
-            .map_err(|e| network(&e))?;
+        let tag = mac(
+            &self.partition,
+            &mac_input(REQUEST_LABEL, kind, self.from, self.to, &payload),
+        )
+        .map_err(|e| network(&e))?;
         if self.client.is_none() {
             let channel = tonic::transport::Endpoint::from_shared(self.addr.clone())
                 .map_err(|e| unreachable(&e))?
@@ -146,7 +149,9 @@ impl PeerClient {
         };
         let input = mac_input(RESPONSE_LABEL, kind, self.from, self.to, &response.payload);
         if !verify(&self.partition, &input, &response.mac) {
-            return Err(network(&Status::unauthenticated("peer response MAC does not verify")));
+            return Err(network(&Status::unauthenticated(
+                "peer response MAC does not verify",
+            )));
         }
         let result: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&response.payload).map_err(|e| network(&e))?;
@@ -191,7 +196,9 @@ pub struct NodeService {
 
 impl std::fmt::Debug for NodeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeService").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("NodeService")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -201,10 +208,15 @@ fn bad_request(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl Node for NodeService {
-    async fn raft(&self, request: Request<pb::RaftRequest>) -> Result<Response<pb::RaftResponse>, Status> {
+    async fn raft(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftResponse>, Status> {
         let req = request.into_inner();
         if req.to != self.id {
-            return Err(Status::failed_precondition("message addressed to another node"));
+            return Err(Status::failed_precondition(
+                "message addressed to another node",
+            ));
         }
         let input = mac_input(REQUEST_LABEL, &req.kind, req.from, req.to, &req.payload);
         let partition = Arc::clone(&self.partition);
@@ -225,7 +237,8 @@ impl Node for NodeService {
                 serde_json::to_vec(&self.raft.append_entries(rpc).await)
             }
             "vote" => {
-                let rpc: VoteRequest<NodeId> = serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                let rpc: VoteRequest<NodeId> =
+                    serde_json::from_slice(&req.payload).map_err(bad_request)?;
                 serde_json::to_vec(&self.raft.vote(rpc).await)
             }
             "install_snapshot" => {
@@ -233,11 +246,16 @@ impl Node for NodeService {
                     serde_json::from_slice(&req.payload).map_err(bad_request)?;
                 serde_json::to_vec(&self.raft.install_snapshot(rpc).await)
             }
-            other => return Err(Status::invalid_argument(format!("unknown Raft message kind {other:?}"))),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown Raft message kind {other:?}"
+                )))
+            }
         }
         .map_err(|e| Status::internal(e.to_string()))?;
         let input = mac_input(RESPONSE_LABEL, &req.kind, req.from, req.to, &payload);
-        let tag = mac(&self.partition, &input).map_err(|_| Status::internal("HSM operation failed"))?;
+        let tag =
+            mac(&self.partition, &input).map_err(|_| Status::internal("HSM operation failed"))?;
         Ok(Response::new(pb::RaftResponse {
             payload,
             mac: tag.to_vec(),

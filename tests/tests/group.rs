@@ -1,0 +1,249 @@
+//! Replica groups: real `hsm-vault` processes, each on its own SoftHSM2
+//! token with domain keys cloned by the ceremony, replicating with Raft over
+//! loopback.
+
+use std::time::{Duration, Instant};
+
+use opaque_ke::ClientLogin;
+use rand::rngs::OsRng;
+use vault_client::{BackupKey, ClientError, RecordStatus, VaultClient};
+use vault_e2e::{start_group, VaultNode};
+use vault_proto::suite::Suite;
+use vault_proto::vault::v1 as pb;
+
+const PASSWORD: &[u8] = b"group password";
+/// Elections take about a second; every wait is bounded by this.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+async fn client(node: &VaultNode) -> VaultClient {
+    VaultClient::connect(&node.endpoint(), node.pinned_key())
+        .await
+        .expect("connect")
+}
+
+/// Retries `op` until it succeeds or the deadline passes (while the group
+/// elects a leader, nodes answer UNAVAILABLE).
+async fn eventually<T, F, Fut>(what: &str, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let start = Instant::now();
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) if start.elapsed() < DEADLINE => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: still failing after {DEADLINE:?}: {e}"),
+        }
+    }
+}
+
+async fn leader_of(nodes: &[VaultNode]) -> usize {
+    let start = Instant::now();
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.endpoint_if_running().is_none() {
+                continue;
+            }
+            let mut c = client(n).await;
+            let info = c
+                .raw()
+                .get_info(pb::GetInfoRequest {})
+                .await
+                .expect("info")
+                .into_inner();
+            if info.leader_id != 0 && info.leader_id == info.node_id {
+                return i;
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant8_record_registered_through_one_node_is_recoverable_through_any_other() {
+    let nodes = start_group(3, "any");
+    let keys: Vec<_> = nodes.iter().map(|n| n.pinned_key()).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] == w[1]),
+        "every member serves the same OPAQUE key"
+    );
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register through node 1", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    for node in &nodes {
+        let got = eventually("recover", || async {
+            client(node).await.recover_key(b"alice", PASSWORD).await
+        })
+        .await;
+        assert_eq!(got.0, key.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant2_leader_killed_loses_no_acknowledged_guess_and_service_resumes() {
+    let mut nodes = start_group(3, "kill");
+    let (alice, bob) = (BackupKey::generate(), BackupKey::generate());
+    for (account, key) in [("alice", &alice), ("bob", &bob)] {
+        let token = nodes[0].bearer(account);
+        eventually("register", || async {
+            client(&nodes[0])
+                .await
+                .register_key(account.as_bytes(), &token, PASSWORD, key, 0)
+                .await
+        })
+        .await;
+    }
+    // One acknowledged wrong guess on alice.
+    match client(&nodes[0])
+        .await
+        .recover_key(b"alice", b"wrong")
+        .await
+    {
+        Err(ClientError::WrongPassword {
+            guesses_remaining: 9,
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+
+    let leader = leader_of(&nodes).await;
+    nodes[leader].kill9();
+    let survivor = (leader + 1) % 3;
+    let token = nodes[survivor].bearer("alice");
+    let status = eventually("status after the election", || async {
+        client(&nodes[survivor])
+            .await
+            .status(b"alice", &token)
+            .await
+    })
+    .await;
+    assert_eq!(
+        status,
+        RecordStatus::Registered {
+            guesses_remaining: 9,
+            max_guesses: 10
+        }
+    );
+
+    // Concurrent wrong guesses on bob through both survivors: at most 10 KE2.
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let mut tasks = Vec::new();
+    for k in 0..24 {
+        let node = &nodes[survivors[k % 2]];
+        let (endpoint, pinned) = (node.endpoint(), node.pinned_key());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut c) = VaultClient::connect(&endpoint, pinned).await else {
+                return false;
+            };
+            let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
+                .expect("ke1")
+                .message
+                .serialize()
+                .to_vec();
+            let answer = c
+                .raw()
+                .recover_start(pb::RecoverStartRequest {
+                    account_id: b"bob".to_vec(),
+                    ke1,
+                })
+                .await;
+            matches!(
+                answer.map(|a| a.into_inner().outcome),
+                Ok(Some(pb::recover_start_response::Outcome::Challenge(_)))
+            )
+        }));
+    }
+    let mut released = 0;
+    for t in tasks {
+        if t.await.expect("task") {
+            released += 1;
+        }
+    }
+    assert!(
+        released <= 10,
+        "{released} KE2 released for a 10-guess record"
+    );
+    // Alice still recovers through the survivors.
+    let got = eventually("recover alice", || async {
+        client(&nodes[survivors[1]])
+            .await
+            .recover_key(b"alice", PASSWORD)
+            .await
+    })
+    .await;
+    assert_eq!(got.0, alice.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_without_the_ceremony_cannot_join_or_decrypt() {
+    let nodes = start_group(3, "rogue");
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+
+    // A token that never received the domain keys cannot start as a member.
+    let mut outsider = VaultNode::unstarted("outsider", vec!["--require-cloned-keys".into()]);
+    let log = outsider
+        .start_process()
+        .expect_err("no domain keys, no node");
+    assert!(log.contains("missing"), "{log}");
+
+    // A process with keys of its own claims membership and tries to form a
+    // group with the real nodes: they refuse every message it sends.
+    let port = vault_e2e::free_ports(1)[0];
+    let listen = format!("127.0.0.1:{port}");
+    let peers = format!("{},9={listen}", nodes[0].peers_arg());
+    let mut rogue = VaultNode::unstarted_at(
+        "rogue-9",
+        &listen,
+        vec![
+            "--node-id=9".into(),
+            format!("--peers={peers}"),
+            "--init".into(),
+        ],
+    );
+    rogue
+        .start_process()
+        .expect("the rogue runs (with keys of its own)");
+    let start = Instant::now();
+    loop {
+        let logs: String = nodes
+            .iter()
+            .map(|n| std::fs::read_to_string(n.log_path()).unwrap_or_default())
+            .collect();
+        if logs.contains("MAC does not verify") {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the rogue's messages were never refused; rogue log:\n{}",
+            std::fs::read_to_string(rogue.log_path()).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The real group keeps serving, and the record is what it was.
+    let got = eventually("recover", || async {
+        client(&nodes[1])
+            .await
+            .recover_key(b"alice", PASSWORD)
+            .await
+    })
+    .await;
+    assert_eq!(got.0, key.0);
+}
