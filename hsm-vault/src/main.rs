@@ -10,7 +10,7 @@ use hsm_vault::auth::Authorizer;
 use hsm_vault::backend::Backend;
 use hsm_vault::backend::Replica;
 use hsm_vault::partition::{KeySetup, Module, Partition};
-use hsm_vault::replication::log_store::LogStore;
+use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
@@ -163,9 +163,21 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 );
             }
             let db = sled::open(&args.data_dir).context("opening the node's store")?;
-            let log =
-                LogStore::open(&db, partition.clone(), "g0").context("opening the Raft log")?;
             let sm = StateMachine::open(&db, "g0").context("opening the state machine")?;
+            let log = match LogStore::open(&db, partition.clone(), "g0") {
+                Err(LogOpenError::RolledBack { log, token }) => {
+                    tracing::warn!(
+                        log,
+                        token,
+                        "storage was rolled back: erasing the stale replica state and resyncing \
+                         from the group (no votes until caught up)"
+                    );
+                    LogStore::open_resync(&db, partition.clone(), "g0", &[sm.tree().clone()])
+                        .context("resyncing the Raft log")?
+                }
+                other => other.context("opening the Raft log")?,
+            };
+            let resync_floor = log.resync_floor();
             let config = openraft::Config {
                 cluster_name: "hsm-vault".into(),
                 heartbeat_interval: 100,
@@ -191,6 +203,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 id,
                 raft: raft.clone(),
                 partition: partition.clone(),
+                resync_floor,
             });
             Backend::Replicated(Replica::new(id, raft, sm))
         }

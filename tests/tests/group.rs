@@ -247,3 +247,110 @@ async fn node_without_the_ceremony_cannot_join_or_decrypt() {
     .await;
     assert_eq!(got.0, key.0);
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for file in vault_e2e::files_under(from) {
+        let dest = to.join(file.strip_prefix(from).expect("prefix"));
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        std::fs::copy(&file, &dest).expect("copy");
+    }
+}
+
+/// A member's disk is restored from an older copy: it notices (the token
+/// remembers what it committed), erases the stale state instead of voting or
+/// acknowledging with it, catches up from the group, and no record gains a
+/// guess.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gains_guesses() {
+    let mut nodes = start_group(3, "resync");
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    let leader = leader_of(&nodes).await;
+    let f = (leader + 1) % 3;
+
+    nodes[f].kill9();
+    let old = tempfile::tempdir().expect("old copy");
+    copy_dir(&nodes[f].data_dir(), old.path());
+    nodes[f].restart();
+    for _ in 0..3 {
+        let r = eventually("wrong guess", || async {
+            match client(&nodes[f])
+                .await
+                .recover_key(b"alice", b"wrong")
+                .await
+            {
+                Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
+                Err(e) => Err(e),
+                Ok(_) => panic!("a wrong password recovered the key"),
+            }
+        })
+        .await;
+        assert!(r < 10);
+    }
+    // Let the follower apply what was committed, then roll its disk back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[f].kill9();
+    std::fs::remove_dir_all(nodes[f].data_dir()).expect("rm");
+    copy_dir(old.path(), &nodes[f].data_dir());
+    nodes[f].restart();
+    let start = Instant::now();
+    while !std::fs::read_to_string(nodes[f].log_path())
+        .unwrap_or_default()
+        .contains("rolled back")
+    {
+        assert!(start.elapsed() < DEADLINE, "the rollback was not detected");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let token = nodes[f].bearer("alice");
+    let status = eventually("status through the restored node", || async {
+        client(&nodes[f]).await.status(b"alice", &token).await
+    })
+    .await;
+    assert_eq!(
+        status,
+        RecordStatus::Registered {
+            guesses_remaining: 7,
+            max_guesses: 10
+        }
+    );
+
+    // One more charge, then the leader dies: the restored node must have
+    // caught up for the survivors to serve the same count.
+    match client(&nodes[f])
+        .await
+        .recover_key(b"alice", b"wrong")
+        .await
+    {
+        Err(ClientError::WrongPassword {
+            guesses_remaining: 6,
+        }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = leader_of(&nodes).await;
+    nodes[leader].kill9();
+    let survivor = if leader == f { (f + 1) % 3 } else { f };
+    let token = nodes[survivor].bearer("alice");
+    let status = eventually("status after the leader died", || async {
+        client(&nodes[survivor])
+            .await
+            .status(b"alice", &token)
+            .await
+    })
+    .await;
+    assert_eq!(
+        status,
+        RecordStatus::Registered {
+            guesses_remaining: 6,
+            max_guesses: 10
+        }
+    );
+}

@@ -50,6 +50,9 @@ pub struct LogStore {
     partition: Arc<Partition>,
     /// Application name of this log's state object in the token.
     app: String,
+    /// Set while resyncing after a rollback: the committed index the token
+    /// remembers, which this replica must reach again before it votes.
+    resync_floor: Option<u64>,
 }
 
 impl Debug for LogStore {
@@ -84,6 +87,7 @@ impl LogStore {
                 .map_err(storage)?,
             partition,
             app: format!("hsm-vault/v1/raft/{group}"),
+            resync_floor: None,
         };
         let token = store
             .token_state()
@@ -100,6 +104,45 @@ impl LogStore {
             }
         }
         Ok(store)
+    }
+
+    /// Opens the log after [`LogOpenError::RolledBack`]: the stale log (and
+    /// the state machine trees named in `wipe`) are erased, so nothing stale
+    /// is ever served or acknowledged, and the replica catches up from its
+    /// peers. The token keeps its vote and committed watermark; until the
+    /// log reaches that watermark again, [`LogStore::resync_floor`] tells the
+    /// node not to vote.
+    pub fn open_resync(
+        db: &sled::Db,
+        partition: Arc<Partition>,
+        group: &str,
+        wipe: &[sled::Tree],
+    ) -> Result<Self, LogOpenError> {
+        let storage = |e: sled::Error| LogOpenError::Storage(e.to_string());
+        let mut store = LogStore {
+            log: db.open_tree(format!("raft-log/{group}")).map_err(storage)?,
+            meta: db
+                .open_tree(format!("raft-meta/{group}"))
+                .map_err(storage)?,
+            partition,
+            app: format!("hsm-vault/v1/raft/{group}"),
+            resync_floor: None,
+        };
+        let token = store
+            .token_state()
+            .map_err(|e| LogOpenError::Storage(e.to_string()))?;
+        for tree in [&store.log, &store.meta].into_iter().chain(wipe) {
+            tree.clear().map_err(storage)?;
+            tree.flush().map_err(storage)?;
+        }
+        store.resync_floor = token.committed.map(|c| c.index);
+        Ok(store)
+    }
+
+    /// While resyncing, the log index this replica must reach before it may
+    /// vote again.
+    pub fn resync_floor(&self) -> Option<u64> {
+        self.resync_floor
     }
 
     fn token_state(&self) -> Result<TokenLogState, StorageError<NodeId>> {
@@ -230,6 +273,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        if self.resync_floor.is_some() {
+            // The entries up to the watermark are gone from this disk: Raft
+            // must not try to re-apply them; the leader sends them again.
+            return Ok(None);
+        }
         Ok(self.token_state()?.committed)
     }
 

@@ -192,6 +192,19 @@ pub struct NodeService {
     pub id: NodeId,
     pub raft: Raft<TypeConfig>,
     pub partition: Arc<Partition>,
+    /// While resyncing after a rollback: the log index to reach before this
+    /// node votes again (its old votes were cast on a log it no longer has).
+    pub resync_floor: Option<u64>,
+}
+
+impl NodeService {
+    fn resyncing(&self) -> bool {
+        let Some(floor) = self.resync_floor else {
+            return false;
+        };
+        let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+        last < floor
+    }
 }
 
 impl std::fmt::Debug for NodeService {
@@ -237,6 +250,12 @@ impl Node for NodeService {
                 serde_json::to_vec(&self.raft.append_entries(rpc).await)
             }
             "vote" => {
+                if self.resyncing() {
+                    tracing::warn!(from = req.from, "not voting: resyncing after a rollback");
+                    return Err(Status::unavailable(
+                        "resyncing after a storage rollback: not voting until caught up",
+                    ));
+                }
                 let rpc: VoteRequest<NodeId> =
                     serde_json::from_slice(&req.payload).map_err(bad_request)?;
                 serde_json::to_vec(&self.raft.vote(rpc).await)

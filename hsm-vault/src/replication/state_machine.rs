@@ -77,6 +77,11 @@ impl StateMachine {
         })
     }
 
+    /// The tree holding this state machine (erased by a resync).
+    pub fn tree(&self) -> &sled::Tree {
+        &self.tree
+    }
+
     /// The record of `id`: its sequence number and sealed bytes.
     pub fn get(&self, id: &[u8; 32]) -> Result<Option<(u64, Vec<u8>)>, sled::Error> {
         Ok(self
