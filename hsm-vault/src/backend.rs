@@ -19,6 +19,7 @@ use tonic::Status;
 use vault_proto::vault::v1::vault_client::VaultClient;
 
 use crate::core::record::{SealedRecord, Stored};
+use crate::geo::{Geography, Route};
 use crate::replication::state_machine::StateMachine;
 use crate::replication::{Applied, Command, NodeId, TypeConfig};
 use crate::store::{Store, StoreError, Write};
@@ -29,6 +30,8 @@ pub struct Replica {
     pub id: NodeId,
     pub raft: Raft<TypeConfig>,
     pub sm: StateMachine,
+    /// Forwarded client requests cross the same emulated links as Raft.
+    pub geo: Geography,
     peers: Mutex<HashMap<NodeId, VaultClient<Channel>>>,
 }
 
@@ -41,11 +44,12 @@ impl std::fmt::Debug for Replica {
 }
 
 impl Replica {
-    pub fn new(id: NodeId, raft: Raft<TypeConfig>, sm: StateMachine) -> Self {
+    pub fn new(id: NodeId, raft: Raft<TypeConfig>, sm: StateMachine, geo: Geography) -> Self {
         Replica {
             id,
             raft,
             sm,
+            geo,
             peers: Mutex::new(HashMap::new()),
         }
     }
@@ -65,6 +69,10 @@ impl std::fmt::Debug for Backend {
         }
     }
 }
+
+/// How long a replicated read or write waits for a majority before it
+/// answers UNAVAILABLE (a node cut off from its group must say so, not hang).
+pub const QUORUM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn store_status(e: StoreError) -> Status {
     tracing::error!(error = %e, "storage failure");
@@ -88,7 +96,10 @@ impl Backend {
             Backend::Replicated(r) => {
                 // Make sure this leader has applied everything committed
                 // before it, so the charge starts from the current count.
-                r.raft.ensure_linearizable().await.map_err(no_quorum)?;
+                tokio::time::timeout(QUORUM_TIMEOUT, r.raft.ensure_linearizable())
+                    .await
+                    .map_err(|_| no_quorum("timed out"))?
+                    .map_err(no_quorum)?;
                 let got =
                     r.sm.get(&id.0)
                         .map_err(|e| store_status(StoreError::from(e)))?;
@@ -135,7 +146,12 @@ impl Backend {
                     },
                     Write::Delete(id) => Command::Delete { id: id.0, expect },
                 };
-                match r.raft.client_write(command).await {
+                let written = tokio::time::timeout(QUORUM_TIMEOUT, r.raft.client_write(command))
+                    .await
+                    .map_err(|_| {
+                        no_quorum("timed out waiting for a majority; the write may still commit")
+                    })?;
+                match written {
                     Ok(resp) => match resp.data {
                         Applied::Done => Ok(()),
                         Applied::Conflict { .. } => Err(Status::aborted(
@@ -151,11 +167,20 @@ impl Backend {
         }
     }
 
-    /// This node's id and the leader it knows of (0 when alone or unknown).
-    pub async fn roles(&self) -> (u64, u64) {
+    /// This node's id, the leader it knows of, and the last log index it
+    /// applied (zeros when alone or unknown).
+    pub async fn roles(&self) -> (u64, u64, u64) {
         match self {
-            Backend::Local(_) => (0, 0),
-            Backend::Replicated(r) => (r.id, r.raft.current_leader().await.unwrap_or(0)),
+            Backend::Local(_) => (0, 0, 0),
+            Backend::Replicated(r) => {
+                let applied = r
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .last_applied
+                    .map_or(0, |l| l.index);
+                (r.id, r.raft.current_leader().await.unwrap_or(0), applied)
+            }
         }
     }
 
@@ -177,6 +202,11 @@ impl Backend {
         }
         if already_forwarded {
             return Err(no_quorum("leadership is moving"));
+        }
+        match r.geo.route(leader) {
+            Route::Drop => return Err(no_quorum("cut off from the leader")),
+            // The emulated link delay, both ways, paid up front.
+            Route::Deliver(d) => tokio::time::sleep(2 * d).await,
         }
         let mut peers = r.peers.lock().await;
         if let Some(c) = peers.get(&leader) {

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod backend;
 pub mod core;
+pub mod geo;
 pub mod partition;
 pub mod replication;
 pub mod service;

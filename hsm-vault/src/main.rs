@@ -9,6 +9,7 @@ use clap::Parser;
 use hsm_vault::auth::Authorizer;
 use hsm_vault::backend::Backend;
 use hsm_vault::backend::Replica;
+use hsm_vault::geo::{FleetFile, Geography};
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
@@ -61,15 +62,24 @@ struct Args {
     #[arg(long)]
     require_cloned_keys: bool,
     /// This node's id in its replica group (with --peers).
-    #[arg(long, env = "HSM_VAULT_NODE_ID", requires = "peers")]
+    #[arg(long, env = "HSM_VAULT_NODE_ID")]
     node_id: Option<u64>,
     /// The replica group, as `ID=HOST:PORT,...` (this node included, at its
     /// --listen address). Without it the node runs alone.
-    #[arg(long, env = "HSM_VAULT_PEERS", requires = "node_id")]
+    #[arg(long, env = "HSM_VAULT_PEERS")]
     peers: Option<String>,
     /// Form the group from --peers (on one node, on first start).
     #[arg(long)]
     init: bool,
+    /// The fleet file (regions, nodes, latency table): with it the node
+    /// injects the emulated inter-region latency, and --peers may be left
+    /// out (the fleet's nodes are the group).
+    #[arg(long, env = "HSM_VAULT_FLEET_FILE")]
+    fleet_file: Option<PathBuf>,
+    /// A JSON file of fault switches (isolate nodes or regions, delay, loss)
+    /// that the node re-reads while it runs.
+    #[arg(long, env = "HSM_VAULT_FAULTS_FILE")]
+    faults_file: Option<PathBuf>,
 }
 
 /// Parses `ID=HOST:PORT,...`.
@@ -148,10 +158,25 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     .await?
     .context("opening the PKCS#11 partition (a node of a group needs the domain keys from the cloning ceremony)")?;
 
+    let fleet = args
+        .fleet_file
+        .as_deref()
+        .map(FleetFile::load)
+        .transpose()
+        .context("loading the fleet file")?;
+    let peers = match (&args.peers, &fleet) {
+        (Some(p), _) => Some(parse_peers(p)?),
+        (None, Some(f)) => Some(
+            f.nodes
+                .iter()
+                .map(|n| (n.id, BasicNode::new(n.addr.clone())))
+                .collect(),
+        ),
+        (None, None) => None,
+    };
     let mut node_service = None;
-    let backend = match (args.node_id, &args.peers) {
+    let backend = match (args.node_id, peers) {
         (Some(id), Some(peers)) => {
-            let peers = parse_peers(peers)?;
             let me = peers
                 .get(&id)
                 .with_context(|| format!("--peers does not name this node ({id})"))?;
@@ -187,9 +212,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             }
             .validate()
             .context("Raft configuration")?;
+            let geo = Geography::new(id, fleet.clone(), args.faults_file.clone());
             let network = Network {
                 id,
                 partition: partition.clone(),
+                geo: geo.clone(),
             };
             let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
                 .await
@@ -205,8 +232,10 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 partition: partition.clone(),
                 resync_floor,
             });
-            Backend::Replicated(Replica::new(id, raft, sm))
+            Backend::Replicated(Replica::new(id, raft, sm, geo))
         }
+        (Some(_), None) => bail!("--node-id needs --peers or --fleet-file"),
+        (None, Some(_)) if args.peers.is_some() => bail!("--peers needs --node-id"),
         _ => Backend::Local(
             Store::open(&args.data_dir, partition.clone()).context("opening the record store")?,
         ),

@@ -255,10 +255,11 @@ impl Vault for VaultService {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
-        let (node_id, leader_id) = self.inner.backend.roles().await;
+        let (node_id, leader_id, applied_index) = self.inner.backend.roles().await;
         Ok(Response::new(pb::GetInfoResponse {
             node_id,
             leader_id,
+            applied_index,
             cipher_suite: SUITE_NAME.to_owned(),
             server_public_key: self.server_public_key().to_vec(),
             max_secret_len: MAX_SECRET_LEN as u32,

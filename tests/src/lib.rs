@@ -154,6 +154,22 @@ impl VaultNode {
         self.addr.map(|a| format!("http://{a}"))
     }
 
+    /// The faults file of this node's group (fault switches).
+    pub fn faults_file(&self) -> Option<PathBuf> {
+        self.extra_args
+            .iter()
+            .find_map(|a| a.strip_prefix("--faults-file="))
+            .map(PathBuf::from)
+    }
+
+    /// Flips the group's fault switches (JSON, see `hsm_vault::geo::Faults`).
+    pub fn set_faults(&self, json: &str) {
+        let path = self.faults_file().expect("a group member");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json).expect("write faults");
+        std::fs::rename(&tmp, &path).expect("replace faults");
+    }
+
     /// The `--peers` value this node was started with.
     pub fn peers_arg(&self) -> String {
         self.extra_args
@@ -358,9 +374,34 @@ pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
         .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
+    // Three regions, node i in region ((i - 1) % 3) + 1; small latencies
+    // keep the tests quick while still crossing the emulated links.
+    let mut fleet = String::from(
+        "[fleet]\nname = \"test\"\nintra_region_ms = 1\n\n[[region]]\nname = \"region-1\"\n\
+         [[region]]\nname = \"region-2\"\n[[region]]\nname = \"region-3\"\n\n\
+         [[link]]\nbetween = [\"region-1\", \"region-2\"]\nms = 5\n\
+         [[link]]\nbetween = [\"region-1\", \"region-3\"]\nms = 10\n\
+         [[link]]\nbetween = [\"region-2\", \"region-3\"]\nms = 10\n",
+    );
+    for (i, p) in ports.iter().enumerate() {
+        fleet.push_str(&format!(
+            "\n[[node]]\nid = {}\nregion = \"region-{}\"\naddr = \"127.0.0.1:{p}\"\n",
+            i + 1,
+            i % 3 + 1
+        ));
+    }
+    let fleet_file = token.dir().join("fleet.toml");
+    std::fs::write(&fleet_file, fleet).expect("fleet file");
+    let faults_file = token.dir().join("faults.json");
+    std::fs::write(&faults_file, "{}").expect("faults file");
     let mut nodes: Vec<VaultNode> = Vec::new();
     for (i, (label, pin_file)) in pins.into_iter().enumerate() {
-        let mut args = vec![format!("--node-id={}", i + 1), format!("--peers={peers}")];
+        let mut args = vec![
+            format!("--node-id={}", i + 1),
+            format!("--peers={peers}"),
+            format!("--fleet-file={}", fleet_file.display()),
+            format!("--faults-file={}", faults_file.display()),
+        ];
         if i == 0 {
             args.push("--init".into());
         } else {

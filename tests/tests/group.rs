@@ -354,3 +354,108 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
         }
     );
 }
+
+async fn info(node: &VaultNode) -> pb::GetInfoResponse {
+    client(node)
+        .await
+        .raw()
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .expect("info")
+        .into_inner()
+}
+
+/// One region is cut off: the majority keeps serving, the cut-off node
+/// refuses with UNAVAILABLE and says why, and after healing it catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_partitioned_away_refuses_writes_and_catches_up_after_healing() {
+    let nodes = start_group(3, "part");
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    let leader = leader_of(&nodes).await;
+    let x = (leader + 1) % 3;
+    let majority = (leader + 2) % 3;
+    nodes[0].set_faults(&format!(
+        r#"{{"isolated_regions": ["region-{}"]}}"#,
+        x % 3 + 1
+    ));
+
+    // The cut-off node answers UNAVAILABLE with a clear message.
+    let start = Instant::now();
+    loop {
+        match client(&nodes[x])
+            .await
+            .recover_key(b"alice", b"wrong")
+            .await
+        {
+            Err(ClientError::Vault {
+                code: tonic::Code::Unavailable,
+                message,
+            }) => {
+                assert!(
+                    message.contains("majority") || message.contains("cut off"),
+                    "{message}"
+                );
+                break;
+            }
+            other => {
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "the cut-off node kept serving: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // The majority side keeps serving.
+    let left = eventually("guess on the majority side", || async {
+        match client(&nodes[majority])
+            .await
+            .recover_key(b"alice", b"wrong")
+            .await
+        {
+            Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
+            Err(e) => Err(e),
+            Ok(_) => panic!("a wrong password recovered the key"),
+        }
+    })
+    .await;
+
+    // Heal; the cut-off node catches up with the leader's applied index.
+    nodes[0].set_faults("{}");
+    let start = Instant::now();
+    loop {
+        let l = leader_of(&nodes).await;
+        let (mine, theirs) = (
+            info(&nodes[x]).await.applied_index,
+            info(&nodes[l]).await.applied_index,
+        );
+        if mine >= theirs && mine > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "node {x} stuck at {mine}, leader at {theirs}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = nodes[x].bearer("alice");
+    let status = eventually("status", || async {
+        client(&nodes[x]).await.status(b"alice", &token).await
+    })
+    .await;
+    assert_eq!(
+        status,
+        RecordStatus::Registered {
+            guesses_remaining: left,
+            max_guesses: 10
+        }
+    );
+}

@@ -28,6 +28,7 @@ use vault_proto::vault::node::v1::node_client::NodeClient;
 use vault_proto::vault::node::v1::node_server::Node;
 
 use super::{NodeId, TypeConfig};
+use crate::geo::{Geography, Route};
 use crate::partition::{MacKey, Partition, PartitionError};
 
 const REQUEST_LABEL: &[u8] = b"hsm-vault/v1/peer-request";
@@ -63,6 +64,8 @@ fn verify(partition: &Arc<Partition>, input: &[u8], tag: &[u8]) -> bool {
 pub struct Network {
     pub id: NodeId,
     pub partition: Arc<Partition>,
+    /// Emulated latency and fault switches on outgoing messages.
+    pub geo: Geography,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -74,6 +77,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             to: target,
             addr: format!("http://{}", node.addr),
             partition: Arc::clone(&self.partition),
+            geo: self.geo.clone(),
             client: None,
         }
     }
@@ -86,6 +90,7 @@ pub struct PeerClient {
     to: NodeId,
     addr: String,
     partition: Arc<Partition>,
+    geo: Geography,
     client: Option<NodeClient<Channel>>,
 }
 
@@ -109,6 +114,11 @@ impl PeerClient {
         let network = |e: &dyn std::fmt::Display| {
             RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
         };
+        let delay = match self.geo.route(self.to) {
+            Route::Drop => return Err(unreachable(&"link cut or message lost (fault switch)")),
+            Route::Deliver(d) => d,
+        };
+        tokio::time::sleep(delay).await;
         let payload = serde_json::to_vec(req).map_err(|e| network(&e))?;
         let tag = mac(
             &self.partition,
@@ -147,6 +157,8 @@ impl PeerClient {
                 return Err(unreachable(&status));
             }
         };
+        // The answer travels back over the same emulated link.
+        tokio::time::sleep(delay).await;
         let input = mac_input(RESPONSE_LABEL, kind, self.from, self.to, &response.payload);
         if !verify(&self.partition, &input, &response.mac) {
             return Err(network(&Status::unauthenticated(
