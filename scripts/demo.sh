@@ -1,63 +1,72 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine: builds the vault, starts a node
-# on a fresh SoftHSM2 token, and backs a file up and restores it, once with
-# a vault password and once with a 64-digit key. Everything lives in .demo/.
+# The main job, end to end on one machine: builds the vault, starts a local
+# fleet of 5 vault nodes in 3 emulated regions (one SoftHSM2 token each, the
+# domain keys cloned by the ceremony), backs a file up and restores it, with
+# a password through the fleet and with a 64-digit key, and shows the fleet
+# surviving the loss of its leader. Everything lives in .demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 cargo build --locked --bins -q
 
 bin=$(pwd)/target/debug
-export HSM_VAULT_BIN=$bin/hsm-vault VAULT_BIN=$bin/vault
-export HSM_VAULT_LISTEN=${HSM_VAULT_LISTEN:-127.0.0.1:7700}
+fleet() { "$bin/fleet" --dir "$demo/fleet" "$@"; }
+vault() { "$bin/vault" "$@"; }
 demo=$(pwd)/.demo
+if [ -f "$demo/fleet/state.json" ]; then fleet down >/dev/null 2>&1 || true; fi
 rm -rf "$demo"; mkdir -p "$demo"
+trap 'fleet down >/dev/null 2>&1 || true' EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "1. a vault node on its own SoftHSM2 token"
-deploy/single-node/init-node.sh "$demo/node"
-deploy/single-node/run-node.sh "$demo/node" > "$demo/node.out" 2> "$demo/node.log" &
-node_pid=$!
-trap 'kill $node_pid 2>/dev/null || true' EXIT
-for _ in $(seq 1 300); do
-  grep -q "listening on" "$demo/node.out" 2>/dev/null && break
-  kill -0 $node_pid 2>/dev/null || { cat "$demo/node.log"; exit 1; }
-  sleep 0.1
-done
-grep "listening on" "$demo/node.out"
-echo "OPAQUE public key (clients pin it): $(cat "$demo/node/vault.pub")"
+step "1. a local fleet: 5 nodes, 3 regions, one SoftHSM2 token each"
+fleet up --fleet-file deploy/local-fleet/fleet.toml
+for _ in $(seq 1 100); do fleet status | awk '$5 == "leader"' | grep -q . && break; sleep 0.1; done
+fleet status
 
-export VAULT_ENDPOINT=http://$HSM_VAULT_LISTEN VAULT_PUBLIC_KEY=$demo/node/vault.pub
+export VAULT_PUBLIC_KEY=$demo/fleet/vault.pub
 account=alice@example.org
-"$VAULT_BIN" token issue --signing-key "$demo/node/identity/identity.key" \
-  --account "$account" > "$demo/alice.token"
+vault token issue --signing-key "$demo/fleet/identity/identity.key" --account "$account" > "$demo/alice.token"
 head -c $((5 * 1024 * 1024)) /dev/urandom > "$demo/chats.db"
 
-step "2. backup with a password: the key goes to the vault, the file is encrypted"
-echo "correct horse battery staple" | "$VAULT_BIN" backup create --account "$account" \
-  --token-file "$demo/alice.token" --password-stdin --in "$demo/chats.db" --out "$demo/chats.enc"
-"$VAULT_BIN" status --account "$account" --token-file "$demo/alice.token"
+step "2. backup with a password, through the node in ap-south"
+echo "correct horse battery staple" | VAULT_ENDPOINT=http://127.0.0.1:7705 vault backup create \
+  --account "$account" --token-file "$demo/alice.token" --password-stdin \
+  --in "$demo/chats.db" --out "$demo/chats.enc"
 
 step "3. a wrong password costs a guess"
-echo "wrong guess" | "$VAULT_BIN" backup restore --account "$account" --password-stdin \
-  --in "$demo/chats.enc" --out "$demo/restored.db" || echo "(refused, as it should be)"
+echo "wrong guess" | VAULT_ENDPOINT=http://127.0.0.1:7702 vault backup restore --account "$account" \
+  --password-stdin --in "$demo/chats.enc" --out "$demo/restored.db" || echo "(refused, as it should be)"
 
-step "4. restore with the right password"
-echo "correct horse battery staple" | "$VAULT_BIN" backup restore --account "$account" \
-  --password-stdin --in "$demo/chats.enc" --out "$demo/restored.db"
+step "4. the leader crashes (kill -9)"
+leader=$(fleet status | awk '$5 == "leader" { print $1 }')
+fleet stop-node --id "$leader" --kill
+survivor=$(( leader % 5 + 1 ))
+export VAULT_ENDPOINT=http://127.0.0.1:770$survivor
+
+step "5. restore with the right password, through node $survivor"
+for attempt in $(seq 1 50); do
+  if echo "correct horse battery staple" | vault backup restore --account "$account" \
+       --password-stdin --in "$demo/chats.enc" --out "$demo/restored.db" 2> "$demo/restore.err"; then
+    break
+  fi
+  grep -q "Unavailable" "$demo/restore.err" || { cat "$demo/restore.err"; exit 1; }
+  sleep 0.2   # the group is electing a new leader
+done
+cat "$demo/restore.err"
 cmp "$demo/chats.db" "$demo/restored.db" && echo "restored file is identical"
-"$VAULT_BIN" status --account "$account" --token-file "$demo/alice.token"
+vault status --account "$account" --token-file "$demo/alice.token"
+fleet status
 
-step "5. backup with a 64-digit key instead of the vault"
-"$VAULT_BIN" backup create --no-vault --in "$demo/chats.db" --out "$demo/chats-key.enc" > "$demo/key.txt"
+step "6. backup with a 64-digit key instead of the vault"
+vault backup create --no-vault --in "$demo/chats.db" --out "$demo/chats-key.enc" > "$demo/key.txt"
 echo "key: $(cat "$demo/key.txt")"
-"$VAULT_BIN" backup restore --no-vault --key-stdin --in "$demo/chats-key.enc" \
+vault backup restore --no-vault --key-stdin --in "$demo/chats-key.enc" \
   --out "$demo/restored-key.db" < "$demo/key.txt"
 cmp "$demo/chats.db" "$demo/restored-key.db" && echo "restored file is identical"
 
-step "6. turn encrypted backup off (password required)"
-echo "correct horse battery staple" | "$VAULT_BIN" backup disable --account "$account" \
+step "7. turn encrypted backup off (password required)"
+echo "correct horse battery staple" | vault backup disable --account "$account" \
   --token-file "$demo/alice.token" --password-stdin
-"$VAULT_BIN" status --account "$account" --token-file "$demo/alice.token"
+vault status --account "$account" --token-file "$demo/alice.token"
 
-step "done: backup and restore worked end to end (node log: .demo/node.log)"
+step "done: backup and restore worked end to end on the fleet (node logs: .demo/fleet/node-*/node.log)"

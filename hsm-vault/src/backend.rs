@@ -88,6 +88,27 @@ fn no_quorum(detail: impl std::fmt::Display) -> Status {
     ))
 }
 
+/// Confirms leadership with a majority before a read. Right after an
+/// election, or across slow links, one round may miss the quorum: it is
+/// retried until [`QUORUM_TIMEOUT`].
+async fn linearizable(raft: &Raft<TypeConfig>) -> Result<(), Status> {
+    let start = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(20);
+    loop {
+        let left = QUORUM_TIMEOUT.saturating_sub(start.elapsed());
+        match tokio::time::timeout(left, raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(RaftError::APIError(e))) if start.elapsed() + pause < QUORUM_TIMEOUT => {
+                tracing::debug!(error = %e, "linearizable read not confirmed yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            Ok(Err(e)) => return Err(no_quorum(e)),
+            Err(_) => return Err(no_quorum("timed out")),
+        }
+    }
+}
+
 impl Backend {
     /// The record of `id` as currently committed.
     pub async fn read(&self, id: &crate::types::RecordId) -> Result<Stored, Status> {
@@ -96,10 +117,7 @@ impl Backend {
             Backend::Replicated(r) => {
                 // Make sure this leader has applied everything committed
                 // before it, so the charge starts from the current count.
-                tokio::time::timeout(QUORUM_TIMEOUT, r.raft.ensure_linearizable())
-                    .await
-                    .map_err(|_| no_quorum("timed out"))?
-                    .map_err(no_quorum)?;
+                linearizable(&r.raft).await?;
                 let got =
                     r.sm.get(&id.0)
                         .map_err(|e| store_status(StoreError::from(e)))?;

@@ -238,17 +238,39 @@ impl Partition {
     }
 }
 
+/// Finds the slot of the token labelled `label`.
+///
+/// Other tokens may share the token directory (a local fleet keeps every
+/// node's token in one SoftHSM configuration), and a token another process
+/// is writing can fail `C_GetTokenInfo` for a moment: such slots are
+/// skipped, and the search is retried a few times before giving up.
 fn find_slot(ctx: &Pkcs11, label: &str) -> Result<Slot, PartitionError> {
-    let slots = ctx
-        .get_slots_with_initialized_token()
-        .map_err(op_err("list slots"))?;
-    for slot in slots {
-        let info = ctx.get_token_info(slot).map_err(op_err("token info"))?;
-        if info.label().trim_end() == label {
-            return Ok(slot);
+    const ATTEMPTS: u32 = 20;
+    let mut last_error = None;
+    for attempt in 0..ATTEMPTS {
+        match ctx.get_slots_with_initialized_token() {
+            Ok(slots) => {
+                for slot in slots {
+                    match ctx.get_token_info(slot) {
+                        Ok(info) if info.label().trim_end() == label => return Ok(slot),
+                        Ok(_) => {}
+                        Err(e) => last_error = Some(e),
+                    }
+                }
+                if last_error.is_none() {
+                    break;
+                }
+            }
+            Err(e) => last_error = Some(e),
         }
+        std::thread::sleep(std::time::Duration::from_millis(
+            25 * u64::from(attempt + 1),
+        ));
     }
-    Err(PartitionError::TokenNotFound(label.to_owned()))
+    match last_error {
+        Some(e) => Err(op_err("find token")(e)),
+        None => Err(PartitionError::TokenNotFound(label.to_owned())),
+    }
 }
 
 fn find_one(

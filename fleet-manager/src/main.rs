@@ -1,0 +1,473 @@
+//! `fleet`: the operator's tool for a local fleet of vault nodes.
+//!
+//! - `fleet up` makes one SoftHSM2 token per node, generates the domain keys
+//!   in the first and clones them into the others through the ceremony
+//!   (wrapped under trusted transport keys, inside the tokens), starts one
+//!   `hsm-vault` process per node of the fleet file, and records what it did
+//!   in `DIR/state.json`. Run again, it reuses the tokens and data and only
+//!   starts what is not running.
+//! - `fleet status` shows regions, nodes, the leader, health and
+//!   replication lag.
+//! - `fleet faults` flips the fault switches (isolate a node or a region,
+//!   add delay or loss); `fleet down` stops the nodes.
+//!
+//! The data path never depends on this tool: nodes keep serving while it is
+//! not running.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use hsm_vault::geo::{Faults, FleetFile};
+use hsm_vault::partition::ceremony::Enrollment;
+use hsm_vault::partition::{KeySetup, Module, Partition};
+use serde::{Deserialize, Serialize};
+use vault_proto::vault::v1 as pb;
+use vault_proto::vault::v1::vault_client::VaultClient;
+
+/// How long `fleet up` waits for a node to listen.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Run and watch a local fleet of HSM vault nodes")]
+struct Cli {
+    /// The fleet's working directory (tokens, data, logs, state).
+    #[arg(long, env = "FLEET_DIR", default_value = ".fleet", global = true)]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create the fleet (first time) and start every node that is not running.
+    Up {
+        #[arg(long, default_value = "deploy/local-fleet/fleet.toml")]
+        fleet_file: PathBuf,
+        /// The `hsm-vault` binary (default: beside this one).
+        #[arg(long)]
+        hsm_vault_bin: Option<PathBuf>,
+        /// PKCS#11 module.
+        #[arg(
+            long,
+            env = "PKCS11_MODULE",
+            default_value = "/usr/lib/softhsm/libsofthsm2.so"
+        )]
+        pkcs11_module: PathBuf,
+    },
+    /// Show regions, nodes, roles, health and replication lag.
+    Status,
+    /// Flip fault switches: isolate nodes or regions, delay, loss; --heal clears them.
+    Faults {
+        #[arg(long)]
+        isolate_node: Vec<u64>,
+        #[arg(long)]
+        isolate_region: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        drop_percent: u8,
+        #[arg(long, conflicts_with_all = ["isolate_node", "isolate_region"])]
+        heal: bool,
+    },
+    /// Stop one node: SIGTERM, or SIGKILL with --kill (a crash).
+    StopNode {
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        kill: bool,
+    },
+    /// Stop every node of the fleet (SIGTERM).
+    Down,
+}
+
+/// What `fleet up` knows about the fleet, kept in `DIR/state.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    fleet_file: PathBuf,
+    softhsm_conf: PathBuf,
+    nodes: BTreeMap<u64, NodeState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeState {
+    region: String,
+    addr: String,
+    label: String,
+    pid: Option<u32>,
+}
+
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+fn load_state(dir: &Path) -> anyhow::Result<Option<State>> {
+    match std::fs::read_to_string(state_path(dir)) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).context("state.json is malformed")?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context("reading state.json"),
+    }
+}
+
+fn save_state(dir: &Path, state: &State) -> anyhow::Result<()> {
+    let tmp = dir.join("state.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)?;
+    std::fs::rename(&tmp, state_path(dir))?;
+    Ok(())
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    hex::encode(b)
+}
+
+fn is_running(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+}
+
+/// First-time setup: tokens, identity key, ceremony.
+fn create(
+    dir: &Path,
+    fleet: &FleetFile,
+    fleet_file: &Path,
+    module: &Path,
+) -> anyhow::Result<State> {
+    let hsm = dir.join("softhsm");
+    std::fs::create_dir_all(hsm.join("tokens"))?;
+    let conf = hsm.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n\
+             slots.removable = false\nslots.mechanisms = ALL\nlibrary.reset_on_fork = false\n",
+            hsm.join("tokens").canonicalize()?.display()
+        ),
+    )?;
+    let mut nodes = BTreeMap::new();
+    for n in &fleet.nodes {
+        let label = format!("vault-node-{}", n.id);
+        let (pin, so_pin) = (random_hex(16), random_hex(16));
+        let node_dir = dir.join(format!("node-{}", n.id));
+        std::fs::create_dir_all(&node_dir)?;
+        write_secret(&node_dir.join("user.pin"), pin.as_bytes())?;
+        write_secret(&node_dir.join("so.pin"), so_pin.as_bytes())?;
+        let out = Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &conf)
+            .args([
+                "--init-token",
+                "--free",
+                "--label",
+                &label,
+                "--pin",
+                &pin,
+                "--so-pin",
+                &so_pin,
+            ])
+            .output()
+            .context("running softhsm2-util (is the softhsm2 package installed?)")?;
+        if !out.status.success() {
+            bail!("softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        nodes.insert(
+            n.id,
+            NodeState {
+                region: n.region.clone(),
+                addr: n.addr.clone(),
+                label,
+                pid: None,
+            },
+        );
+    }
+
+    // The identity service's key for owner tokens (local stand-in).
+    let identity = dir.join("identity");
+    std::fs::create_dir_all(&identity)?;
+    let sk = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    write_secret(
+        &identity.join("identity.key"),
+        hex::encode(sk.to_bytes()).as_bytes(),
+    )?;
+    std::fs::write(
+        identity.join("identity.pub"),
+        hex::encode(sk.verifying_key().to_encoded_point(true).as_bytes()),
+    )?;
+
+    // The ceremony: keys generated in the first token, cloned into the rest.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let module = Module::load(module).context("loading the PKCS#11 module")?;
+    let read = |p: PathBuf| std::fs::read_to_string(p).map(zeroize::Zeroizing::new);
+    let mut ids = nodes.keys().copied();
+    let first = ids.next().context("the fleet file names no node")?;
+    let first_dir = dir.join(format!("node-{first}"));
+    let (pin, so_pin) = (
+        read(first_dir.join("user.pin"))?,
+        read(first_dir.join("so.pin"))?,
+    );
+    let source = Partition::open_in(
+        &module,
+        &nodes[&first].label,
+        &pin,
+        KeySetup::GenerateIfMissing,
+    )?;
+    for id in ids {
+        let target_pin = read(dir.join(format!("node-{id}/user.pin")))?;
+        let enrollment = Enrollment::begin(&module, &nodes[&id].label, &target_pin)?;
+        let package = source.export_for_clone(&so_pin, &pin, enrollment.transport_public_key())?;
+        enrollment.complete(&package)?;
+        println!("node {id}: domain keys cloned from node {first} (wrapped under a trusted transport key)");
+    }
+    std::fs::write(dir.join("faults.json"), "{}")?;
+    Ok(State {
+        fleet_file: fleet_file.canonicalize()?,
+        softhsm_conf: conf,
+        nodes,
+    })
+}
+
+fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let dir = dir.canonicalize()?;
+    let fleet = FleetFile::load(fleet_file)?;
+    let mut state = match load_state(&dir)? {
+        Some(s) => s,
+        None => {
+            let s = create(&dir, &fleet, fleet_file, module)?;
+            save_state(&dir, &s)?;
+            s
+        }
+    };
+    let bin = match bin {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary directory")?
+            .join("hsm-vault"),
+    };
+    let first = *state.nodes.keys().next().context("no node")?;
+    for (id, node) in state.nodes.iter_mut() {
+        if node.pid.is_some_and(is_running) {
+            continue;
+        }
+        let node_dir = dir.join(format!("node-{id}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(node_dir.join("node.log"))?;
+        let out = std::fs::File::create(node_dir.join("node.out"))?;
+        let mut cmd = Command::new(&bin);
+        cmd.env("SOFTHSM2_CONF", &state.softhsm_conf)
+            .arg(format!("--node-id={id}"))
+            .arg(format!("--listen={}", node.addr))
+            .arg(format!("--fleet-file={}", state.fleet_file.display()))
+            .arg(format!(
+                "--faults-file={}",
+                dir.join("faults.json").display()
+            ))
+            .arg(format!("--data-dir={}", node_dir.join("data").display()))
+            .arg(format!("--pkcs11-module={}", module.display()))
+            .arg(format!("--token-label={}", node.label))
+            .arg(format!(
+                "--pin-file={}",
+                node_dir.join("user.pin").display()
+            ))
+            .arg(format!(
+                "--auth-public-key={}",
+                dir.join("identity/identity.pub").display()
+            ))
+            .arg(format!(
+                "--publish-key={}",
+                node_dir.join("vault.pub").display()
+            ))
+            .arg("--require-cloned-keys")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(log);
+        if *id == first {
+            cmd.arg("--init");
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        node.pid = Some(child.id());
+    }
+    save_state(&dir, &state)?;
+    for (id, node) in &state.nodes {
+        let out = dir.join(format!("node-{id}/node.out"));
+        let start = Instant::now();
+        while !std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .contains("listening on")
+        {
+            if start.elapsed() > START_DEADLINE || !node.pid.is_some_and(is_running) {
+                bail!(
+                    "node {id} did not start; see {}",
+                    dir.join(format!("node-{id}/node.log")).display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        println!("node {id} ({}) listening on {}", node.region, node.addr);
+    }
+    std::fs::copy(
+        dir.join(format!("node-{first}/vault.pub")),
+        dir.join("vault.pub"),
+    )?;
+    println!(
+        "vault public key (clients pin it): {}",
+        dir.join("vault.pub").display()
+    );
+    println!(
+        "identity key (issues owner tokens): {}",
+        dir.join("identity/identity.key").display()
+    );
+    Ok(())
+}
+
+async fn status(dir: &Path) -> anyhow::Result<()> {
+    let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
+    let mut rows = Vec::new();
+    let mut leader_applied = 0;
+    for (id, node) in &state.nodes {
+        let info = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))?
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(2))
+                .connect()
+                .await?;
+            let info = VaultClient::new(channel)
+                .get_info(pb::GetInfoRequest {})
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(info)
+        }
+        .await
+        .ok();
+        if let Some(i) = &info {
+            if i.leader_id == *id {
+                leader_applied = i.applied_index;
+            }
+        }
+        rows.push((*id, node, info));
+    }
+    println!(
+        "{:<6}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
+        "node", "region", "address", "health", "role", "applied", "lag"
+    );
+    for (id, node, info) in rows {
+        match info {
+            Some(i) => println!(
+                "{:<6}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
+                id,
+                node.region,
+                node.addr,
+                "up",
+                match i.leader_id {
+                    0 => "no-leader",
+                    l if l == id => "leader",
+                    _ => "follower",
+                },
+                i.applied_index,
+                leader_applied.saturating_sub(i.applied_index)
+            ),
+            None => println!(
+                "{:<6}{:<12}{:<18}{:<10}",
+                id, node.region, node.addr, "DOWN"
+            ),
+        }
+    }
+    let faults: Faults =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("faults.json")).unwrap_or_default())
+            .unwrap_or_default();
+    if faults != Faults::default() {
+        println!("fault switches: {}", serde_json::to_string(&faults)?);
+    }
+    Ok(())
+}
+
+fn signal(pid: u32, kill: bool) {
+    let mut cmd = Command::new("kill");
+    if kill {
+        cmd.arg("-9");
+    }
+    let _ = cmd.arg(pid.to_string()).status();
+}
+
+fn down(dir: &Path, only: Option<u64>, kill: bool) -> anyhow::Result<()> {
+    let Some(mut state) = load_state(dir)? else {
+        return Ok(());
+    };
+    for (id, node) in state.nodes.iter_mut() {
+        if only.is_some_and(|o| o != *id) {
+            continue;
+        }
+        if let Some(pid) = node.pid.take().filter(|p| is_running(*p)) {
+            signal(pid, kill);
+            println!("node {id}: {}", if kill { "killed" } else { "stopped" });
+        }
+    }
+    save_state(dir, &state)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Up {
+            fleet_file,
+            hsm_vault_bin,
+            pkcs11_module,
+        } => up(&cli.dir, &fleet_file, hsm_vault_bin, &pkcs11_module),
+        Cmd::Status => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(status(&cli.dir)),
+        Cmd::Faults {
+            isolate_node,
+            isolate_region,
+            delay_ms,
+            drop_percent,
+            heal,
+        } => {
+            let faults = if heal {
+                Faults::default()
+            } else {
+                Faults {
+                    isolated_nodes: isolate_node.into_iter().collect(),
+                    isolated_regions: isolate_region.into_iter().collect(),
+                    extra_delay_ms: delay_ms,
+                    drop_percent: drop_percent.min(100),
+                }
+            };
+            let path = cli.dir.join("faults.json");
+            let tmp = cli.dir.join("faults.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&faults)?)?;
+            std::fs::rename(&tmp, &path)?;
+            println!("fault switches: {}", serde_json::to_string(&faults)?);
+            Ok(())
+        }
+        Cmd::StopNode { id, kill } => down(&cli.dir, Some(id), kill),
+        Cmd::Down => down(&cli.dir, None, false),
+    }
+}
