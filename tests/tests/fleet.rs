@@ -1,0 +1,185 @@
+//! The `fleet` operator tool end to end: `fleet up` builds a 5-node fleet in
+//! 3 regions (tokens, ceremony, processes), `status` reports it, and the
+//! fleet serves backups through any node while its leader is down.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vault_e2e::{bin, free_ports};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn fleet(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(bin("fleet"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("fleet runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn leader(status: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let cols: Vec<_> = l.split_whitespace().collect();
+        (cols.get(4) == Some(&"leader"))
+            .then(|| cols[0].parse().ok())
+            .flatten()
+    })
+}
+
+fn vault(dir: &std::path::Path, endpoint: &str, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(bin("vault"))
+        .env("VAULT_ENDPOINT", endpoint)
+        .env("VAULT_PUBLIC_KEY", dir.join("vault.pub"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vault runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("stdin");
+    child.wait_with_output().expect("vault exits")
+}
+
+struct Down<'a>(&'a std::path::Path);
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = fleet(self.0, &["down"]);
+    }
+}
+
+#[test]
+fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader_crash() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let ports = free_ports(5);
+    let regions = ["eu", "eu", "us", "us", "ap"];
+    let mut file = String::from(
+        "[fleet]\nname = \"t\"\nintra_region_ms = 1\n[[region]]\nname = \"eu\"\n[[region]]\nname = \"us\"\n\
+         [[region]]\nname = \"ap\"\n[[link]]\nbetween = [\"eu\", \"us\"]\nms = 10\n\
+         [[link]]\nbetween = [\"eu\", \"ap\"]\nms = 20\n[[link]]\nbetween = [\"us\", \"ap\"]\nms = 20\n",
+    );
+    for (i, p) in ports.iter().enumerate() {
+        file.push_str(&format!(
+            "[[node]]\nid = {}\nregion = \"{}\"\naddr = \"127.0.0.1:{p}\"\n",
+            i + 1,
+            regions[i]
+        ));
+    }
+    let fleet_file = work.path().join("fleet.toml");
+    std::fs::write(&fleet_file, file).expect("fleet file");
+
+    let _down = Down(&dir);
+    let up = ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    assert_eq!(up.matches("domain keys cloned").count(), 4, "{up}");
+    assert_eq!(up.matches("listening on").count(), 5, "{up}");
+
+    let start = Instant::now();
+    let leader_id = loop {
+        let status = ok(fleet(&dir, &["status"]));
+        if let Some(l) = leader(&status) {
+            assert_eq!(status.matches(" up ").count(), 5, "{status}");
+            for r in ["eu", "us", "ap"] {
+                assert!(status.contains(r), "{status}");
+            }
+            break l;
+        }
+        assert!(start.elapsed() < DEADLINE, "no leader: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let token = work.path().join("token");
+    let issued = Command::new(bin("vault"))
+        .args(["token", "issue", "--account", "zoe", "--signing-key"])
+        .arg(dir.join("identity/identity.key"))
+        .output()
+        .expect("issue");
+    std::fs::write(&token, &issued.stdout).expect("token");
+    let input = work.path().join("in.db");
+    std::fs::write(&input, vec![42u8; 300_000]).expect("input");
+    let enc = work.path().join("in.enc");
+    let endpoint = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
+    let create = vault(
+        &dir,
+        &endpoint(5),
+        &[
+            "backup",
+            "create",
+            "--account",
+            "zoe",
+            "--password-stdin",
+            "--token-file",
+            token.to_str().expect("utf8"),
+            "--in",
+            input.to_str().expect("utf8"),
+            "--out",
+            enc.to_str().expect("utf8"),
+        ],
+        "pw\n",
+    );
+    assert!(
+        create.status.success(),
+        "{}",
+        String::from_utf8_lossy(&create.stderr)
+    );
+
+    ok(fleet(
+        &dir,
+        &["stop-node", "--id", &leader_id.to_string(), "--kill"],
+    ));
+    let other = leader_id % 5 + 1;
+    let out = work.path().join("out.db");
+    let start = Instant::now();
+    loop {
+        let restore = vault(
+            &dir,
+            &endpoint(other),
+            &[
+                "backup",
+                "restore",
+                "--account",
+                "zoe",
+                "--password-stdin",
+                "--in",
+                enc.to_str().expect("utf8"),
+                "--out",
+                out.to_str().expect("utf8"),
+            ],
+            "pw\n",
+        );
+        if restore.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&restore.stderr).into_owned();
+        assert!(
+            err.contains("Unavailable") && start.elapsed() < DEADLINE,
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        std::fs::read(&out).expect("out"),
+        std::fs::read(&input).expect("in")
+    );
+    let status = ok(fleet(&dir, &["status"]));
+    assert!(status.contains("DOWN"), "{status}");
+}
