@@ -75,6 +75,41 @@ enum Cmd {
         #[arg(long, conflicts_with_all = ["isolate_node", "isolate_region"])]
         heal: bool,
     },
+    /// Replace a node whose disk and token are lost: a new token, enrolled
+    /// by a ceremony with a running member, and a fresh process that
+    /// catches up from the group.
+    ReplaceNode {
+        #[arg(long)]
+        id: u64,
+        #[arg(
+            long,
+            env = "PKCS11_MODULE",
+            default_value = "/usr/lib/softhsm/libsofthsm2.so"
+        )]
+        pkcs11_module: PathBuf,
+    },
+    /// Add a node declared in the fleet file: token, ceremony, process,
+    /// then learner and voter through joint consensus.
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        #[arg(
+            long,
+            env = "PKCS11_MODULE",
+            default_value = "/usr/lib/softhsm/libsofthsm2.so"
+        )]
+        pkcs11_module: PathBuf,
+    },
+    /// Remove a node from its group (joint consensus), then stop it.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Remove every node of a region from the group, then stop them.
+    DrainRegion {
+        #[arg(long)]
+        region: String,
+    },
     /// Stop one node: SIGTERM, or SIGKILL with --kill (a crash).
     StopNode {
         #[arg(long)]
@@ -215,6 +250,19 @@ fn create(
         hex::encode(sk.verifying_key().to_encoded_point(true).as_bytes()),
     )?;
 
+    // The operator's key: signs ceremonies and membership changes.
+    let operator = dir.join("operator");
+    std::fs::create_dir_all(&operator)?;
+    let ok = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    write_secret(
+        &operator.join("operator.key"),
+        hex::encode(ok.to_bytes()).as_bytes(),
+    )?;
+    std::fs::write(
+        operator.join("operator.pub"),
+        hex::encode(ok.verifying_key().to_encoded_point(true).as_bytes()),
+    )?;
+
     // The ceremony: keys generated in the first token, cloned into the rest.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let module = Module::load(module).context("loading the PKCS#11 module")?;
@@ -302,6 +350,14 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
                 node_dir.join("vault.pub").display()
             ))
             .arg("--require-cloned-keys")
+            .arg(format!(
+                "--operator-public-key={}",
+                dir.join("operator/operator.pub").display()
+            ))
+            .arg(format!(
+                "--so-pin-file={}",
+                node_dir.join("so.pin").display()
+            ))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log);
@@ -407,6 +463,184 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn init_token(conf: &Path, node_dir: &Path, label: &str) -> anyhow::Result<()> {
+    let (pin, so_pin) = (random_hex(16), random_hex(16));
+    std::fs::create_dir_all(node_dir)?;
+    write_secret(&node_dir.join("user.pin"), pin.as_bytes())?;
+    write_secret(&node_dir.join("so.pin"), so_pin.as_bytes())?;
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", conf)
+        .args([
+            "--init-token",
+            "--free",
+            "--label",
+            label,
+            "--pin",
+            &pin,
+            "--so-pin",
+            &so_pin,
+        ])
+        .output()
+        .context("running softhsm2-util")?;
+    if !out.status.success() {
+        bail!("softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+async fn connect(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?,
+    )
+}
+
+/// A signed operator request.
+fn signed(
+    dir: &Path,
+    kind: &str,
+    body: &impl Serialize,
+) -> anyhow::Result<vault_proto::vault::node::v1::OperatorRequest> {
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join("operator/operator.key"))?);
+    let key = vault_proto::token::parse_signing_key(&text)?;
+    let body = serde_json::to_vec(body)?;
+    let issued_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let signature = vault_proto::operator::sign(&key, kind, issued_at, &body);
+    Ok(vault_proto::vault::node::v1::OperatorRequest {
+        issued_at,
+        body,
+        signature,
+    })
+}
+
+/// The leader's address and the current voters, asked of the running nodes.
+async fn leader(state: &State) -> anyhow::Result<(u64, String)> {
+    for node in state.nodes.values() {
+        let Ok(channel) = connect(&node.addr).await else {
+            continue;
+        };
+        let Ok(info) = VaultClient::new(channel)
+            .get_info(pb::GetInfoRequest {})
+            .await
+        else {
+            continue;
+        };
+        let leader = info.into_inner().leader_id;
+        if let Some(l) = state.nodes.get(&leader) {
+            return Ok((leader, l.addr.clone()));
+        }
+    }
+    bail!("no running node knows a leader")
+}
+
+/// Gives node `id` a new token holding the domain keys: the ceremony with
+/// a running member as the source, vouched for by the operator's signature.
+async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Result<()> {
+    use vault_proto::vault::node::v1::operator_client::OperatorClient;
+    let node = state.nodes.get(&id).context("unknown node")?;
+    let node_dir = dir.join(format!("node-{id}"));
+    // The old token (if any) is gone with the old disk.
+    let _ = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &state.softhsm_conf)
+        .args(["--delete-token", "--token", &node.label])
+        .output();
+    let _ = std::fs::remove_dir_all(node_dir.join("data"));
+    init_token(&state.softhsm_conf, &node_dir, &node.label)?;
+
+    std::env::set_var("SOFTHSM2_CONF", &state.softhsm_conf);
+    let module = Module::load(module)?;
+    let pin = zeroize::Zeroizing::new(std::fs::read_to_string(node_dir.join("user.pin"))?);
+    let enrollment = Enrollment::begin(&module, &node.label, &pin)?;
+    let body = hsm_vault::replication::operator::ExportKeys {
+        transport: hex::encode(enrollment.transport_public_key()),
+    };
+    let mut last = None;
+    for (source, member) in state
+        .nodes
+        .iter()
+        .filter(|(i, n)| **i != id && n.pid.is_some_and(is_running))
+    {
+        let attempt = async {
+            let mut c = OperatorClient::new(connect(&member.addr).await?);
+            let reply = c
+                .export_keys(signed(dir, "ExportKeys", &body)?)
+                .await?
+                .into_inner();
+            Ok::<_, anyhow::Error>(reply)
+        }
+        .await;
+        match attempt {
+            Ok(reply) => {
+                let package: hsm_vault::partition::ceremony::ClonePackage =
+                    serde_json::from_slice(&reply.body)?;
+                enrollment.complete(&package)?;
+                println!("node {id}: new token enrolled; domain keys cloned from node {source}");
+                return Ok(());
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no running member to clone the keys from")))
+}
+
+async fn membership(
+    dir: &Path,
+    state: &State,
+    voters: std::collections::BTreeSet<u64>,
+    learner: Option<u64>,
+) -> anyhow::Result<()> {
+    use vault_proto::vault::node::v1::operator_client::OperatorClient;
+    let (leader_id, addr) = leader(state).await?;
+    let mut c = OperatorClient::new(connect(&addr).await?);
+    if let Some(id) = learner {
+        let node = state.nodes.get(&id).context("unknown node")?;
+        let body = hsm_vault::replication::operator::AddLearner {
+            id,
+            addr: node.addr.clone(),
+        };
+        c.add_learner(signed(dir, "AddLearner", &body)?).await?;
+        println!("node {id}: added as a learner (caught up) via leader {leader_id}");
+    }
+    let body = hsm_vault::replication::operator::ChangeMembership {
+        voters: voters.clone(),
+    };
+    c.change_membership(signed(dir, "ChangeMembership", &body)?)
+        .await?;
+    println!("voters are now {voters:?} (joint consensus, via leader {leader_id})");
+    Ok(())
+}
+
+/// The group's voters, as its leader knows them.
+async fn voters(state: &State) -> anyhow::Result<std::collections::BTreeSet<u64>> {
+    let (_, addr) = leader(state).await?;
+    let info = VaultClient::new(connect(&addr).await?)
+        .get_info(pb::GetInfoRequest {})
+        .await?
+        .into_inner();
+    Ok(info.voters.into_iter().collect())
+}
+
+/// Drops removed nodes from the fleet's state (their directories stay, for
+/// the record; `add-node` makes them anew).
+fn forget(dir: &Path, ids: &[u64]) -> anyhow::Result<()> {
+    let mut state = load_state(dir)?.context("no fleet here")?;
+    for id in ids {
+        state.nodes.remove(id);
+    }
+    save_state(dir, &state)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
 fn signal(pid: u32, kill: bool) {
     let mut cmd = Command::new("kill");
     if kill {
@@ -466,6 +700,73 @@ fn main() -> anyhow::Result<()> {
             std::fs::rename(&tmp, &path)?;
             println!("fault switches: {}", serde_json::to_string(&faults)?);
             Ok(())
+        }
+        Cmd::ReplaceNode { id, pkcs11_module } => {
+            let dir = cli.dir.canonicalize()?;
+            down(&dir, Some(id), true)?;
+            let state = load_state(&dir)?.context("no fleet here")?;
+            runtime()?.block_on(enroll(&dir, &state, id, &pkcs11_module))?;
+            up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)
+        }
+        Cmd::AddNode { id, pkcs11_module } => {
+            let dir = cli.dir.canonicalize()?;
+            let mut state = load_state(&dir)?.context("no fleet here")?;
+            if state.nodes.contains_key(&id) {
+                bail!("node {id} is already in the fleet");
+            }
+            let fleet = FleetFile::load(&state.fleet_file)?;
+            let spec = fleet
+                .node(id)
+                .context("declare the node in the fleet file first")?;
+            state.nodes.insert(
+                id,
+                NodeState {
+                    region: spec.region.clone(),
+                    addr: spec.addr.clone(),
+                    label: format!("vault-node-{id}"),
+                    pid: None,
+                },
+            );
+            save_state(&dir, &state)?;
+            let rt = runtime()?;
+            rt.block_on(enroll(&dir, &state, id, &pkcs11_module))?;
+            up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)?;
+            let state = load_state(&dir)?.context("state")?;
+            let mut voters = rt.block_on(voters(&state))?;
+            voters.insert(id);
+            rt.block_on(membership(&dir, &state, voters, Some(id)))
+        }
+        Cmd::RemoveNode { id } => {
+            let state = load_state(&cli.dir)?.context("no fleet here")?;
+            let rt = runtime()?;
+            let mut voters = rt.block_on(voters(&state))?;
+            voters.remove(&id);
+            rt.block_on(membership(&cli.dir, &state, voters, None))?;
+            down(&cli.dir, Some(id), false)?;
+            forget(&cli.dir, &[id])
+        }
+        Cmd::DrainRegion { region } => {
+            let state = load_state(&cli.dir)?.context("no fleet here")?;
+            let rt = runtime()?;
+            let drained: Vec<u64> = state
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.region == region)
+                .map(|(i, _)| *i)
+                .collect();
+            if drained.is_empty() {
+                bail!("no node in region {region:?}");
+            }
+            let voters: std::collections::BTreeSet<u64> = rt
+                .block_on(voters(&state))?
+                .into_iter()
+                .filter(|i| !drained.contains(i))
+                .collect();
+            rt.block_on(membership(&cli.dir, &state, voters, None))?;
+            for id in &drained {
+                down(&cli.dir, Some(*id), false)?;
+            }
+            forget(&cli.dir, &drained)
         }
         Cmd::StopNode { id, kill } => down(&cli.dir, Some(id), kill),
         Cmd::Down => down(&cli.dir, None, false),

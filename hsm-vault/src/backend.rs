@@ -185,19 +185,26 @@ impl Backend {
         }
     }
 
-    /// This node's id, the leader it knows of, and the last log index it
-    /// applied (zeros when alone or unknown).
-    pub async fn roles(&self) -> (u64, u64, u64) {
+    /// This node's id, the leader it knows of, the last log index it
+    /// applied and the voters it knows (zeros and empty when alone).
+    pub async fn roles(&self) -> (u64, u64, u64, Vec<u64>) {
         match self {
-            Backend::Local(_) => (0, 0, 0),
+            Backend::Local(_) => (0, 0, 0, Vec::new()),
             Backend::Replicated(r) => {
-                let applied = r
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .last_applied
-                    .map_or(0, |l| l.index);
-                (r.id, r.raft.current_leader().await.unwrap_or(0), applied)
+                let (applied, voters) = {
+                    let metrics = r.raft.metrics();
+                    let m = metrics.borrow();
+                    (
+                        m.last_applied.map_or(0, |l| l.index),
+                        m.membership_config.membership().voter_ids().collect(),
+                    )
+                };
+                (
+                    r.id,
+                    r.raft.current_leader().await.unwrap_or(0),
+                    applied,
+                    voters,
+                )
             }
         }
     }

@@ -13,6 +13,7 @@ use hsm_vault::geo::{FleetFile, Geography};
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
+use hsm_vault::replication::operator::OperatorService;
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::store::Store;
@@ -21,6 +22,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio_stream::wrappers::TcpListenerStream;
 use vault_proto::vault::node::v1::node_server::NodeServer;
+use vault_proto::vault::node::v1::operator_server::OperatorServer;
 use vault_proto::vault::v1::vault_server::VaultServer;
 use zeroize::Zeroizing;
 
@@ -80,6 +82,14 @@ struct Args {
     /// that the node re-reads while it runs.
     #[arg(long, env = "HSM_VAULT_FAULTS_FILE")]
     faults_file: Option<PathBuf>,
+    /// The operator's public key (hex SEC1 P-256): enables the operator API
+    /// (ceremony source, membership changes) for requests it signed.
+    #[arg(long, env = "HSM_VAULT_OPERATOR_PUBLIC_KEY")]
+    operator_public_key: Option<PathBuf>,
+    /// File holding the token's security-officer PIN, read only during a
+    /// cloning ceremony in which this node is the source.
+    #[arg(long, env = "HSM_VAULT_SO_PIN_FILE")]
+    so_pin_file: Option<PathBuf>,
 }
 
 /// Parses `ID=HOST:PORT,...`.
@@ -152,6 +162,8 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     } else {
         KeySetup::GenerateIfMissing
     };
+    let user_pin = Arc::new(pin);
+    let pin = Arc::clone(&user_pin);
     let partition = tokio::task::spawn_blocking(move || {
         Partition::open_in(&Module::load(&module)?, &label, &pin, setup)
     })
@@ -175,6 +187,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let mut node_service = None;
+    let mut operator_service = None;
     let backend = match (args.node_id, peers) {
         (Some(id), Some(peers)) => {
             let me = peers
@@ -226,6 +239,18 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                     tracing::info!(error = %e, "group already formed");
                 }
             }
+            if let Some(path) = &args.operator_public_key {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                operator_service = Some(OperatorService {
+                    raft: raft.clone(),
+                    partition: partition.clone(),
+                    operator_key: vault_proto::token::parse_verifying_key(&text)
+                        .context("operator public key must be a hex SEC1 P-256 point")?,
+                    user_pin: Arc::clone(&user_pin),
+                    so_pin_file: args.so_pin_file.clone(),
+                });
+            }
             node_service = Some(NodeService {
                 id,
                 raft: raft.clone(),
@@ -240,6 +265,8 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             Store::open(&args.data_dir, partition.clone()).context("opening the record store")?,
         ),
     };
+    // The PIN stays in memory only for a node that may be a ceremony source.
+    drop(user_pin);
     let service = VaultService::new(partition, backend, Authorizer::new(auth_key))?;
     let public_hex = hex::encode(service.server_public_key());
     if let Some(path) = &args.publish_key {
@@ -262,6 +289,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
+        .add_optional_service(operator_service.map(OperatorServer::new))
         .add_optional_service(node_service.map(|n| {
             NodeServer::new(n)
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)

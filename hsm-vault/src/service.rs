@@ -255,8 +255,9 @@ impl Vault for VaultService {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
-        let (node_id, leader_id, applied_index) = self.inner.backend.roles().await;
+        let (node_id, leader_id, applied_index, voters) = self.inner.backend.roles().await;
         Ok(Response::new(pb::GetInfoResponse {
+            voters,
             node_id,
             leader_id,
             applied_index,

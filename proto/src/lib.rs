@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod operator;
 pub mod suite;
 pub mod token;
 

@@ -45,7 +45,7 @@ use super::{
 };
 
 /// What kind of key a wrapped blob holds (it decides the unwrap template).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyKind {
     GenericSecret,
     Aes,
@@ -53,7 +53,7 @@ pub enum KeyKind {
 }
 
 /// One domain key, wrapped under the ceremony's transport key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct WrappedKey {
     pub label: String,
     pub kind: KeyKind,
@@ -62,7 +62,7 @@ pub struct WrappedKey {
 
 /// What the source hands the target. Nothing in it is secret to anyone
 /// without the target token's ephemeral private key.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ClonePackage {
     /// The source's ephemeral transport public key (SEC1).
     pub source_transport: Vec<u8>,

@@ -18,6 +18,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod operator;
 pub mod state_machine;
 
 use std::io::Cursor;
