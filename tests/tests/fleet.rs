@@ -64,10 +64,8 @@ impl Drop for Down<'_> {
     }
 }
 
-#[test]
-fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader_crash() {
-    let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
+/// Writes a fleet file for 5 nodes (eu, eu, us, us, ap) on free ports.
+fn fleet_file(work: &std::path::Path) -> (std::path::PathBuf, Vec<u16>) {
     let ports = free_ports(5);
     let regions = ["eu", "eu", "us", "us", "ap"];
     let mut file = String::from(
@@ -82,8 +80,16 @@ fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader
             regions[i]
         ));
     }
-    let fleet_file = work.path().join("fleet.toml");
-    std::fs::write(&fleet_file, file).expect("fleet file");
+    let path = work.join("fleet.toml");
+    std::fs::write(&path, file).expect("fleet file");
+    (path, ports)
+}
+
+#[test]
+fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader_crash() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, ports) = fleet_file(work.path());
 
     let _down = Down(&dir);
     let up = ok(fleet(
@@ -182,4 +188,171 @@ fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader
     );
     let status = ok(fleet(&dir, &["status"]));
     assert!(status.contains("DOWN"), "{status}");
+}
+
+/// Waits for a leader and for every listed node to be up with no lag.
+fn settled(dir: &std::path::Path, nodes: usize) -> String {
+    let start = Instant::now();
+    loop {
+        let status = ok(fleet(dir, &["status"]));
+        let up_no_lag = status
+            .lines()
+            .filter(|l| l.contains(" up ") && l.trim_end().ends_with(" 0"))
+            .count();
+        if leader(&status).is_some() && up_no_lag == nodes && status.lines().count() == nodes + 1 {
+            return status;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "fleet did not settle:\n{status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, ports) = fleet_file(work.path());
+    let _down = Down(&dir);
+    ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    let status = settled(&dir, 5);
+    let endpoint = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
+
+    let issued = Command::new(bin("vault"))
+        .args(["token", "issue", "--account", "kim", "--signing-key"])
+        .arg(dir.join("identity/identity.key"))
+        .output()
+        .expect("issue");
+    let token = work.path().join("token");
+    std::fs::write(&token, &issued.stdout).expect("token");
+    let register = vault(
+        &dir,
+        &endpoint(1),
+        &[
+            "key",
+            "register",
+            "--generate",
+            "--account",
+            "kim",
+            "--password-stdin",
+            "--token-file",
+            token.to_str().expect("utf8"),
+        ],
+        "pw\n",
+    );
+    assert!(
+        register.status.success(),
+        "{}",
+        String::from_utf8_lossy(&register.stderr)
+    );
+    let key = String::from_utf8_lossy(&register.stdout).trim().to_owned();
+    let recover_through = |id: u64| {
+        let start = Instant::now();
+        loop {
+            let out = vault(
+                &dir,
+                &endpoint(id),
+                &["key", "recover", "--account", "kim", "--password-stdin"],
+                "pw\n",
+            );
+            if out.status.success() {
+                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), key);
+                return;
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                err.contains("Unavailable") && start.elapsed() < DEADLINE,
+                "node {id}: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    // Replace a follower whose disk and token are lost.
+    let l = leader(&status).expect("leader");
+    let replaced = l % 5 + 1;
+    let out = ok(fleet(
+        &dir,
+        &["replace-node", "--id", &replaced.to_string()],
+    ));
+    assert!(out.contains("new token enrolled"), "{out}");
+    settled(&dir, 5);
+    recover_through(replaced);
+
+    // Drain a region, remove a node, add one back.
+    let out = ok(fleet(&dir, &["drain-region", "--region", "us"]));
+    assert!(out.contains("voters are now {1, 2, 5}"), "{out}");
+    settled(&dir, 3);
+    recover_through(5);
+    ok(fleet(&dir, &["remove-node", "--id", "5"]));
+    settled(&dir, 2);
+    let out = ok(fleet(&dir, &["add-node", "--id", "3"]));
+    assert!(out.contains("voters are now {1, 2, 3}"), "{out}");
+    settled(&dir, 3);
+    recover_through(3);
+}
+
+/// Operator requests must carry the operator's signature: a forged one is
+/// refused, so nobody else can pull the domain keys or change membership.
+#[test]
+fn operator_api_refuses_requests_not_signed_by_the_operator() {
+    use vault_proto::vault::node::v1::operator_client::OperatorClient;
+    use vault_proto::vault::node::v1::OperatorRequest;
+
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, ports) = fleet_file(work.path());
+    let _down = Down(&dir);
+    ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut c = OperatorClient::connect(format!("http://127.0.0.1:{}", ports[0]))
+            .await
+            .expect("connect");
+        let stranger = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let body = br#"{"transport":"04"}"#.to_vec();
+        for (kind, signature) in [
+            (
+                "ExportKeys",
+                vault_proto::operator::sign(&stranger, "ExportKeys", now, &body),
+            ),
+            ("ExportKeys", Vec::new()),
+        ] {
+            let r = c
+                .export_keys(OperatorRequest {
+                    issued_at: now,
+                    body: body.clone(),
+                    signature,
+                })
+                .await
+                .expect_err(kind);
+            assert_eq!(r.code(), tonic::Code::Unauthenticated, "{r:?}");
+        }
+        let r = c
+            .change_membership(OperatorRequest {
+                issued_at: now,
+                body: br#"{"voters":[1]}"#.to_vec(),
+                signature: vault_proto::operator::sign(
+                    &stranger,
+                    "ChangeMembership",
+                    now,
+                    br#"{"voters":[1]}"#,
+                ),
+            })
+            .await
+            .expect_err("forged membership change");
+        assert_eq!(r.code(), tonic::Code::Unauthenticated);
+    });
 }
