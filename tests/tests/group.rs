@@ -459,3 +459,131 @@ async fn region_partitioned_away_refuses_writes_and_catches_up_after_healing() {
         }
     );
 }
+
+/// Five nodes in three regions; the leader is killed with SIGKILL in the
+/// middle of a stream of registrations and guesses. Every acknowledged
+/// registration survives, service resumes after the election, and the
+/// attacked record never releases more than 10 KE2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant8_leader_killed_during_a_stream_loses_no_acknowledged_write_and_no_extra_guess() {
+    let mut nodes = start_group(5, "stream");
+    let target_key = BackupKey::generate();
+    let token = nodes[0].bearer("target");
+    eventually("register the target", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"target", &token, PASSWORD, &target_key, 0)
+            .await
+    })
+    .await;
+    let endpoints: Vec<(String, [u8; 33])> = nodes
+        .iter()
+        .map(|n| (n.endpoint(), n.pinned_key()))
+        .collect();
+    let bearers: Vec<String> = (0..40)
+        .map(|i| nodes[0].bearer(&format!("user-{i}")))
+        .collect();
+    let stop_at = Instant::now() + Duration::from_secs(8);
+
+    // Registrations, spread over the nodes, recording what was acknowledged.
+    let writer = {
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for (i, bearer) in bearers.iter().enumerate() {
+                if Instant::now() > stop_at {
+                    break;
+                }
+                let (endpoint, pinned) = &endpoints[i % endpoints.len()];
+                let key = BackupKey::generate();
+                if let Ok(mut c) = VaultClient::connect(endpoint, *pinned).await {
+                    let account = format!("user-{i}");
+                    if c.register_key(account.as_bytes(), bearer, PASSWORD, &key, 0)
+                        .await
+                        .is_ok()
+                    {
+                        acked.push((account, key));
+                    }
+                }
+            }
+            acked
+        })
+    };
+    // Wrong guesses on the target, counting the KE2 released.
+    let guesser = {
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let mut released = 0u32;
+            let mut i = 0;
+            while Instant::now() < stop_at {
+                i += 1;
+                let (endpoint, pinned) = &endpoints[i % endpoints.len()];
+                let Ok(mut c) = VaultClient::connect(endpoint, *pinned).await else {
+                    continue;
+                };
+                let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
+                    .expect("ke1")
+                    .message
+                    .serialize()
+                    .to_vec();
+                let answer = c
+                    .raw()
+                    .recover_start(pb::RecoverStartRequest {
+                        account_id: b"target".to_vec(),
+                        ke1,
+                    })
+                    .await;
+                if let Ok(Some(pb::recover_start_response::Outcome::Challenge(_))) =
+                    answer.map(|a| a.into_inner().outcome)
+                {
+                    released += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            released
+        })
+    };
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let leader = leader_of(&nodes).await;
+    nodes[leader].kill9();
+
+    let acked = writer.await.expect("writer");
+    let released = guesser.await.expect("guesser");
+    assert!(
+        released <= 10,
+        "{released} KE2 released for a 10-guess record"
+    );
+    assert!(!acked.is_empty(), "some registrations were acknowledged");
+    let survivor = (leader + 1) % 5;
+    for (account, key) in &acked {
+        let got = eventually("recover an acknowledged registration", || async {
+            client(&nodes[survivor])
+                .await
+                .recover_key(account.as_bytes(), PASSWORD)
+                .await
+        })
+        .await;
+        assert_eq!(got.0, key.0, "{account}");
+    }
+    let token = nodes[survivor].bearer("target");
+    let status = eventually("target status", || async {
+        client(&nodes[survivor])
+            .await
+            .status(b"target", &token)
+            .await
+    })
+    .await;
+    match status {
+        RecordStatus::Registered {
+            guesses_remaining, ..
+        } => {
+            assert!(
+                guesses_remaining <= 10 - released,
+                "{guesses_remaining} left after {released} KE2"
+            )
+        }
+        RecordStatus::Locked => assert_eq!(released, 10),
+        RecordStatus::NotRegistered => panic!("the target record was lost"),
+    }
+}
