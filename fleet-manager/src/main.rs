@@ -406,6 +406,7 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
     let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
     let mut rows = Vec::new();
     let mut leader_applied = 0;
+    let mut voters: Vec<u64> = Vec::new();
     for (id, node) in &state.nodes {
         let info = async {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))?
@@ -424,6 +425,7 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
         if let Some(i) = &info {
             if i.leader_id == *id {
                 leader_applied = i.applied_index;
+                voters = i.voters.clone();
             }
         }
         rows.push((*id, node, info));
@@ -443,6 +445,7 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
                 match i.leader_id {
                     0 => "no-leader",
                     l if l == id => "leader",
+                    _ if !voters.is_empty() && !voters.contains(&id) => "learner",
                     _ => "follower",
                 },
                 i.applied_index,
