@@ -36,6 +36,22 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
     }
 }
 
+/// Opens a sled store without a background flusher, so dropping it releases
+/// the file lock at once; retried while a just-dropped handle lets go.
+fn open_db(path: &std::path::Path) -> sled::Db {
+    let start = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return db,
+            Err(e) if start.elapsed() < std::time::Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
+}
+
 fn partition(label: &str) -> (TestToken, Arc<Partition>) {
     let token = TestToken::new(label).expect("token");
     token.use_in_this_process().expect("env");
@@ -65,7 +81,7 @@ fn invariant7_rolled_back_raft_log_is_refused() {
     let snapshot = tempfile::tempdir().expect("snapshot");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let db = sled::open(dir.path()).expect("db");
+        let db = open_db(dir.path());
         let mut log = LogStore::open(&db, partition.clone(), "g").expect("open");
         log.save_vote(&Vote::new(1, 1)).await.expect("vote");
         let id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
@@ -95,7 +111,7 @@ fn invariant7_rolled_back_raft_log_is_refused() {
                 std::fs::copy(f.path(), snapshot.path().join(f.file_name())).expect("copy");
             }
         }
-        let db = sled::open(dir.path()).expect("db");
+        let db = open_db(dir.path());
         let mut log = LogStore::open(&db, partition.clone(), "g").expect("reopen");
         assert_eq!(log.try_get_log_entries(1..4).await.expect("read").len(), 3);
         log.save_committed(Some(id(3))).await.expect("commit 3");
@@ -105,7 +121,7 @@ fn invariant7_rolled_back_raft_log_is_refused() {
         drop(db);
 
         // Restore the log as it was, then lose its last entries too.
-        let db = sled::open(snapshot.path()).expect("old db");
+        let db = open_db(snapshot.path());
         let tree = db.open_tree("raft-log/g").expect("tree");
         tree.remove(3u64.to_be_bytes()).expect("rm");
         tree.remove(2u64.to_be_bytes()).expect("rm");
@@ -115,7 +131,7 @@ fn invariant7_rolled_back_raft_log_is_refused() {
             other => panic!("a rolled-back log must be refused, got {other:?}"),
         }
         // The vote came from the token, not the disk.
-        let db2 = sled::open(dir.path()).expect("db");
+        let db2 = open_db(dir.path());
         let mut log = LogStore::open(&db2, partition.clone(), "g").expect("current log opens");
         assert_eq!(log.read_vote().await.expect("vote"), Some(Vote::new(2, 1)));
     });

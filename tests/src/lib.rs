@@ -442,6 +442,23 @@ impl Inspector {
     }
 }
 
+/// Opens a (stopped) node's sled store from the test process. No background
+/// flusher thread, so the store's file lock is released as soon as the
+/// handle is dropped; retried for a moment in case the lock is still held.
+pub fn open_store(path: &Path) -> sled::Db {
+    let start = Instant::now();
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return db,
+            Err(e) if start.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Every file below `dir`.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -137,7 +137,7 @@ async fn invariant7_flipped_byte_or_moved_record_is_refused_while_others_are_ser
     // checksums valid (as an attacker who rewrites the files would).
     let inspector = node.inspector();
     {
-        let db = sled::open(node.data_dir()).expect("open store");
+        let db = vault_e2e::open_store(&node.data_dir());
         let source = db
             .get(inspector.record_id("source").0)
             .expect("read")
@@ -189,7 +189,7 @@ async fn invariant7_flipped_byte_in_raw_store_files_fails_closed_with_a_clear_me
     node.kill9();
     let inspector = node.inspector();
     let sealed = {
-        let db = sled::open(node.data_dir()).expect("open store");
+        let db = vault_e2e::open_store(&node.data_dir());
         db.get(inspector.record_id("alice").0)
             .expect("read")
             .expect("present")
@@ -490,7 +490,7 @@ async fn invariant7_one_record_rolled_back_is_detected() {
     let mut index_key = vec![b'i'];
     index_key.extend_from_slice(&alice.0);
     let (old_record, old_index) = {
-        let db = sled::open(node.data_dir()).expect("open store");
+        let db = vault_e2e::open_store(&node.data_dir());
         let r = db.get(alice.0).expect("read").expect("record");
         let i = db.get(&index_key).expect("read").expect("index");
         (r.to_vec(), i.to_vec())
@@ -509,7 +509,7 @@ async fn invariant7_one_record_rolled_back_is_detected() {
 
     // Splice back the old record only.
     {
-        let db = sled::open(node.data_dir()).expect("open store");
+        let db = vault_e2e::open_store(&node.data_dir());
         db.insert(alice.0, old_record).expect("splice");
         db.flush().expect("flush");
     }
@@ -531,7 +531,7 @@ async fn invariant7_one_record_rolled_back_is_detected() {
     // Roll the index entry back too: the digest in the token no longer
     // matches, and the node refuses to serve.
     {
-        let db = sled::open(node.data_dir()).expect("open store");
+        let db = vault_e2e::open_store(&node.data_dir());
         db.insert(index_key, old_index).expect("splice index");
         db.flush().expect("flush");
     }

@@ -85,7 +85,7 @@ async fn invariant3_ten_wrong_passwords_lock_and_destroy_the_secret() {
     node.kill9();
     let inspector = node.inspector();
     let id = inspector.record_id("bob");
-    let db = sled::open(node.data_dir()).expect("open store");
+    let db = vault_e2e::open_store(&node.data_dir());
     let bytes = db.get(id.0).expect("read").expect("record present");
     let session = inspector.partition.session().expect("session");
     let (_, record) = inspector
