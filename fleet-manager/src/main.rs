@@ -127,6 +127,10 @@ struct State {
     fleet_file: PathBuf,
     softhsm_conf: PathBuf,
     nodes: BTreeMap<u64, NodeState>,
+    /// Whether the group was formed (`--init` is passed once, never to a
+    /// node that comes back with a blank disk).
+    #[serde(default)]
+    initialized: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -292,6 +296,7 @@ fn create(
         fleet_file: fleet_file.canonicalize()?,
         softhsm_conf: conf,
         nodes,
+        initialized: false,
     })
 }
 
@@ -301,6 +306,11 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
     let fleet = FleetFile::load(fleet_file)?;
     let mut state = match load_state(&dir)? {
         Some(s) => s,
+        None if dir.join("softhsm").exists() => bail!(
+            "{} holds tokens but no state.json: an earlier `fleet up` failed midway; \
+             remove the directory and run `fleet up` again",
+            dir.display()
+        ),
         None => {
             let s = create(&dir, &fleet, fleet_file, module)?;
             save_state(&dir, &s)?;
@@ -361,7 +371,7 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log);
-        if *id == first {
+        if *id == first && !state.initialized {
             cmd.arg("--init");
         }
         let child = cmd
@@ -705,11 +715,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::ReplaceNode { id, pkcs11_module } => {
+            // The old incarnation's vote is gone with its token, so the new
+            // one must not vote until it is a fresh member: remove the id,
+            // enroll a new token, rejoin as a learner, promote once caught up.
             let dir = cli.dir.canonicalize()?;
             down(&dir, Some(id), true)?;
             let state = load_state(&dir)?.context("no fleet here")?;
-            runtime()?.block_on(enroll(&dir, &state, id, &pkcs11_module))?;
-            up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)
+            let rt = runtime()?;
+            let mut voters = rt.block_on(voters(&state))?;
+            if voters.remove(&id) {
+                rt.block_on(membership(&dir, &state, voters.clone(), None))?;
+            }
+            rt.block_on(enroll(&dir, &state, id, &pkcs11_module))?;
+            up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)?;
+            let state = load_state(&dir)?.context("state")?;
+            voters.insert(id);
+            rt.block_on(membership(&dir, &state, voters, Some(id)))
         }
         Cmd::AddNode { id, pkcs11_module } => {
             let dir = cli.dir.canonicalize()?;
@@ -732,7 +753,10 @@ fn main() -> anyhow::Result<()> {
             );
             save_state(&dir, &state)?;
             let rt = runtime()?;
-            rt.block_on(enroll(&dir, &state, id, &pkcs11_module))?;
+            if let Err(e) = rt.block_on(enroll(&dir, &state, id, &pkcs11_module)) {
+                forget(&dir, &[id])?;
+                return Err(e);
+            }
             up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)?;
             let state = load_state(&dir)?.context("state")?;
             let mut voters = rt.block_on(voters(&state))?;

@@ -7,9 +7,12 @@
 //! - The vote and the highest committed log id live in the token
 //!   (`app_state`), not on the disk: a disk restored from an older copy
 //!   cannot make the node vote twice in a term or forget what it committed.
-//! - On open, a log that ends before the committed log id the token
-//!   remembers was rolled back: [`LogStore::open`] refuses it, so the node
-//!   neither votes nor acknowledges with stale state (it must be resynced).
+//! - The token also keeps the last log id this replica stored and
+//!   acknowledged (set after each append's flush, lowered only by Raft's own
+//!   truncation of uncommitted entries).
+//! - On open, a log that ends before either watermark the token remembers
+//!   was rolled back: [`LogStore::open`] refuses it, so the node neither
+//!   votes nor acknowledges with stale state (it must be resynced).
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -29,6 +32,10 @@ const LAST_PURGED: &[u8] = b"last_purged";
 struct TokenLogState {
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
+    /// The last entry this replica stored and acknowledged: a leader may have
+    /// counted it toward a commit before this replica learned of the commit.
+    #[serde(default)]
+    last_log: Option<LogId<NodeId>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,26 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StorageError<Node
     serde_json::from_slice(b).map_err(|e| io_error(StorageIOError::read_logs, e))
 }
 
+/// Token state is read and written through the user's login; a cloning
+/// ceremony on this node logs the user out for a few milliseconds. Raft
+/// treats a storage error as fatal, so such failures are retried briefly.
+fn retry<T>(
+    mut op: impl FnMut() -> Result<T, crate::partition::PartitionError>,
+) -> Result<T, crate::partition::PartitionError> {
+    const ATTEMPTS: u32 = 50;
+    let mut attempt = 0;
+    loop {
+        match op() {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt + 1 >= ATTEMPTS => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
 impl LogStore {
     /// Opens the log of replica group `group` in `db`, checking it against
     /// the token.
@@ -95,11 +122,15 @@ impl LogStore {
         let last = store
             .last_index()
             .map_err(|e| LogOpenError::Storage(e.to_string()))?;
-        if let Some(committed) = token.committed {
-            if last.is_none_or(|l| l < committed.index) {
+        let remembered = token
+            .committed
+            .map(|c| c.index)
+            .max(token.last_log.map(|l| l.index));
+        if let Some(token_index) = remembered {
+            if last.is_none_or(|l| l < token_index) {
                 return Err(LogOpenError::RolledBack {
                     log: last.unwrap_or(0),
-                    token: committed.index,
+                    token: token_index,
                 });
             }
         }
@@ -135,7 +166,10 @@ impl LogStore {
             tree.clear().map_err(storage)?;
             tree.flush().map_err(storage)?;
         }
-        store.resync_floor = token.committed.map(|c| c.index);
+        store.resync_floor = token
+            .committed
+            .map(|c| c.index)
+            .max(token.last_log.map(|l| l.index));
         Ok(store)
     }
 
@@ -146,11 +180,12 @@ impl LogStore {
     }
 
     fn token_state(&self) -> Result<TokenLogState, StorageError<NodeId>> {
-        let bytes = self
-            .partition
-            .session()
-            .and_then(|s| s.app_state(&self.app))
-            .map_err(|e| io_error(StorageIOError::read_vote, e))?;
+        let bytes = retry(|| {
+            self.partition
+                .session()
+                .and_then(|s| s.app_state(&self.app))
+        })
+        .map_err(|e| io_error(StorageIOError::read_vote, e))?;
         if bytes.is_empty() {
             return Ok(TokenLogState::default());
         }
@@ -162,10 +197,12 @@ impl LogStore {
         f(&mut state);
         let bytes =
             serde_json::to_vec(&state).map_err(|e| io_error(StorageIOError::write_vote, e))?;
-        self.partition
-            .session()
-            .and_then(|s| s.set_app_state(&self.app, &bytes))
-            .map_err(|e| io_error(StorageIOError::write_vote, e))
+        retry(|| {
+            self.partition
+                .session()
+                .and_then(|s| s.set_app_state(&self.app, &bytes))
+        })
+        .map_err(|e| io_error(StorageIOError::write_vote, e))
     }
 
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -291,13 +328,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let mut batch = sled::Batch::default();
+        let mut last = None;
         for entry in entries {
+            last = Some(*entry.get_log_id());
             batch.insert(&entry.get_log_id().index.to_be_bytes()[..], encode(&entry)?);
         }
         self.log
             .apply_batch(batch)
             .map_err(|e| io_error(StorageIOError::write_logs, e))?;
-        let flushed = self.flush().await;
+        let mut flushed = self.flush().await;
+        if flushed.is_ok() && last.is_some() {
+            // Remembered in the token before the append is acknowledged.
+            flushed = self.update_token(|s| s.last_log = s.last_log.max(last));
+        }
         callback.log_io_completed(
             flushed
                 .as_ref()
@@ -316,7 +359,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_error(StorageIOError::write_logs, e))?;
-        self.flush().await
+        self.flush().await?;
+        // Raft removed uncommitted entries: the watermark follows the log.
+        let end = self.log_state()?.last_log_id;
+        self.update_token(|s| s.last_log = end)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {

@@ -120,9 +120,17 @@ impl PeerClient {
         };
         tokio::time::sleep(delay).await;
         let payload = serde_json::to_vec(req).map_err(|e| network(&e))?;
+        let mut nonce = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
         let tag = mac(
             &self.partition,
-            &mac_input(REQUEST_LABEL, kind, self.from, self.to, &payload),
+            &mac_input(
+                REQUEST_LABEL,
+                kind,
+                self.from,
+                self.to,
+                &[&nonce[..], &payload].concat(),
+            ),
         )
         .map_err(|e| network(&e))?;
         if self.client.is_none() {
@@ -147,6 +155,7 @@ impl PeerClient {
             to: self.to,
             payload,
             mac: tag.to_vec(),
+            nonce: nonce.to_vec(),
         });
         request.set_timeout(timeout);
         let response = match client.raft(request).await {
@@ -159,7 +168,13 @@ impl PeerClient {
         };
         // The answer travels back over the same emulated link.
         tokio::time::sleep(delay).await;
-        let input = mac_input(RESPONSE_LABEL, kind, self.from, self.to, &response.payload);
+        let input = mac_input(
+            RESPONSE_LABEL,
+            kind,
+            self.from,
+            self.to,
+            &[&tag[..], &response.payload].concat(),
+        );
         if !verify(&self.partition, &input, &response.mac) {
             return Err(network(&Status::unauthenticated(
                 "peer response MAC does not verify",
@@ -243,7 +258,18 @@ impl Node for NodeService {
                 "message addressed to another node",
             ));
         }
-        let input = mac_input(REQUEST_LABEL, &req.kind, req.from, req.to, &req.payload);
+        if req.nonce.len() != 16 {
+            return Err(Status::invalid_argument(
+                "peer message nonce must be 16 bytes",
+            ));
+        }
+        let input = mac_input(
+            REQUEST_LABEL,
+            &req.kind,
+            req.from,
+            req.to,
+            &[&req.nonce[..], &req.payload].concat(),
+        );
         let partition = Arc::clone(&self.partition);
         let tag = req.mac.clone();
         let ok = tokio::task::spawn_blocking(move || verify(&partition, &input, &tag))
@@ -284,7 +310,13 @@ impl Node for NodeService {
             }
         }
         .map_err(|e| Status::internal(e.to_string()))?;
-        let input = mac_input(RESPONSE_LABEL, &req.kind, req.from, req.to, &payload);
+        let input = mac_input(
+            RESPONSE_LABEL,
+            &req.kind,
+            req.from,
+            req.to,
+            &[&req.mac[..], &payload].concat(),
+        );
         let tag =
             mac(&self.partition, &input).map_err(|_| Status::internal("HSM operation failed"))?;
         Ok(Response::new(pb::RaftResponse {
