@@ -388,10 +388,13 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .contains("listening on")
         {
             if start.elapsed() > START_DEADLINE || !node.pid.is_some_and(is_running) {
-                bail!(
-                    "node {id} did not start; see {}",
-                    dir.join(format!("node-{id}/node.log")).display()
-                );
+                let log = dir.join(format!("node-{id}/node.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let reason = text
+                    .lines()
+                    .find(|l| l.starts_with("Error") || l.contains("ERROR"))
+                    .unwrap_or("");
+                bail!("node {id} did not start: {reason} (see {})", log.display());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -319,15 +319,24 @@ impl VaultNode {
     }
 }
 
-/// Free loopback ports for the members of a group (bound, then released).
+/// Free loopback ports for the members of a group. They are picked below
+/// the kernel's ephemeral range (32768+), so outgoing connections of other
+/// tests cannot take one between this check and the node's bind, and at
+/// random, so concurrent tests rarely pick the same.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let mut ports: Vec<u16> = Vec::with_capacity(n);
+    while ports.len() < n {
+        let port = rng.gen_range(20_000..32_000);
+        if ports.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// Starts a replica group of `n` nodes: one SoftHSM configuration with a

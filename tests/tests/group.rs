@@ -583,7 +583,9 @@ async fn invariant8_leader_killed_during_a_stream_loses_no_acknowledged_write_an
                 "{guesses_remaining} left after {released} KE2"
             )
         }
-        RecordStatus::Locked => assert_eq!(released, 10),
+        // Locked after fewer than 10 KE2 reached the client is allowed: a
+        // charge can commit while its answer is lost in the crash.
+        RecordStatus::Locked => assert!(released <= 10),
         RecordStatus::NotRegistered => panic!("the target record was lost"),
     }
 }
