@@ -300,6 +300,33 @@ fn create(
     })
 }
 
+/// Waits until node `id` prints its listening line, or says why it died.
+fn wait_listening(dir: &Path, id: u64, pid: u32) -> anyhow::Result<()> {
+    let out = dir.join(format!("node-{id}/node.out"));
+    let start = Instant::now();
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("listening on")
+    {
+        if start.elapsed() > START_DEADLINE || !is_running(pid) {
+            let log = dir.join(format!("node-{id}/node.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let reason: Vec<&str> = text
+                .lines()
+                .skip_while(|l| !l.starts_with("Error"))
+                .take(4)
+                .collect();
+            bail!(
+                "node {id} did not start: {} (see {})",
+                reason.join(" / "),
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
@@ -325,7 +352,9 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .join("hsm-vault"),
     };
     let first = *state.nodes.keys().next().context("no node")?;
-    for (id, node) in state.nodes.iter_mut() {
+    let ids: Vec<u64> = state.nodes.keys().copied().collect();
+    for id in &ids {
+        let node = state.nodes.get_mut(id).context("node")?;
         if node.pid.is_some_and(is_running) {
             continue;
         }
@@ -378,28 +407,15 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         node.pid = Some(child.id());
+        let (region, addr) = (node.region.clone(), node.addr.clone());
+        // Recorded before waiting, so `fleet down` can stop whatever started.
+        save_state(&dir, &state)?;
+        // One at a time: the nodes share a SoftHSM token directory, and a
+        // node opening its token while another writes its own can fail.
+        wait_listening(&dir, *id, child.id())?;
+        println!("node {id} ({region}) listening on {addr}");
     }
     save_state(&dir, &state)?;
-    for (id, node) in &state.nodes {
-        let out = dir.join(format!("node-{id}/node.out"));
-        let start = Instant::now();
-        while !std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .contains("listening on")
-        {
-            if start.elapsed() > START_DEADLINE || !node.pid.is_some_and(is_running) {
-                let log = dir.join(format!("node-{id}/node.log"));
-                let text = std::fs::read_to_string(&log).unwrap_or_default();
-                let reason = text
-                    .lines()
-                    .find(|l| l.starts_with("Error") || l.contains("ERROR"))
-                    .unwrap_or("");
-                bail!("node {id} did not start: {reason} (see {})", log.display());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        println!("node {id} ({}) listening on {}", node.region, node.addr);
-    }
     std::fs::copy(
         dir.join(format!("node-{first}/vault.pub")),
         dir.join("vault.pub"),

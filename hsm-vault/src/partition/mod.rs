@@ -287,16 +287,6 @@ fn find_one(
     Ok(found.into_iter().next())
 }
 
-fn find_watermark(session: &Session) -> Result<Option<ObjectHandle>, PartitionError> {
-    let found = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Application(labels::WATERMARK_APP.as_bytes().to_vec()),
-        ])
-        .map_err(op_err("find objects"))?;
-    Ok(found.into_iter().next())
-}
-
 fn generic_secret(session: &Session, label: &str) -> Result<ObjectHandle, PartitionError> {
     if let Some(h) = find_one(session, ObjectClass::SECRET_KEY, label)? {
         return Ok(h);
@@ -415,19 +405,56 @@ fn read_ec_point(session: &Session, public: ObjectHandle) -> Result<Vec<u8>, Par
 }
 
 fn ensure_watermark(session: &Session) -> Result<ObjectHandle, PartitionError> {
-    match find_watermark(session)? {
-        Some(h) => Ok(h),
-        None => session
-            .create_object(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Modifiable(true),
-                Attribute::Application(labels::WATERMARK_APP.as_bytes().to_vec()),
-                Attribute::Label(Vec::new()),
-            ])
-            .map_err(op_err("create watermark")),
+    state_object(session, labels::WATERMARK_APP)
+}
+
+/// The private data object whose label holds the state kept under
+/// application name `app`, created empty on first use.
+fn state_object(session: &Session, app: &str) -> Result<ObjectHandle, PartitionError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Application(app.as_bytes().to_vec()),
+        ])
+        .map_err(op_err("find token state"))?;
+    if let Some(h) = found.into_iter().next() {
+        return Ok(h);
     }
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Modifiable(true),
+            Attribute::Application(app.as_bytes().to_vec()),
+            Attribute::Label(Vec::new()),
+        ])
+        .map_err(op_err("create token state"))
+}
+
+fn read_label(session: &Session, handle: ObjectHandle) -> Result<Vec<u8>, PartitionError> {
+    session
+        .get_attributes(handle, &[AttributeType::Label])
+        .map_err(op_err("read token state"))?
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::Label(l) => Some(l),
+            _ => None,
+        })
+        .ok_or(PartitionError::Operation {
+            op: "read token state",
+            detail: "state object has no label".into(),
+        })
+}
+
+fn write_label(
+    session: &Session,
+    handle: ObjectHandle,
+    state: &[u8],
+) -> Result<(), PartitionError> {
+    session
+        .update_attributes(handle, &[Attribute::Label(state.to_vec())])
+        .map_err(op_err("write token state"))
 }
 
 fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), PartitionError> {
@@ -631,71 +658,24 @@ impl PartitionSession {
     /// It lives in the label of a private data object: SoftHSM cannot change
     /// a data object's `CKA_VALUE` in place, but it updates labels in place.
     pub fn anchor_state(&self) -> Result<Vec<u8>, PartitionError> {
-        self.s()
-            .get_attributes(self.keys().watermark, &[AttributeType::Label])
-            .map_err(op_err("read anchor"))?
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::Label(l) => Some(l),
-                _ => None,
-            })
-            .ok_or(PartitionError::MissingKey(labels::WATERMARK_APP))
+        read_label(self.s(), self.keys().watermark)
     }
 
     /// Replaces the anchor state kept in the token.
     pub fn set_anchor_state(&self, state: &[u8]) -> Result<(), PartitionError> {
-        self.s()
-            .update_attributes(self.keys().watermark, &[Attribute::Label(state.to_vec())])
-            .map_err(op_err("write anchor"))
+        write_label(self.s(), self.keys().watermark, state)
     }
 
     /// Reads the monotonic state kept under application name `app` in the
     /// token (created empty on first use). Like the anchor, it lives in the
     /// label of a private data object, where the host cannot roll it back.
     pub fn app_state(&self, app: &str) -> Result<Vec<u8>, PartitionError> {
-        let handle = self.app_object(app)?;
-        self.s()
-            .get_attributes(handle, &[AttributeType::Label])
-            .map_err(op_err("read token state"))?
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::Label(l) => Some(l),
-                _ => None,
-            })
-            .ok_or(PartitionError::Operation {
-                op: "read token state",
-                detail: "state object has no label".into(),
-            })
+        read_label(self.s(), state_object(self.s(), app)?)
     }
 
     /// Replaces the state kept under application name `app`.
     pub fn set_app_state(&self, app: &str, state: &[u8]) -> Result<(), PartitionError> {
-        let handle = self.app_object(app)?;
-        self.s()
-            .update_attributes(handle, &[Attribute::Label(state.to_vec())])
-            .map_err(op_err("write token state"))
-    }
-
-    fn app_object(&self, app: &str) -> Result<ObjectHandle, PartitionError> {
-        let s = self.s();
-        let found = s
-            .find_objects(&[
-                Attribute::Class(ObjectClass::DATA),
-                Attribute::Application(app.as_bytes().to_vec()),
-            ])
-            .map_err(op_err("find token state"))?;
-        if let Some(h) = found.into_iter().next() {
-            return Ok(h);
-        }
-        s.create_object(&[
-            Attribute::Class(ObjectClass::DATA),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Modifiable(true),
-            Attribute::Application(app.as_bytes().to_vec()),
-            Attribute::Label(Vec::new()),
-        ])
-        .map_err(op_err("create token state"))
+        write_label(self.s(), state_object(self.s(), app)?, state)
     }
 
     /// Reads back how each domain key is protected, and tries the two ways a

@@ -99,15 +99,9 @@ fn retry<T>(
 }
 
 impl LogStore {
-    /// Opens the log of replica group `group` in `db`, checking it against
-    /// the token.
-    pub fn open(
-        db: &sled::Db,
-        partition: Arc<Partition>,
-        group: &str,
-    ) -> Result<Self, LogOpenError> {
+    fn new(db: &sled::Db, partition: Arc<Partition>, group: &str) -> Result<Self, LogOpenError> {
         let storage = |e: sled::Error| LogOpenError::Storage(e.to_string());
-        let store = LogStore {
+        Ok(LogStore {
             log: db.open_tree(format!("raft-log/{group}")).map_err(storage)?,
             meta: db
                 .open_tree(format!("raft-meta/{group}"))
@@ -115,7 +109,17 @@ impl LogStore {
             partition,
             app: format!("hsm-vault/v1/raft/{group}"),
             resync_floor: None,
-        };
+        })
+    }
+
+    /// Opens the log of replica group `group` in `db`, checking it against
+    /// the token.
+    pub fn open(
+        db: &sled::Db,
+        partition: Arc<Partition>,
+        group: &str,
+    ) -> Result<Self, LogOpenError> {
+        let store = Self::new(db, partition, group)?;
         let token = store
             .token_state()
             .map_err(|e| LogOpenError::Storage(e.to_string()))?;
@@ -150,15 +154,7 @@ impl LogStore {
         wipe: &[sled::Tree],
     ) -> Result<Self, LogOpenError> {
         let storage = |e: sled::Error| LogOpenError::Storage(e.to_string());
-        let mut store = LogStore {
-            log: db.open_tree(format!("raft-log/{group}")).map_err(storage)?,
-            meta: db
-                .open_tree(format!("raft-meta/{group}"))
-                .map_err(storage)?,
-            partition,
-            app: format!("hsm-vault/v1/raft/{group}"),
-            resync_floor: None,
-        };
+        let mut store = Self::new(db, partition, group)?;
         let token = store
             .token_state()
             .map_err(|e| LogOpenError::Storage(e.to_string()))?;
