@@ -11,7 +11,7 @@
 //!   at run time (the node re-reads it every [`FAULTS_POLL`]): isolate nodes
 //!   or whole regions, add delay, drop a share of messages.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -184,11 +184,6 @@ pub enum Route {
 }
 
 impl Geography {
-    /// No geography: every message is delivered at once.
-    pub fn none() -> Self {
-        Self::default()
-    }
-
     pub fn new(me: NodeId, fleet: Option<FleetFile>, faults_file: Option<PathBuf>) -> Self {
         let g = Geography {
             me,
@@ -255,18 +250,6 @@ impl Geography {
             _ => Duration::ZERO,
         };
         Route::Deliver(base + Duration::from_millis(faults.extra_delay_ms))
-    }
-
-    /// The current switches (for status reports).
-    pub fn faults(&self) -> Faults {
-        self.faults.read().map(|f| f.clone()).unwrap_or_default()
-    }
-
-    pub fn regions(&self) -> BTreeMap<NodeId, String> {
-        self.fleet
-            .as_ref()
-            .map(|f| f.nodes.iter().map(|n| (n.id, n.region.clone())).collect())
-            .unwrap_or_default()
     }
 }
 

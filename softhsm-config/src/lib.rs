@@ -111,11 +111,6 @@ impl TestToken {
         self.dir.path().join("softhsm2.conf")
     }
 
-    /// Directory of the token's object files.
-    pub fn token_dir(&self) -> PathBuf {
-        self.dir.path().join("tokens")
-    }
-
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

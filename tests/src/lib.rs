@@ -286,10 +286,6 @@ impl VaultNode {
         vault_proto::token::issue(&self.signing_key, &claims).expect("issue token")
     }
 
-    pub fn identity_key_hex(&self) -> String {
-        hex::encode(self.signing_key.to_bytes())
-    }
-
     pub async fn client(&self) -> VaultClient {
         VaultClient::connect(&self.endpoint(), self.pinned_key())
             .await
@@ -498,13 +494,4 @@ pub fn all_bytes(dir: &Path) -> Vec<u8> {
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Waits for `cond` with a deadline instead of sleeping a fixed time.
-pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

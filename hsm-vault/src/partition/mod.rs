@@ -645,13 +645,6 @@ impl PartitionSession {
         }
     }
 
-    /// Random bytes from the token's generator.
-    pub fn random(&self, out: &mut [u8]) -> Result<(), PartitionError> {
-        self.s()
-            .generate_random_slice(out)
-            .map_err(op_err("generate random"))
-    }
-
     /// Reads the vault's anchor state kept in the token (see
     /// `core::index`): opaque bytes to this module.
     ///
