@@ -1,29 +1,16 @@
 //! The `vault` CLI end to end: `backup create` / `restore` / `disable`
 //! against a real vault, on a 50 MiB file.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use rand::RngCore;
 use vault_e2e::VaultNode;
 
 const SIZE: usize = 50 * 1024 * 1024;
 
-fn run(mut cmd: Command, stdin: &str) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn vault");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write stdin");
-    child.wait_with_output().expect("vault runs")
+fn run(cmd: Command, stdin: &str) -> Output {
+    vault_e2e::run_with_stdin(cmd, stdin)
 }
 
 fn ok(out: &Output) -> String {

@@ -2,7 +2,7 @@
 //! 3 regions (tokens, ceremony, processes), `status` reports it, and the
 //! fleet serves backups through any node while its leader is down.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use vault_e2e::{bin, free_ports};
@@ -38,23 +38,11 @@ fn leader(status: &str) -> Option<u64> {
 }
 
 fn vault(dir: &std::path::Path, endpoint: &str, args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(bin("vault"))
-        .env("VAULT_ENDPOINT", endpoint)
+    let mut cmd = Command::new(bin("vault"));
+    cmd.env("VAULT_ENDPOINT", endpoint)
         .env("VAULT_PUBLIC_KEY", dir.join("vault.pub"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vault runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("stdin");
-    child.wait_with_output().expect("vault exits")
+        .args(args);
+    vault_e2e::run_with_stdin(cmd, stdin)
 }
 
 struct Down<'a>(&'a std::path::Path);

@@ -41,6 +41,29 @@ where
     }
 }
 
+/// Sends one recovery start with a wrong password; true if a KE2 came back.
+async fn wrong_guess_released(endpoint: &str, pinned: [u8; 33], account: &[u8]) -> bool {
+    let Ok(mut c) = VaultClient::connect(endpoint, pinned).await else {
+        return false;
+    };
+    let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
+        .expect("ke1")
+        .message
+        .serialize()
+        .to_vec();
+    let answer = c
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: account.to_vec(),
+            ke1,
+        })
+        .await;
+    matches!(
+        answer.map(|a| a.into_inner().outcome),
+        Ok(Some(pb::recover_start_response::Outcome::Challenge(_)))
+    )
+}
+
 async fn leader_of(nodes: &[VaultNode]) -> usize {
     let start = Instant::now();
     loop {
@@ -142,25 +165,7 @@ async fn invariant2_leader_killed_loses_no_acknowledged_guess_and_service_resume
         let node = &nodes[survivors[k % 2]];
         let (endpoint, pinned) = (node.endpoint(), node.pinned_key());
         tasks.push(tokio::spawn(async move {
-            let Ok(mut c) = VaultClient::connect(&endpoint, pinned).await else {
-                return false;
-            };
-            let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
-                .expect("ke1")
-                .message
-                .serialize()
-                .to_vec();
-            let answer = c
-                .raw()
-                .recover_start(pb::RecoverStartRequest {
-                    account_id: b"bob".to_vec(),
-                    ke1,
-                })
-                .await;
-            matches!(
-                answer.map(|a| a.into_inner().outcome),
-                Ok(Some(pb::recover_start_response::Outcome::Challenge(_)))
-            )
+            wrong_guess_released(&endpoint, pinned, b"bob").await
         }));
     }
     let mut released = 0;
@@ -518,24 +523,7 @@ async fn invariant8_leader_killed_during_a_stream_loses_no_acknowledged_write_an
             while Instant::now() < stop_at {
                 i += 1;
                 let (endpoint, pinned) = &endpoints[i % endpoints.len()];
-                let Ok(mut c) = VaultClient::connect(endpoint, *pinned).await else {
-                    continue;
-                };
-                let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
-                    .expect("ke1")
-                    .message
-                    .serialize()
-                    .to_vec();
-                let answer = c
-                    .raw()
-                    .recover_start(pb::RecoverStartRequest {
-                        account_id: b"target".to_vec(),
-                        ke1,
-                    })
-                    .await;
-                if let Ok(Some(pb::recover_start_response::Outcome::Challenge(_))) =
-                    answer.map(|a| a.into_inner().outcome)
-                {
+                if wrong_guess_released(endpoint, *pinned, b"target").await {
                     released += 1;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
