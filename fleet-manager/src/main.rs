@@ -5,9 +5,11 @@
 //!   (wrapped under trusted transport keys, inside the tokens), starts one
 //!   `hsm-vault` process per node of the fleet file, and records what it did
 //!   in `DIR/state.json`. Run again, it reuses the tokens and data and only
-//!   starts what is not running.
-//! - `fleet status` shows regions, nodes, the leader, health and
-//!   replication lag.
+//!   starts what is not running. The fleet file may split the nodes into
+//!   several replica groups (`group = N` per node); records are spread over
+//!   them by the shard map.
+//! - `fleet status` shows regions, groups, nodes, each group's leader, health,
+//!   replication lag and the shard map (which group holds which slots).
 //! - `fleet faults` flips the fault switches (isolate a node or a region,
 //!   add delay or loss); `fleet down` stops the nodes.
 //!
@@ -139,6 +141,27 @@ struct NodeState {
     addr: String,
     label: String,
     pid: Option<u32>,
+    #[serde(default = "first_group")]
+    group: u64,
+}
+
+fn first_group() -> u64 {
+    1
+}
+
+impl State {
+    /// The nodes of one replica group.
+    fn group(&self, group: u64) -> impl Iterator<Item = (&u64, &NodeState)> {
+        self.nodes.iter().filter(move |(_, n)| n.group == group)
+    }
+
+    fn group_of(&self, id: u64) -> anyhow::Result<u64> {
+        Ok(self
+            .nodes
+            .get(&id)
+            .with_context(|| format!("node {id} is not in the fleet"))?
+            .group)
+    }
 }
 
 fn state_path(dir: &Path) -> PathBuf {
@@ -237,6 +260,7 @@ fn create(
                 addr: n.addr.clone(),
                 label,
                 pid: None,
+                group: n.group,
             },
         );
     }
@@ -353,6 +377,14 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
     };
     let first = *state.nodes.keys().next().context("no node")?;
     let ids: Vec<u64> = state.nodes.keys().copied().collect();
+    // One node per group forms it, on the fleet's first start.
+    let founders: Vec<u64> = {
+        let mut seen = std::collections::BTreeSet::new();
+        ids.iter()
+            .copied()
+            .filter(|id| seen.insert(state.nodes[id].group))
+            .collect()
+    };
     for id in &ids {
         let node = state.nodes.get_mut(id).context("node")?;
         if node.pid.is_some_and(is_running) {
@@ -400,21 +432,24 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log);
-        if *id == first && !state.initialized {
+        if founders.contains(id) && !state.initialized {
             cmd.arg("--init");
         }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         node.pid = Some(child.id());
-        let (region, addr) = (node.region.clone(), node.addr.clone());
+        let (region, addr, group) = (node.region.clone(), node.addr.clone(), node.group);
         // Recorded before waiting, so `fleet down` can stop whatever started.
         save_state(&dir, &state)?;
         // One at a time: the nodes share a SoftHSM token directory, and a
         // node opening its token while another writes its own can fail.
         wait_listening(&dir, *id, child.id())?;
-        println!("node {id} ({region}) listening on {addr}");
+        println!("node {id} ({region}, group {group}) listening on {addr}");
     }
+    // Formed: a node that later comes back with a blank disk must rejoin
+    // through membership changes, never form a group of its own.
+    state.initialized = true;
     save_state(&dir, &state)?;
     std::fs::copy(
         dir.join(format!("node-{first}/vault.pub")),
@@ -434,8 +469,9 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
 async fn status(dir: &Path) -> anyhow::Result<()> {
     let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
     let mut rows = Vec::new();
-    let mut leader_applied = 0;
-    let mut voters: Vec<u64> = Vec::new();
+    // Per group: the leader's applied index and voters, and the shard map
+    // version and slots the leader serves.
+    let mut leaders: BTreeMap<u64, pb::GetInfoResponse> = BTreeMap::new();
     for (id, node) in &state.nodes {
         let info = async {
             let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))?
@@ -451,40 +487,52 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
         }
         .await
         .ok();
-        if let Some(i) = &info {
-            if i.leader_id == *id {
-                leader_applied = i.applied_index;
-                voters = i.voters.clone();
-            }
+        if let Some(i) = info.as_ref().filter(|i| i.leader_id == *id) {
+            leaders.insert(node.group, i.clone());
         }
         rows.push((*id, node, info));
     }
     println!(
-        "{:<6}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
-        "node", "region", "address", "health", "role", "applied", "lag"
+        "{:<6}{:<7}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
+        "node", "group", "region", "address", "health", "role", "applied", "lag"
     );
     for (id, node, info) in rows {
+        let leader = leaders.get(&node.group);
         match info {
             Some(i) => println!(
-                "{:<6}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
+                "{:<6}{:<7}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
                 id,
+                node.group,
                 node.region,
                 node.addr,
                 "up",
                 match i.leader_id {
                     0 => "no-leader",
                     l if l == id => "leader",
-                    _ if !voters.is_empty() && !voters.contains(&id) => "learner",
+                    _ if leader.is_some_and(|l| !l.voters.contains(&id)) => "learner",
                     _ => "follower",
                 },
                 i.applied_index,
-                leader_applied.saturating_sub(i.applied_index)
+                leader.map_or(0, |l| l.applied_index.saturating_sub(i.applied_index))
             ),
             None => println!(
-                "{:<6}{:<12}{:<18}{:<10}",
-                id, node.region, node.addr, "DOWN"
+                "{:<6}{:<7}{:<12}{:<18}{:<10}",
+                id, node.group, node.region, node.addr, "DOWN"
             ),
         }
+    }
+    let map = FleetFile::load(&state.fleet_file)?.shard_map();
+    println!("shard map (fleet file): version {}", map.version);
+    for group in map.groups() {
+        let adopted = match leaders.get(&group) {
+            Some(l) => format!("group adopted version {}", l.shard_map_version),
+            None => "no leader".to_owned(),
+        };
+        println!(
+            "  group {group}: {} of {} slots ({adopted})",
+            map.slots_of(group),
+            hsm_vault::shard::SLOTS
+        );
     }
     let faults: Faults =
         serde_json::from_str(&std::fs::read_to_string(dir.join("faults.json")).unwrap_or_default())
@@ -550,9 +598,9 @@ fn signed(
     })
 }
 
-/// The leader's address and the current voters, asked of the running nodes.
-async fn leader(state: &State) -> anyhow::Result<(u64, String)> {
-    for node in state.nodes.values() {
+/// The id and address of `group`'s leader, asked of its running nodes.
+async fn leader(state: &State, group: u64) -> anyhow::Result<(u64, String)> {
+    for (_, node) in state.group(group) {
         let Ok(channel) = connect(&node.addr).await else {
             continue;
         };
@@ -567,7 +615,7 @@ async fn leader(state: &State) -> anyhow::Result<(u64, String)> {
             return Ok((leader, l.addr.clone()));
         }
     }
-    bail!("no running node knows a leader")
+    bail!("no running node of group {group} knows a leader")
 }
 
 /// Gives node `id` a new token holding the domain keys: the ceremony with
@@ -623,11 +671,11 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
 async fn membership(
     dir: &Path,
     state: &State,
-    voters: std::collections::BTreeSet<u64>,
+    (group, voters): (u64, std::collections::BTreeSet<u64>),
     learner: Option<u64>,
 ) -> anyhow::Result<()> {
     use vault_proto::vault::node::v1::operator_client::OperatorClient;
-    let (leader_id, addr) = leader(state).await?;
+    let (leader_id, addr) = leader(state, group).await?;
     let mut c = OperatorClient::new(connect(&addr).await?);
     if let Some(id) = learner {
         let node = state.nodes.get(&id).context("unknown node")?;
@@ -643,13 +691,13 @@ async fn membership(
     };
     c.change_membership(signed(dir, "ChangeMembership", &body)?)
         .await?;
-    println!("voters are now {voters:?} (joint consensus, via leader {leader_id})");
+    println!("group {group}: voters are now {voters:?} (joint consensus, via leader {leader_id})");
     Ok(())
 }
 
-/// The group's voters, as its leader knows them.
-async fn voters(state: &State) -> anyhow::Result<std::collections::BTreeSet<u64>> {
-    let (_, addr) = leader(state).await?;
+/// A group's voters, as its leader knows them.
+async fn voters(state: &State, group: u64) -> anyhow::Result<std::collections::BTreeSet<u64>> {
+    let (_, addr) = leader(state, group).await?;
     let info = VaultClient::new(connect(&addr).await?)
         .get_info(pb::GetInfoRequest {})
         .await?
@@ -740,16 +788,17 @@ fn main() -> anyhow::Result<()> {
             let dir = cli.dir.canonicalize()?;
             down(&dir, Some(id), true)?;
             let state = load_state(&dir)?.context("no fleet here")?;
+            let group = state.group_of(id)?;
             let rt = runtime()?;
-            let mut voters = rt.block_on(voters(&state))?;
+            let mut voters = rt.block_on(voters(&state, group))?;
             if voters.remove(&id) {
-                rt.block_on(membership(&dir, &state, voters.clone(), None))?;
+                rt.block_on(membership(&dir, &state, (group, voters.clone()), None))?;
             }
             rt.block_on(enroll(&dir, &state, id, &pkcs11_module))?;
             up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)?;
             let state = load_state(&dir)?.context("state")?;
             voters.insert(id);
-            rt.block_on(membership(&dir, &state, voters, Some(id)))
+            rt.block_on(membership(&dir, &state, (group, voters), Some(id)))
         }
         Cmd::AddNode { id, pkcs11_module } => {
             let dir = cli.dir.canonicalize()?;
@@ -768,6 +817,7 @@ fn main() -> anyhow::Result<()> {
                     addr: spec.addr.clone(),
                     label: format!("vault-node-{id}"),
                     pid: None,
+                    group: spec.group,
                 },
             );
             save_state(&dir, &state)?;
@@ -778,16 +828,18 @@ fn main() -> anyhow::Result<()> {
             }
             up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)?;
             let state = load_state(&dir)?.context("state")?;
-            let mut voters = rt.block_on(voters(&state))?;
+            let group = state.group_of(id)?;
+            let mut voters = rt.block_on(voters(&state, group))?;
             voters.insert(id);
-            rt.block_on(membership(&dir, &state, voters, Some(id)))
+            rt.block_on(membership(&dir, &state, (group, voters), Some(id)))
         }
         Cmd::RemoveNode { id } => {
             let state = load_state(&cli.dir)?.context("no fleet here")?;
+            let group = state.group_of(id)?;
             let rt = runtime()?;
-            let mut voters = rt.block_on(voters(&state))?;
+            let mut voters = rt.block_on(voters(&state, group))?;
             voters.remove(&id);
-            rt.block_on(membership(&cli.dir, &state, voters, None))?;
+            rt.block_on(membership(&cli.dir, &state, (group, voters), None))?;
             down(&cli.dir, Some(id), false)?;
             forget(&cli.dir, &[id])
         }
@@ -803,12 +855,16 @@ fn main() -> anyhow::Result<()> {
             if drained.is_empty() {
                 bail!("no node in region {region:?}");
             }
-            let voters: std::collections::BTreeSet<u64> = rt
-                .block_on(voters(&state))?
-                .into_iter()
-                .filter(|i| !drained.contains(i))
-                .collect();
-            rt.block_on(membership(&cli.dir, &state, voters, None))?;
+            let groups: std::collections::BTreeSet<u64> =
+                drained.iter().map(|id| state.nodes[id].group).collect();
+            for group in groups {
+                let voters: std::collections::BTreeSet<u64> = rt
+                    .block_on(voters(&state, group))?
+                    .into_iter()
+                    .filter(|i| !drained.contains(i))
+                    .collect();
+                rt.block_on(membership(&cli.dir, &state, (group, voters), None))?;
+            }
             for id in &drained {
                 down(&cli.dir, Some(*id), false)?;
             }

@@ -2,13 +2,16 @@
 //! Raft replica group. Host code: it moves sealed bytes and sequence numbers
 //! only.
 //!
-//! In a replica group only the leader serves; other nodes forward client
-//! requests to it ([`Backend::leader_client`]). A write commits on a
+//! A fleet may run several replica groups, each holding the records of its
+//! slots of the shard map ([`crate::shard`]). A node routes a client request
+//! to the group of its record ([`Backend::route`]): a node of another group
+//! if the record is not its group's, then, inside the group, the leader
+//! (only the leader serves). A write commits on a
 //! majority and applies as a compare-and-set on the record's sequence
 //! number, so a leader whose view of a record was stale cannot commit a
 //! change computed from it (it gets `ABORTED`, and the client retries).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
@@ -22,16 +25,20 @@ use crate::core::record::{SealedRecord, Stored};
 use crate::geo::{Geography, Route};
 use crate::replication::state_machine::StateMachine;
 use crate::replication::{Applied, Command, NodeId, TypeConfig};
+use crate::shard::{GroupId, ShardMap};
 use crate::store::{Store, StoreError, Write};
 use crate::types::Seq;
 
 /// A node of a replica group.
 pub struct Replica {
     pub id: NodeId,
+    pub group: GroupId,
     pub raft: Raft<TypeConfig>,
     pub sm: StateMachine,
     /// Forwarded client requests cross the same emulated links as Raft.
     pub geo: Geography,
+    /// Addresses of the other groups' nodes (from the fleet file).
+    directory: BTreeMap<GroupId, Vec<(NodeId, String)>>,
     peers: Mutex<HashMap<NodeId, VaultClient<Channel>>>,
 }
 
@@ -44,13 +51,114 @@ impl std::fmt::Debug for Replica {
 }
 
 impl Replica {
-    pub fn new(id: NodeId, raft: Raft<TypeConfig>, sm: StateMachine, geo: Geography) -> Self {
+    pub fn new(
+        (id, group): (NodeId, GroupId),
+        raft: Raft<TypeConfig>,
+        sm: StateMachine,
+        geo: Geography,
+        directory: BTreeMap<GroupId, Vec<(NodeId, String)>>,
+    ) -> Self {
         Replica {
             id,
+            group,
             raft,
             sm,
             geo,
+            directory,
             peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A client for node `id` at `addr`, made once and kept.
+    async fn client(&self, id: NodeId, addr: &str) -> Result<VaultClient<Channel>, Status> {
+        let mut peers = self.peers.lock().await;
+        if let Some(c) = peers.get(&id) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(no_quorum)?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .connect_lazy();
+        let client = VaultClient::new(channel);
+        peers.insert(id, client.clone());
+        Ok(client)
+    }
+
+    /// The shard map this group adopted; right after the group formed it
+    /// may not have committed one yet, so this waits a little for it.
+    async fn shard_map(&self) -> Result<ShardMap, Status> {
+        let start = tokio::time::Instant::now();
+        loop {
+            match self.sm.shard_map() {
+                Ok(Some(map)) => return Ok(map),
+                Ok(None) if start.elapsed() < MAP_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await
+                }
+                Ok(None) => return Err(Status::unavailable(
+                    "this replica group has not adopted the fleet's shard map yet; retry shortly",
+                )),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the shard map");
+                    return Err(Status::unavailable("storage is unavailable; retry shortly"));
+                }
+            }
+        }
+    }
+
+    /// A node of group `group` to hand a request to: the nearest one this
+    /// node can reach (it forwards to its own leader).
+    async fn to_group(&self, group: GroupId) -> Result<VaultClient<Channel>, Status> {
+        let nodes = self.directory.get(&group).ok_or_else(|| {
+            Status::unavailable(format!("no node of replica group {group} is known here"))
+        })?;
+        let nearest = nodes
+            .iter()
+            .filter_map(|(id, addr)| match self.geo.route(*id) {
+                Route::Deliver(d) => Some((d, *id, addr)),
+                Route::Drop => None,
+            })
+            .min_by_key(|(d, id, _)| (*d, *id));
+        let Some((delay, id, addr)) = nearest else {
+            return Err(Status::unavailable(format!(
+                "cut off from every node of replica group {group}, which holds this record; \
+                 nothing was changed, retry shortly"
+            )));
+        };
+        tokio::time::sleep(2 * delay).await;
+        self.client(id, addr).await
+    }
+}
+
+/// How long a request waits for its group to adopt the shard map.
+const MAP_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// How a client request reached this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    /// From the client.
+    Client,
+    /// From a node of another group (it may still go to this group's leader).
+    Group,
+    /// From a member of this group, to its leader (it goes nowhere else).
+    Leader,
+}
+
+impl Hop {
+    /// The value of the forwarding mark in the request metadata.
+    pub fn mark(self) -> &'static str {
+        match self {
+            Hop::Client => "",
+            Hop::Group => "group",
+            Hop::Leader => "leader",
+        }
+    }
+
+    pub fn from_mark(mark: Option<&str>) -> Hop {
+        match mark {
+            None => Hop::Client,
+            Some("group") => Hop::Group,
+            // Any other mark: forwarded at least once, no further hop.
+            Some(_) => Hop::Leader,
         }
     }
 }
@@ -175,6 +283,7 @@ impl Backend {
                         Applied::Conflict { .. } => Err(Status::aborted(
                             "the record changed while this request ran; retry",
                         )),
+                        Applied::Refused(reason) => Err(Status::internal(reason)),
                     },
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                         Err(no_quorum("leadership moved"))
@@ -209,33 +318,65 @@ impl Backend {
         }
     }
 
-    /// The leader to forward a client request to, or `None` when this node
-    /// serves it itself. A request that was already forwarded once is never
-    /// forwarded again.
-    pub async fn leader_client(
+    /// This node's group and the version of the shard map it routes by
+    /// (zeros for a lone node, or before the group adopted a map).
+    pub fn shard(&self) -> (GroupId, u64) {
+        match self {
+            Backend::Local(_) => (0, 0),
+            Backend::Replicated(r) => (
+                r.group,
+                r.sm.shard_map().ok().flatten().map_or(0, |m| m.version),
+            ),
+        }
+    }
+
+    /// The group holding record `id` (0 for a lone node).
+    pub async fn group_of(&self, id: &crate::types::RecordId) -> Result<GroupId, Status> {
+        match self {
+            Backend::Local(_) => Ok(0),
+            Backend::Replicated(r) => r
+                .shard_map()
+                .await?
+                .group_of(&id.0)
+                .ok_or_else(|| Status::internal("the adopted shard map does not cover a slot")),
+        }
+    }
+
+    /// Where a request for group `group` that reached this node by `hop`
+    /// goes: `None` when this node serves it, else the node to forward it to
+    /// and the hop it makes. A request crosses to another group at most once
+    /// and reaches a leader at most once.
+    pub async fn route(
         &self,
-        already_forwarded: bool,
-    ) -> Result<Option<VaultClient<Channel>>, Status> {
+        hop: Hop,
+        group: GroupId,
+    ) -> Result<Option<(VaultClient<Channel>, Hop)>, Status> {
         let Backend::Replicated(r) = self else {
             return Ok(None);
         };
+        if group != r.group {
+            if hop != Hop::Client {
+                return Err(Status::unavailable(format!(
+                    "a forwarded request reached group {} but its record is in group {group} \
+                     by this node's shard map (maps are changing); retry",
+                    r.group
+                )));
+            }
+            return r.to_group(group).await.map(|c| Some((c, Hop::Group)));
+        }
         let leader = r.raft.current_leader().await.ok_or_else(|| {
             no_quorum("no leader: an election is in progress or this node is cut off")
         })?;
         if leader == r.id {
             return Ok(None);
         }
-        if already_forwarded {
+        if hop == Hop::Leader {
             return Err(no_quorum("leadership is moving"));
         }
         match r.geo.route(leader) {
             Route::Drop => return Err(no_quorum("cut off from the leader")),
             // The emulated link delay, both ways, paid up front.
             Route::Deliver(d) => tokio::time::sleep(2 * d).await,
-        }
-        let mut peers = r.peers.lock().await;
-        if let Some(c) = peers.get(&leader) {
-            return Ok(Some(c.clone()));
         }
         let addr = {
             let metrics = r.raft.metrics();
@@ -246,12 +387,8 @@ impl Backend {
                 .map(|n| n.addr.clone())
         }
         .ok_or_else(|| no_quorum("the leader's address is unknown"))?;
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(no_quorum)?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect_lazy();
-        let client = VaultClient::new(channel);
-        peers.insert(leader, client.clone());
-        Ok(Some(client))
+        r.client(leader, &addr)
+            .await
+            .map(|c| Some((c, Hop::Leader)))
     }
 }

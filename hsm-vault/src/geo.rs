@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::replication::NodeId;
+use crate::shard::{GroupId, ShardMap};
 
 /// How often a node re-reads its faults file.
 pub const FAULTS_POLL: Duration = Duration::from_millis(100);
@@ -33,6 +34,10 @@ pub struct FleetFile {
     pub links: Vec<Link>,
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeSpec>,
+    /// Which group holds which records; by default the slots are split
+    /// evenly over the groups the nodes name, at version 1.
+    #[serde(default)]
+    pub shard_map: Option<ShardMap>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -61,6 +66,13 @@ pub struct NodeSpec {
     pub region: String,
     /// Client and node-to-node address (HOST:PORT).
     pub addr: String,
+    /// The replica group the node belongs to.
+    #[serde(default = "first_group")]
+    pub group: GroupId,
+}
+
+fn first_group() -> GroupId {
+    1
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +121,12 @@ impl FleetFile {
                     n.addr
                 )));
             }
+            if n.group == 0 {
+                return Err(FleetFileError::Invalid(format!(
+                    "node {} is in group 0 (reserved)",
+                    n.id
+                )));
+            }
             if !regions.contains(n.region.as_str()) {
                 return Err(FleetFileError::Invalid(format!(
                     "node {} is in unknown region {:?}",
@@ -125,7 +143,33 @@ impl FleetFile {
                 }
             }
         }
+        let map = f.shard_map();
+        map.validate().map_err(FleetFileError::Invalid)?;
+        let groups = f.groups();
+        if let Some(g) = map.groups().iter().find(|g| !groups.contains(g)) {
+            return Err(FleetFileError::Invalid(format!(
+                "the shard map gives slots to group {g}, which has no node"
+            )));
+        }
         Ok(f)
+    }
+
+    /// The groups the nodes belong to.
+    pub fn groups(&self) -> BTreeSet<GroupId> {
+        self.nodes.iter().map(|n| n.group).collect()
+    }
+
+    /// The nodes of one group.
+    pub fn group_nodes(&self, group: GroupId) -> impl Iterator<Item = &NodeSpec> {
+        self.nodes.iter().filter(move |n| n.group == group)
+    }
+
+    /// The fleet's shard map: the declared one, or version 1 splitting the
+    /// slots evenly over the groups.
+    pub fn shard_map(&self) -> ShardMap {
+        self.shard_map
+            .clone()
+            .unwrap_or_else(|| ShardMap::even(1, &self.groups().into_iter().collect::<Vec<_>>()))
     }
 
     pub fn node(&self, id: NodeId) -> Option<&NodeSpec> {
@@ -325,11 +369,37 @@ addr = "127.0.0.1:3"
     }
 
     #[test]
+    fn groups_share_the_slots_unless_the_file_says_otherwise() {
+        let two = FLEET.replace(
+            "addr = \"127.0.0.1:3\"",
+            "addr = \"127.0.0.1:3\"\ngroup = 2",
+        );
+        let f = FleetFile::parse(&two).expect("two groups");
+        assert_eq!(f.groups(), [1, 2].into());
+        assert_eq!(f.group_nodes(1).count(), 2);
+        let map = f.shard_map();
+        assert_eq!(
+            (map.version, map.slots_of(1), map.slots_of(2)),
+            (1, 32768, 32768)
+        );
+        let declared = format!(
+            "{two}\n[shard_map]\nversion = 4\nrange = [{{ first = 0, last = 99, group = 2 }}, {{ first = 100, last = 65535, group = 1 }}]\n"
+        );
+        let map = FleetFile::parse(&declared)
+            .expect("declared map")
+            .shard_map();
+        assert_eq!((map.version, map.slots_of(2)), (4, 100));
+    }
+
+    #[test]
     fn bad_fleet_files_are_refused() {
         for bad in [
             FLEET.replace("region = \"us\"\naddr", "region = \"mars\"\naddr"),
             FLEET.replace("id = 3", "id = 2"),
             FLEET.replace("127.0.0.1:3", "127.0.0.1:2"),
+            FLEET.replace("addr = \"127.0.0.1:3\"", "addr = \"127.0.0.1:3\"\ngroup = 0"),
+            format!("{FLEET}\n[shard_map]\nversion = 1\nrange = [{{ first = 0, last = 65535, group = 7 }}]\n"),
+            format!("{FLEET}\n[shard_map]\nversion = 1\nrange = [{{ first = 0, last = 100, group = 1 }}]\n"),
             "not toml [".to_owned(),
         ] {
             assert!(FleetFile::parse(&bad).is_err(), "{bad}");

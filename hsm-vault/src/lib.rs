@@ -16,5 +16,6 @@ pub mod geo;
 pub mod partition;
 pub mod replication;
 pub mod service;
+pub mod shard;
 pub mod store;
 pub mod types;

@@ -16,6 +16,7 @@ use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
 use hsm_vault::replication::operator::OperatorService;
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
+use hsm_vault::shard::{GroupId, ShardMap};
 use hsm_vault::store::Store;
 use openraft::{BasicNode, Raft};
 use std::collections::BTreeMap;
@@ -63,19 +64,21 @@ struct Args {
     /// generated: right only for the first token of a domain.
     #[arg(long)]
     require_cloned_keys: bool,
-    /// This node's id in its replica group (with --peers).
+    /// This node's id (unique in the fleet; with --peers or --fleet-file).
     #[arg(long, env = "HSM_VAULT_NODE_ID")]
     node_id: Option<u64>,
     /// The replica group, as `ID=HOST:PORT,...` (this node included, at its
     /// --listen address). Without it the node runs alone.
     #[arg(long, env = "HSM_VAULT_PEERS")]
     peers: Option<String>,
-    /// Form the group from --peers (on one node, on first start).
+    /// Form this node's group from its members (on one node per group, on
+    /// first start).
     #[arg(long)]
     init: bool,
-    /// The fleet file (regions, nodes, latency table): with it the node
-    /// injects the emulated inter-region latency, and --peers may be left
-    /// out (the fleet's nodes are the group).
+    /// The fleet file (regions, nodes and their groups, latency table, shard
+    /// map): with it the node injects the emulated inter-region latency,
+    /// routes requests to the group holding their record, and --peers may be
+    /// left out (the nodes of this node's group are the group).
     #[arg(long, env = "HSM_VAULT_FLEET_FILE")]
     fleet_file: Option<PathBuf>,
     /// A JSON file of fault switches (isolate nodes or regions, delay, loss)
@@ -176,16 +179,35 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
         .map(FleetFile::load)
         .transpose()
         .context("loading the fleet file")?;
+    // This node's group: the fleet file's word, or group 1 of a lone group.
+    let group = match (&fleet, args.node_id) {
+        (Some(f), Some(id)) => {
+            f.node(id)
+                .with_context(|| format!("the fleet file does not name node {id}"))?
+                .group
+        }
+        _ => 1,
+    };
     let peers = match (&args.peers, &fleet) {
         (Some(p), _) => Some(parse_peers(p)?),
         (None, Some(f)) => Some(
-            f.nodes
-                .iter()
+            f.group_nodes(group)
                 .map(|n| (n.id, BasicNode::new(n.addr.clone())))
                 .collect(),
         ),
         (None, None) => None,
     };
+    let shard_map = fleet
+        .as_ref()
+        .map_or_else(|| ShardMap::even(1, &[group]), FleetFile::shard_map);
+    // Where the other groups' nodes are, for requests about their records.
+    let mut directory: BTreeMap<GroupId, Vec<(u64, String)>> = BTreeMap::new();
+    for n in fleet.iter().flat_map(|f| f.nodes.iter()) {
+        directory
+            .entry(n.group)
+            .or_default()
+            .push((n.id, n.addr.clone()));
+    }
     let mut node_service = None;
     let mut operator_service = None;
     let backend = match (args.node_id, peers) {
@@ -201,8 +223,9 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 );
             }
             let db = sled::open(&args.data_dir).context("opening the node's store")?;
-            let sm = StateMachine::open(&db, "g0").context("opening the state machine")?;
-            let log = match LogStore::open(&db, partition.clone(), "g0") {
+            let tree = format!("g{group}");
+            let sm = StateMachine::open(&db, &tree).context("opening the state machine")?;
+            let log = match LogStore::open(&db, partition.clone(), &tree) {
                 Err(LogOpenError::RolledBack { log, token }) => {
                     tracing::warn!(
                         log,
@@ -210,7 +233,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                         "storage was rolled back: erasing the stale replica state and resyncing \
                          from the group (no votes until caught up)"
                     );
-                    LogStore::open_resync(&db, partition.clone(), "g0", &[sm.tree().clone()])
+                    LogStore::open_resync(&db, partition.clone(), &tree, &[sm.tree().clone()])
                         .context("resyncing the Raft log")?
                 }
                 other => other.context("opening the Raft log")?,
@@ -228,6 +251,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             let geo = Geography::new(id, fleet.clone(), args.faults_file.clone());
             let network = Network {
                 id,
+                group,
                 partition: partition.clone(),
                 geo: geo.clone(),
             };
@@ -251,13 +275,20 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                     so_pin_file: args.so_pin_file.clone(),
                 });
             }
+            tokio::spawn(hsm_vault::replication::keep_map_adopted(
+                raft.clone(),
+                sm.clone(),
+                id,
+                shard_map,
+            ));
             node_service = Some(NodeService {
                 id,
+                group,
                 raft: raft.clone(),
                 partition: partition.clone(),
                 resync_floor,
             });
-            Backend::Replicated(Replica::new(id, raft, sm, geo))
+            Backend::Replicated(Replica::new((id, group), raft, sm, geo, directory))
         }
         (Some(_), None) => bail!("--node-id needs --peers or --fleet-file"),
         (None, Some(_)) if args.peers.is_some() => bail!("--peers needs --node-id"),

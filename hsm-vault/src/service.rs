@@ -11,20 +11,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use vault_proto::suite::{
     DEFAULT_MAX_GUESSES, MAX_ACCOUNT_ID_LEN, MAX_GUESSES_LIMIT, MAX_SECRET_LEN, SUITE_NAME,
 };
 use vault_proto::vault::v1 as pb;
-use vault_proto::vault::v1::vault_client::VaultClient;
 use vault_proto::vault::v1::vault_server::Vault;
 
 use crate::auth::Authorizer;
-use crate::backend::Backend;
+use crate::backend::{Backend, Hop};
 use crate::core::record::Stored;
 use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
 use crate::partition::{Partition, PartitionSession};
+use crate::shard::GroupId;
 use crate::store::Write;
 use crate::types::{LoginId, RecordId};
 
@@ -41,29 +40,59 @@ const MAX_OPAQUE_MESSAGE: usize = 1024;
 /// records. Two operations on one record never interleave.
 const STRIPES: usize = 1024;
 
-/// Metadata entry marking a request that a node forwarded to its leader.
+/// Metadata entry marking a request that a node forwarded, with its hop
+/// ("group": to another group; "leader": to the group's leader).
 const FORWARDED: &str = "x-vault-forwarded";
 
-/// In a replica group, hands the request to the leader and returns its
-/// answer unchanged.
-macro_rules! forward {
-    ($self:ident, $request:ident, $method:ident) => {
-        if let Some(mut leader) = $self.leader(&$request).await? {
-            return leader.$method(forwarded(&$request)).await;
+/// Length of a login id on the wire: the group serving the login (u64
+/// big-endian), then the secure core's 16-byte login id. The group lets any
+/// node route a RecoverFinish, which names no account.
+pub const WIRE_LOGIN_LEN: usize = 24;
+
+/// Hands the request to the node [`Backend::route`] names, if any, and
+/// returns its answer unchanged.
+macro_rules! route {
+    ($self:ident, $request:ident, $group:expr, $method:ident) => {
+        let hop = Hop::from_mark(
+            $request
+                .metadata()
+                .get(FORWARDED)
+                .and_then(|v| v.to_str().ok()),
+        );
+        if let Some((mut next, hop)) = $self.inner.backend.route(hop, $group).await? {
+            return next.$method(forwarded(&$request, hop)).await;
         }
     };
 }
 
-/// A copy of `request` for the leader: the message, the owner's bearer
-/// token, and the forwarded mark (nothing else of the original metadata).
-fn forwarded<T: Clone>(request: &Request<T>) -> Request<T> {
+/// A copy of `request` for the next node: the message, the owner's bearer
+/// token, and the forwarding mark (nothing else of the original metadata).
+fn forwarded<T: Clone>(request: &Request<T>, hop: Hop) -> Request<T> {
     let mut r = Request::new(request.get_ref().clone());
     if let Some(auth) = request.metadata().get("authorization") {
         r.metadata_mut().insert("authorization", auth.clone());
     }
-    r.metadata_mut()
-        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    r.metadata_mut().insert(
+        FORWARDED,
+        tonic::metadata::MetadataValue::from_static(hop.mark()),
+    );
     r
+}
+
+fn wire_login(group: GroupId, login: &LoginId) -> Vec<u8> {
+    let mut v = group.to_be_bytes().to_vec();
+    v.extend_from_slice(&login.0);
+    v
+}
+
+fn parse_wire_login(bytes: &[u8]) -> Result<(GroupId, LoginId), Status> {
+    let bad = || Status::invalid_argument(format!("login_id must be {WIRE_LOGIN_LEN} bytes"));
+    if bytes.len() != WIRE_LOGIN_LEN {
+        return Err(bad());
+    }
+    let (group, login) = bytes.split_at(8);
+    let group = GroupId::from_be_bytes(group.try_into().map_err(|_| bad())?);
+    Ok((group, LoginId::from_bytes(login).ok_or_else(bad)?))
 }
 
 #[derive(Debug)]
@@ -181,25 +210,21 @@ impl VaultService {
         self.inner.backend.commit(seq, write, expect).await
     }
 
-    /// In a replica group, the leader to forward this request to.
-    async fn leader<T>(
-        &self,
-        request: &Request<T>,
-    ) -> Result<Option<VaultClient<Channel>>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        self.inner.backend.leader_client(forwarded).await
+    /// The record of an account and the group holding it.
+    async fn locate(&self, account_id: &[u8]) -> Result<(RecordId, GroupId), Status> {
+        check_account(account_id)?;
+        let id = self.record_id(account_id.to_vec()).await?;
+        Ok((id, self.inner.backend.group_of(&id).await?))
     }
 
     /// Shared path of RecoverFinish and Delete.
     async fn finish(
         &self,
-        login_id: &[u8],
+        login: LoginId,
         ke3: Vec<u8>,
         purpose: Purpose,
         expect: Option<RecordId>,
     ) -> Result<Finish, Status> {
-        let login = LoginId::from_bytes(login_id)
-            .ok_or_else(|| Status::invalid_argument("login_id must be 16 bytes"))?;
         if ke3.len() > MAX_OPAQUE_MESSAGE {
             return Err(Status::invalid_argument("ke3 is too long"));
         }
@@ -256,7 +281,10 @@ impl Vault for VaultService {
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
         let (node_id, leader_id, applied_index, voters) = self.inner.backend.roles().await;
+        let (group_id, shard_map_version) = self.inner.backend.shard();
         Ok(Response::new(pb::GetInfoResponse {
+            group_id,
+            shard_map_version,
             voters,
             node_id,
             leader_id,
@@ -274,12 +302,11 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RegisterStartRequest>,
     ) -> Result<Response<pb::RegisterStartResponse>, Status> {
-        forward!(self, request, register_start);
+        let (id, group) = self.locate(&request.get_ref().account_id).await?;
+        route!(self, request, group, register_start);
         let (metadata, _, req) = request.into_parts();
-        check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
         check_opaque("registration_request", &req.registration_request)?;
-        let id = self.record_id(req.account_id).await?;
         let message = req.registration_request;
         let (response, generation) = self
             .with_token(move |core, t| core.registration_start(t, &id, &message))
@@ -294,12 +321,11 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RegisterFinishRequest>,
     ) -> Result<Response<pb::RegisterFinishResponse>, Status> {
-        forward!(self, request, register_finish);
+        let (id, group) = self.locate(&request.get_ref().account_id).await?;
+        route!(self, request, group, register_finish);
         let (metadata, _, req) = request.into_parts();
-        check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
         check_opaque("registration_upload", &req.registration_upload)?;
-        let id = self.record_id(req.account_id).await?;
         let _guard = self.stripe(&id).lock().await;
         let stored = self.stored(&id).await?;
         let seq = self.reserve(&stored);
@@ -322,11 +348,10 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RecoverStartRequest>,
     ) -> Result<Response<pb::RecoverStartResponse>, Status> {
-        forward!(self, request, recover_start);
+        let (id, group) = self.locate(&request.get_ref().account_id).await?;
+        route!(self, request, group, recover_start);
         let req = request.into_inner();
-        check_account(&req.account_id)?;
         check_opaque("ke1", &req.ke1)?;
-        let id = self.record_id(req.account_id).await?;
         let _guard = self.stripe(&id).lock().await;
         let stored = self.stored(&id).await?;
         let seq = self.reserve(&stored);
@@ -347,7 +372,7 @@ impl Vault for VaultService {
                     .await?;
                 tracing::info!(record = %id, remaining = challenge.guesses_remaining, "guess charged");
                 pb::recover_start_response::Outcome::Challenge(pb::Challenge {
-                    login_id: challenge.login_id.0.to_vec(),
+                    login_id: wire_login(group, &challenge.login_id),
                     ke2: challenge.ke2,
                     guesses_remaining: u32::from(challenge.guesses_remaining),
                 })
@@ -368,13 +393,11 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RecoverFinishRequest>,
     ) -> Result<Response<pb::RecoverFinishResponse>, Status> {
-        forward!(self, request, recover_finish);
         use pb::recover_finish_response::Outcome;
+        let (group, login) = parse_wire_login(&request.get_ref().login_id)?;
+        route!(self, request, group, recover_finish);
         let req = request.into_inner();
-        let outcome = match self
-            .finish(&req.login_id, req.ke3, Purpose::Recover, None)
-            .await?
-        {
+        let outcome = match self.finish(login, req.ke3, Purpose::Recover, None).await? {
             Finish::Recovered { release, .. } => {
                 let (nonce, sealed) = release.split_at(12);
                 Outcome::Recovered(pb::Recovered {
@@ -399,19 +422,24 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        forward!(self, request, delete);
         use pb::delete_response::Outcome;
+        let (id, group) = self.locate(&request.get_ref().account_id).await?;
+        route!(self, request, group, delete);
         let (metadata, _, req) = request.into_parts();
-        check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
         if req.ke3.is_empty() {
             return Err(Status::invalid_argument(
                 "deletion needs a KE3 proving the password",
             ));
         }
-        let id = self.record_id(req.account_id).await?;
+        let (login_group, login) = parse_wire_login(&req.login_id)?;
+        if login_group != group {
+            return Err(Status::failed_precondition(
+                "this login belongs to another account",
+            ));
+        }
         let outcome = match self
-            .finish(&req.login_id, req.ke3, Purpose::Delete, Some(id))
+            .finish(login, req.ke3, Purpose::Delete, Some(id))
             .await?
         {
             Finish::Delete => Outcome::Deleted(pb::Deleted {}),
@@ -432,12 +460,11 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        forward!(self, request, status);
         use pb::status_response::State;
+        let (id, group) = self.locate(&request.get_ref().account_id).await?;
+        route!(self, request, group, status);
         let (metadata, _, req) = request.into_parts();
-        check_account(&req.account_id)?;
         self.inner.auth.check(&metadata, &req.account_id)?;
-        let id = self.record_id(req.account_id).await?;
         let stored = self.stored(&id).await?;
         let view = self
             .with_token(move |core, t| core.status(t, &id, &stored))

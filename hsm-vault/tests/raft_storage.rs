@@ -136,3 +136,57 @@ fn invariant7_rolled_back_raft_log_is_refused() {
         assert_eq!(log.read_vote().await.expect("vote"), Some(Vote::new(2, 1)));
     });
 }
+
+/// A group adopts newer shard maps through its log, but never one that
+/// hands a slot to another group (its records would then be served by two
+/// groups, each with its own guess counter); snapshots carry the map.
+#[test]
+fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
+    use hsm_vault::replication::{Applied, Command};
+    use hsm_vault::shard::ShardMap;
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let mut sm = StateMachine::open(&db, "g1").expect("open");
+        let v1 = ShardMap::even(1, &[1, 2]);
+        let mut same_owners = v1.clone();
+        same_owners.version = 2;
+        let mut moves = same_owners.clone();
+        moves.version = 3;
+        moves.ranges[0].last += 5;
+        moves.ranges[1].first += 5;
+        let mut invalid = same_owners.clone();
+        invalid.version = 4;
+        invalid.ranges.pop();
+        let maps = [v1.clone(), v1.clone(), moves, invalid, same_owners.clone()];
+        let entries = maps
+            .into_iter()
+            .zip(1..)
+            .map(|(map, i)| Entry::<TypeConfig> {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+                payload: EntryPayload::Normal(Command::AdoptMap { map }),
+            });
+        let applied = sm.apply(entries).await.expect("apply");
+        assert_eq!(applied[0], Applied::Done);
+        for (i, why) in [(1, "not newer"), (2, "moves 5 slots"), (3, "cover")] {
+            match &applied[i] {
+                Applied::Refused(reason) => assert!(reason.contains(why), "{reason}"),
+                other => panic!("entry {i} must be refused, got {other:?}"),
+            }
+        }
+        assert_eq!(applied[4], Applied::Done);
+        assert_eq!(sm.shard_map().expect("read"), Some(same_owners.clone()));
+
+        let snapshot = sm.build_snapshot().await.expect("snapshot");
+        let mut other = StateMachine::open(&db, "g1-copy").expect("open");
+        other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .expect("install");
+        assert_eq!(other.shard_map().expect("read"), Some(same_owners));
+    });
+}

@@ -171,12 +171,20 @@ impl VaultNode {
     }
 
     /// The `--peers` value this node was started with.
+    /// The fleet's nodes as a `--peers` value (`ID=HOST:PORT,...`).
     pub fn peers_arg(&self) -> String {
-        self.extra_args
+        let path = self
+            .extra_args
             .iter()
-            .find_map(|a| a.strip_prefix("--peers="))
-            .unwrap_or_default()
-            .to_owned()
+            .find_map(|a| a.strip_prefix("--fleet-file="))
+            .expect("a fleet member");
+        let fleet = hsm_vault::geo::FleetFile::load(Path::new(path)).expect("fleet file");
+        fleet
+            .nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Starts (or restarts) the node process.
@@ -341,6 +349,30 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// `hsm-vault` processes on fixed loopback ports. Returns once every node
 /// listens; the group elects its leader on its own.
 pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
+    start_fleet(&[n], prefix)
+}
+
+/// Starts a fleet of replica groups of the sizes given: nodes are numbered
+/// from 1 across the groups (group 1 first), all share one set of domain
+/// keys (one ceremony), and the fleet file splits the slots evenly over the
+/// groups. Node i is in region ((i - 1) % 3) + 1.
+pub fn start_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
+    let mut nodes = prepare_fleet(groups, prefix);
+    for node in &mut nodes {
+        node.restart();
+    }
+    nodes
+}
+
+/// [`start_fleet`] without starting the processes (their tokens can still
+/// be opened in the test process, e.g. with [`VaultNode::inspector`]).
+pub fn prepare_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
+    let n: usize = groups.iter().sum();
+    let group_of: Vec<usize> = groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, size)| std::iter::repeat_n(g + 1, *size))
+        .collect();
     use hsm_vault::partition::ceremony::Enrollment;
     use hsm_vault::partition::{KeySetup, Module};
 
@@ -373,12 +405,6 @@ pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
         }
     }
     let ports = free_ports(n);
-    let peers = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
     // Three regions, node i in region ((i - 1) % 3) + 1; small latencies
     // keep the tests quick while still crossing the emulated links.
     let mut fleet = String::from(
@@ -390,9 +416,10 @@ pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
     );
     for (i, p) in ports.iter().enumerate() {
         fleet.push_str(&format!(
-            "\n[[node]]\nid = {}\nregion = \"region-{}\"\naddr = \"127.0.0.1:{p}\"\n",
+            "\n[[node]]\nid = {}\nregion = \"region-{}\"\naddr = \"127.0.0.1:{p}\"\ngroup = {}\n",
             i + 1,
-            i % 3 + 1
+            i % 3 + 1,
+            group_of[i]
         ));
     }
     let fleet_file = token.dir().join("fleet.toml");
@@ -403,13 +430,13 @@ pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
     for (i, (label, pin_file)) in pins.into_iter().enumerate() {
         let mut args = vec![
             format!("--node-id={}", i + 1),
-            format!("--peers={peers}"),
             format!("--fleet-file={}", fleet_file.display()),
             format!("--faults-file={}", faults_file.display()),
         ];
-        if i == 0 {
+        if i == 0 || group_of[i] != group_of[i - 1] {
             args.push("--init".into());
-        } else {
+        }
+        if i != 0 {
             args.push("--require-cloned-keys".into());
         }
         let listen = format!("127.0.0.1:{}", ports[i]);
@@ -418,9 +445,6 @@ pub fn start_group(n: usize, prefix: &str) -> Vec<VaultNode> {
             node.share_identity(first);
         }
         nodes.push(node);
-    }
-    for node in &mut nodes {
-        node.restart();
     }
     nodes
 }

@@ -328,7 +328,7 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
     // Out of order: a KE3 for a login that was never started, or twice.
     let r = rpc
         .recover_finish(pb::RecoverFinishRequest {
-            login_id: vec![9; 16],
+            login_id: vec![9; 24],
             ke3: vec![0; 32],
         })
         .await;

@@ -577,3 +577,186 @@ async fn invariant8_leader_killed_during_a_stream_loses_no_acknowledged_write_an
         RecordStatus::NotRegistered => panic!("the target record was lost"),
     }
 }
+
+/// Two replica groups of three: records are spread over them by the shard
+/// map, any node serves any account (forwarding across groups, a KE3 routed
+/// by its login id), each record lives in exactly one group, and a guess
+/// charged through the other group counts on the one record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant2_two_groups_split_the_records_and_any_node_serves_any_account() {
+    use hsm_vault::replication::state_machine::StateMachine;
+    use hsm_vault::shard::ShardMap;
+    use std::collections::BTreeSet;
+
+    let mut nodes = vault_e2e::prepare_fleet(&[3, 3], "shard");
+    // The fleet file splits the slots evenly over groups 1 and 2: pick three
+    // accounts each group holds (record ids come from the shared token keys).
+    let map = ShardMap::even(1, &[1, 2]);
+    let mut accounts: Vec<(String, u64, [u8; 32])> = Vec::new();
+    {
+        let inspector = nodes[0].inspector();
+        for i in 0.. {
+            let name = format!("user-{i}");
+            let id = inspector.record_id(&name).0;
+            let group = map.group_of(&id).expect("covered");
+            if accounts.iter().filter(|a| a.1 == group).count() < 3 {
+                accounts.push((name, group, id));
+            }
+            if accounts.len() == 6 {
+                break;
+            }
+        }
+    }
+    for node in &mut nodes {
+        node.restart();
+    }
+    // Nodes 1-3 are group 1, nodes 4-6 group 2.
+    fn members(nodes: &[VaultNode], g: u64) -> &[VaultNode] {
+        if g == 1 {
+            &nodes[0..3]
+        } else {
+            &nodes[3..6]
+        }
+    }
+    let in_group = |g: u64| members(&nodes, g);
+    let keys: Vec<BackupKey> = accounts.iter().map(|_| BackupKey::generate()).collect();
+    for (i, ((name, group, _), key)) in accounts.iter().zip(&keys).enumerate() {
+        // Registered through a node of the other group.
+        let through = &in_group(3 - group)[i % 3];
+        let token = through.bearer(name);
+        eventually("register across groups", || async {
+            client(through)
+                .await
+                .register_key(name.as_bytes(), &token, PASSWORD, key, 0)
+                .await
+        })
+        .await;
+    }
+    for (i, ((name, group, _), key)) in accounts.iter().zip(&keys).enumerate() {
+        for through in [&in_group(*group)[i % 3], &in_group(3 - group)[(i + 1) % 3]] {
+            let got = eventually("recover", || async {
+                client(through)
+                    .await
+                    .recover_key(name.as_bytes(), PASSWORD)
+                    .await
+            })
+            .await;
+            assert_eq!(got.0, key.0, "{name} through node {}", through.endpoint());
+        }
+    }
+    for (i, node) in nodes.iter().enumerate() {
+        let info = client(node)
+            .await
+            .raw()
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .expect("info")
+            .into_inner();
+        assert_eq!(info.group_id, if i < 3 { 1 } else { 2 });
+        assert_eq!(info.shard_map_version, 1);
+    }
+
+    // A wrong guess started through group 2 on a group-1 account, its KE3
+    // sent to another node of group 2: the login id routes it home.
+    let (name, _, _) = accounts.iter().find(|a| a.1 == 1).expect("group 1 account");
+    let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
+        .expect("ke1")
+        .message
+        .serialize()
+        .to_vec();
+    let started = client(&nodes[3])
+        .await
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: name.as_bytes().to_vec(),
+            ke1,
+        })
+        .await
+        .expect("start")
+        .into_inner();
+    let Some(pb::recover_start_response::Outcome::Challenge(challenge)) = started.outcome else {
+        panic!("a KE2 for the first wrong guess");
+    };
+    assert_eq!(challenge.login_id.len(), 24);
+    assert_eq!(
+        challenge.login_id[..8],
+        1u64.to_be_bytes(),
+        "served by group 1"
+    );
+    let finished = client(&nodes[5])
+        .await
+        .raw()
+        .recover_finish(pb::RecoverFinishRequest {
+            login_id: challenge.login_id,
+            ke3: Vec::new(),
+        })
+        .await
+        .expect("finish routed by its login id")
+        .into_inner();
+    assert!(matches!(
+        finished.outcome,
+        Some(pb::recover_finish_response::Outcome::WrongPassword(
+            pb::WrongPassword {
+                guesses_remaining: 9
+            }
+        ))
+    ));
+    let status = client(&nodes[1])
+        .await
+        .status(name.as_bytes(), &nodes[1].bearer(name))
+        .await
+        .expect("status");
+    assert!(
+        matches!(
+            status,
+            RecordStatus::Registered {
+                guesses_remaining: 9,
+                ..
+            }
+        ),
+        "one counter, charged once: {status:?}"
+    );
+
+    // Each record is stored in its own group only.
+    for node in &mut nodes {
+        node.kill9();
+    }
+    for group in [1u64, 2] {
+        let want: BTreeSet<[u8; 32]> = accounts
+            .iter()
+            .filter(|a| a.1 == group)
+            .map(|a| a.2)
+            .collect();
+        for node in members(&nodes, group) {
+            let db = vault_e2e::open_store(&node.data_dir());
+            let held: BTreeSet<[u8; 32]> = StateMachine::open(&db, &format!("g{group}"))
+                .expect("state machine")
+                .record_ids()
+                .into_iter()
+                .collect();
+            let other = StateMachine::open(&db, &format!("g{}", 3 - group))
+                .expect("state machine")
+                .record_count();
+            assert!(
+                held.is_subset(&want),
+                "group {group} holds a foreign record"
+            );
+            assert_eq!(
+                other, 0,
+                "a node of group {group} holds the other group's state"
+            );
+        }
+        // The group holds every one of its records (its leader applied them
+        // all; a follower may be a heartbeat behind when killed).
+        let union: BTreeSet<[u8; 32]> = members(&nodes, group)
+            .iter()
+            .flat_map(|n| {
+                let db = vault_e2e::open_store(&n.data_dir());
+                StateMachine::open(&db, &format!("g{group}"))
+                    .expect("state machine")
+                    .record_ids()
+            })
+            .collect();
+        assert_eq!(union, want, "group {group} holds exactly its records");
+    }
+}

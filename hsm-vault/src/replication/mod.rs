@@ -9,8 +9,9 @@
 //! number is not the record's current one, and the leader releases a KE2
 //! only for a command that committed *and* applied.
 //!
-//! Not wired into the node yet: the network, leader forwarding, the
-//! ceremony over the wire and the fleet manager are the next steps.
+//! A fleet may run several groups, each holding the records of its slots
+//! of the shard map ([`crate::shard`]); each group commits the map it serves
+//! in its own log ([`Command::AdoptMap`]).
 
 // openraft's storage traits fix the error type (`StorageError`, ~224 bytes);
 // the helpers here return the same type rather than boxing and unboxing it.
@@ -26,6 +27,8 @@ use std::io::Cursor;
 use openraft::{AnyError, StorageError, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use crate::shard::ShardMap;
+
 /// A replicated change to the record store.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -40,6 +43,10 @@ pub enum Command {
     /// Remove the record of `id`, if its current sequence number is
     /// `expect`.
     Delete { id: [u8; 32], expect: Option<u64> },
+    /// Adopt a newer version of the fleet's shard map. Refused if it is not
+    /// newer, or if it gives a slot to another group (that needs a record
+    /// migration, see [`crate::shard`]).
+    AdoptMap { map: ShardMap },
 }
 
 /// The state machine's answer to one log entry.
@@ -50,6 +57,8 @@ pub enum Applied {
     Done,
     /// Refused: the record's sequence number was not the expected one.
     Conflict { current: Option<u64> },
+    /// Refused for the reason given (a shard map that may not be adopted).
+    Refused(String),
 }
 
 openraft::declare_raft_types!(
@@ -72,5 +81,40 @@ fn io_error(
 ) -> StorageError<NodeId> {
     StorageError::IO {
         source: make(AnyError::new(&e)),
+    }
+}
+
+/// Runs for the life of the node: whenever this node leads its group and
+/// the group's adopted shard map is older than `map` (the fleet file's),
+/// proposes `map` through the log. A map the group refuses (one that moves
+/// slots) is reported once and not proposed again.
+pub async fn keep_map_adopted(
+    raft: openraft::Raft<TypeConfig>,
+    sm: state_machine::StateMachine,
+    me: NodeId,
+    map: ShardMap,
+) {
+    let mut refused = false;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let leading = raft.metrics().borrow().current_leader == Some(me);
+        let adopted = match sm.shard_map() {
+            Ok(m) => m.map_or(0, |m| m.version),
+            Err(_) => continue,
+        };
+        if refused || !leading || adopted >= map.version {
+            continue;
+        }
+        let proposed = raft
+            .client_write(Command::AdoptMap { map: map.clone() })
+            .await;
+        match proposed.map(|r| r.data) {
+            Ok(Applied::Refused(reason)) => {
+                tracing::error!(version = map.version, %reason, "the group refused the fleet's shard map");
+                refused = true;
+            }
+            Ok(_) => tracing::info!(version = map.version, "shard map adopted"),
+            Err(e) => tracing::debug!(error = %e, "shard map not adopted yet; retrying"),
+        }
     }
 }

@@ -30,6 +30,7 @@ use vault_proto::vault::node::v1::node_server::Node;
 use super::{NodeId, TypeConfig};
 use crate::geo::{Geography, Route};
 use crate::partition::{MacKey, Partition, PartitionError};
+use crate::shard::GroupId;
 
 const REQUEST_LABEL: &[u8] = b"hsm-vault/v1/peer-request";
 const RESPONSE_LABEL: &[u8] = b"hsm-vault/v1/peer-response";
@@ -37,11 +38,21 @@ const RESPONSE_LABEL: &[u8] = b"hsm-vault/v1/peer-response";
 /// Largest Raft message accepted (snapshot chunks are the big ones).
 pub const MAX_RAFT_MESSAGE: usize = 8 * 1024 * 1024;
 
-fn mac_input(label: &[u8], kind: &str, from: NodeId, to: NodeId, payload: &[u8]) -> Vec<u8> {
-    let mut d = Vec::with_capacity(label.len() + kind.len() + 17 + payload.len());
+/// Who sent a message to whom, in which group.
+#[derive(Clone, Copy, Debug)]
+struct Hop {
+    group: GroupId,
+    from: NodeId,
+    to: NodeId,
+}
+
+fn mac_input(label: &[u8], kind: &str, hop: Hop, payload: &[u8]) -> Vec<u8> {
+    let Hop { group, from, to } = hop;
+    let mut d = Vec::with_capacity(label.len() + kind.len() + 25 + payload.len());
     d.extend_from_slice(label);
     d.extend_from_slice(kind.as_bytes());
     d.push(0);
+    d.extend_from_slice(&group.to_be_bytes());
     d.extend_from_slice(&from.to_be_bytes());
     d.extend_from_slice(&to.to_be_bytes());
     d.extend_from_slice(payload);
@@ -63,6 +74,7 @@ fn verify(partition: &Arc<Partition>, input: &[u8], tag: &[u8]) -> bool {
 #[derive(Clone, Debug)]
 pub struct Network {
     pub id: NodeId,
+    pub group: GroupId,
     pub partition: Arc<Partition>,
     /// Emulated latency and fault switches on outgoing messages.
     pub geo: Geography,
@@ -73,8 +85,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         PeerClient {
-            from: self.id,
-            to: target,
+            hop: Hop {
+                group: self.group,
+                from: self.id,
+                to: target,
+            },
             addr: format!("http://{}", node.addr),
             partition: Arc::clone(&self.partition),
             geo: self.geo.clone(),
@@ -86,8 +101,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The connection to one peer.
 #[derive(Debug)]
 pub struct PeerClient {
-    from: NodeId,
-    to: NodeId,
+    hop: Hop,
     addr: String,
     partition: Arc<Partition>,
     geo: Geography,
@@ -114,7 +128,7 @@ impl PeerClient {
         let network = |e: &dyn std::fmt::Display| {
             RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
         };
-        let delay = match self.geo.route(self.to) {
+        let delay = match self.geo.route(self.hop.to) {
             Route::Drop => return Err(unreachable(&"link cut or message lost (fault switch)")),
             Route::Deliver(d) => d,
         };
@@ -127,8 +141,7 @@ impl PeerClient {
             &mac_input(
                 REQUEST_LABEL,
                 kind,
-                self.from,
-                self.to,
+                self.hop,
                 &[&nonce[..], &payload].concat(),
             ),
         )
@@ -151,8 +164,9 @@ impl PeerClient {
         };
         let mut request = Request::new(pb::RaftRequest {
             kind: kind.to_owned(),
-            from: self.from,
-            to: self.to,
+            group: self.hop.group,
+            from: self.hop.from,
+            to: self.hop.to,
             payload,
             mac: tag.to_vec(),
             nonce: nonce.to_vec(),
@@ -171,8 +185,7 @@ impl PeerClient {
         let input = mac_input(
             RESPONSE_LABEL,
             kind,
-            self.from,
-            self.to,
+            self.hop,
             &[&tag[..], &response.payload].concat(),
         );
         if !verify(&self.partition, &input, &response.mac) {
@@ -182,7 +195,7 @@ impl PeerClient {
         }
         let result: Result<Resp, RaftError<NodeId, E>> =
             serde_json::from_slice(&response.payload).map_err(|e| network(&e))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.hop.to, e)))
     }
 }
 
@@ -217,6 +230,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[derive(Clone)]
 pub struct NodeService {
     pub id: NodeId,
+    pub group: GroupId,
     pub raft: Raft<TypeConfig>,
     pub partition: Arc<Partition>,
     /// While resyncing after a rollback: the log index to reach before this
@@ -238,6 +252,7 @@ impl std::fmt::Debug for NodeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeService")
             .field("id", &self.id)
+            .field("group", &self.group)
             .finish_non_exhaustive()
     }
 }
@@ -258,6 +273,17 @@ impl Node for NodeService {
                 "message addressed to another node",
             ));
         }
+        if req.group != self.group {
+            return Err(Status::failed_precondition(format!(
+                "message for group {}, this node is in group {}",
+                req.group, self.group
+            )));
+        }
+        let hop = Hop {
+            group: req.group,
+            from: req.from,
+            to: req.to,
+        };
         if req.nonce.len() != 16 {
             return Err(Status::invalid_argument(
                 "peer message nonce must be 16 bytes",
@@ -266,8 +292,7 @@ impl Node for NodeService {
         let input = mac_input(
             REQUEST_LABEL,
             &req.kind,
-            req.from,
-            req.to,
+            hop,
             &[&req.nonce[..], &req.payload].concat(),
         );
         let partition = Arc::clone(&self.partition);
@@ -313,8 +338,7 @@ impl Node for NodeService {
         let input = mac_input(
             RESPONSE_LABEL,
             &req.kind,
-            req.from,
-            req.to,
+            hop,
             &[&req.mac[..], &payload].concat(),
         );
         let tag =

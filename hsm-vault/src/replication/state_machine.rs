@@ -3,7 +3,8 @@
 //!
 //! Layout of the group's tree (keys of distinct lengths):
 //! `id (32 B) → seq:u64be || sealed record`, `"applied"` → last applied log
-//! id, `"membership"` → last membership, `"snapshot"` → the current snapshot.
+//! id, `"membership"` → last membership, `"shard-map"` → the adopted shard
+//! map, `"snapshot"` → the current snapshot.
 //! One apply call is one atomic sled batch, so a crash leaves the tree at a
 //! whole number of entries, and Raft re-applies the rest from the log.
 
@@ -18,10 +19,12 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::{io_error, Applied, Command, NodeId, TypeConfig};
+use crate::shard::ShardMap;
 
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const SNAPSHOT: &[u8] = b"snapshot";
+const SHARD_MAP: &[u8] = b"shard-map";
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
@@ -29,6 +32,8 @@ type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 struct SnapshotBody {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
+    #[serde(default)]
+    shard_map: Option<ShardMap>,
     /// (id, seq, sealed record)
     records: Vec<([u8; 32], u64, Vec<u8>)>,
 }
@@ -90,6 +95,31 @@ impl StateMachine {
             .and_then(|v| split_value(&v).map(|(s, b)| (s, b.to_vec()))))
     }
 
+    /// The shard map this group has adopted (`None` before the first).
+    pub fn shard_map(&self) -> Result<Option<ShardMap>, StorageError<NodeId>> {
+        get_json(&self.tree, SHARD_MAP)
+    }
+
+    /// How many records this replica holds.
+    pub fn record_count(&self) -> usize {
+        self.tree
+            .iter()
+            .keys()
+            .flatten()
+            .filter(|k| k.len() == 32)
+            .count()
+    }
+
+    /// The ids of the records this replica holds.
+    pub fn record_ids(&self) -> Vec<[u8; 32]> {
+        self.tree
+            .iter()
+            .keys()
+            .flatten()
+            .filter_map(|k| <[u8; 32]>::try_from(k.as_ref()).ok())
+            .collect()
+    }
+
     fn current_seq(
         &self,
         pending: &HashMap<[u8; 32], Option<u64>>,
@@ -115,8 +145,32 @@ impl StateMachine {
         Ok(SnapshotBody {
             last_applied: get_json(&self.tree, APPLIED)?.flatten(),
             membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
+            shard_map: self.shard_map()?,
             records,
         })
+    }
+}
+
+/// Whether a group holding `current` may adopt `next`: a valid map, newer,
+/// and keeping every slot with its group.
+fn adoptable(current: Option<&ShardMap>, next: &ShardMap) -> Result<(), String> {
+    next.validate()?;
+    let Some(current) = current else {
+        return Ok(());
+    };
+    if next.version <= current.version {
+        return Err(format!(
+            "shard map version {} is not newer than the adopted {}",
+            next.version, current.version
+        ));
+    }
+    match current.moved_slots(next) {
+        0 => Ok(()),
+        n => Err(format!(
+            "shard map version {} moves {n} slots to other groups; moving slots needs a record \
+             migration, which this version does not do",
+            next.version
+        )),
     }
 }
 
@@ -168,6 +222,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut batch = sled::Batch::default();
         let mut pending: HashMap<[u8; 32], Option<u64>> = HashMap::new();
+        let mut map = self.shard_map()?;
         let mut out = Vec::new();
         let mut last = None;
         for entry in entries {
@@ -196,6 +251,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Applied::Done
                     } else {
                         Applied::Conflict { current }
+                    }
+                }
+                EntryPayload::Normal(Command::AdoptMap { map: next }) => {
+                    match adoptable(map.as_ref(), &next) {
+                        Ok(()) => {
+                            batch.insert(SHARD_MAP, json(&next)?);
+                            map = Some(next);
+                            Applied::Done
+                        }
+                        Err(reason) => Applied::Refused(reason),
                     }
                 }
                 EntryPayload::Normal(Command::Delete { id, expect }) => {
@@ -245,6 +310,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut v = seq.to_be_bytes().to_vec();
             v.extend_from_slice(sealed);
             batch.insert(&id[..], v);
+        }
+        if let Some(map) = &body.shard_map {
+            batch.insert(SHARD_MAP, json(map)?);
         }
         batch.insert(APPLIED, json(&meta.last_log_id)?);
         batch.insert(MEMBERSHIP, json(&meta.last_membership)?);
