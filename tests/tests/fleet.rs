@@ -31,7 +31,7 @@ fn ok(out: Output) -> String {
 fn leader(status: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let cols: Vec<_> = l.split_whitespace().collect();
-        (cols.get(4) == Some(&"leader"))
+        (cols.get(5) == Some(&"leader"))
             .then(|| cols[0].parse().ok())
             .flatten()
     })
@@ -52,10 +52,19 @@ impl Drop for Down<'_> {
     }
 }
 
-/// Writes a fleet file for 5 nodes (eu, eu, us, us, ap) on free ports.
+/// Writes a fleet file for 5 nodes (eu, eu, us, us, ap) on free ports, one
+/// replica group.
 fn fleet_file(work: &std::path::Path) -> (std::path::PathBuf, Vec<u16>) {
-    let ports = free_ports(5);
-    let regions = ["eu", "eu", "us", "us", "ap"];
+    fleet_file_with(work, &["eu", "eu", "us", "us", "ap"], &[1; 5])
+}
+
+/// Writes a fleet file: node i+1 in `regions[i]` and group `groups[i]`.
+fn fleet_file_with(
+    work: &std::path::Path,
+    regions: &[&str],
+    groups: &[u64],
+) -> (std::path::PathBuf, Vec<u16>) {
+    let ports = free_ports(regions.len());
     let mut file = String::from(
         "[fleet]\nname = \"t\"\nintra_region_ms = 1\n[[region]]\nname = \"eu\"\n[[region]]\nname = \"us\"\n\
          [[region]]\nname = \"ap\"\n[[link]]\nbetween = [\"eu\", \"us\"]\nms = 10\n\
@@ -63,9 +72,10 @@ fn fleet_file(work: &std::path::Path) -> (std::path::PathBuf, Vec<u16>) {
     );
     for (i, p) in ports.iter().enumerate() {
         file.push_str(&format!(
-            "[[node]]\nid = {}\nregion = \"{}\"\naddr = \"127.0.0.1:{p}\"\n",
+            "[[node]]\nid = {}\nregion = \"{}\"\naddr = \"127.0.0.1:{p}\"\ngroup = {}\n",
             i + 1,
-            regions[i]
+            regions[i],
+            groups[i]
         ));
     }
     let path = work.join("fleet.toml");
@@ -187,7 +197,11 @@ fn settled(dir: &std::path::Path, nodes: usize) -> String {
             .lines()
             .filter(|l| l.contains(" up ") && l.trim_end().ends_with(" 0"))
             .count();
-        if leader(&status).is_some() && up_no_lag == nodes && status.lines().count() == nodes + 1 {
+        let rows = status
+            .lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+            .count();
+        if leader(&status).is_some() && up_no_lag == nodes && rows == nodes {
             return status;
         }
         assert!(
@@ -343,4 +357,86 @@ fn operator_api_refuses_requests_not_signed_by_the_operator() {
             .expect_err("forged membership change");
         assert_eq!(r.code(), tonic::Code::Unauthenticated);
     });
+}
+
+/// A fleet of two replica groups, each spanning the three regions: both
+/// form and adopt the shard map, and accounts registered through one node
+/// are recovered through a node of the other group.
+#[test]
+fn fleet_up_with_two_groups_serves_every_account_from_any_node() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, ports) = fleet_file_with(
+        work.path(),
+        &["eu", "eu", "us", "us", "ap", "ap"],
+        &[1, 2, 1, 2, 1, 2],
+    );
+    let _down = Down(&dir);
+    let up = ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    assert_eq!(up.matches("listening on").count(), 6, "{up}");
+    let start = Instant::now();
+    let status = loop {
+        let status = ok(fleet(&dir, &["status"]));
+        let leaders = status
+            .lines()
+            .filter(|l| l.split_whitespace().nth(5) == Some("leader"))
+            .count();
+        if leaders == 2 && status.matches("group adopted version 1").count() == 2 {
+            break status;
+        }
+        assert!(start.elapsed() < DEADLINE, "groups did not form: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for g in [1, 2] {
+        assert!(
+            status.contains(&format!("group {g}: 32768 of 65536 slots")),
+            "{status}"
+        );
+    }
+    let endpoint = |id: usize| format!("http://127.0.0.1:{}", ports[id - 1]);
+    for i in 0..4 {
+        let account = format!("acct-{i}");
+        let token = work.path().join(format!("{account}.token"));
+        let issued = Command::new(bin("vault"))
+            .args(["token", "issue", "--account", &account, "--signing-key"])
+            .arg(dir.join("identity/identity.key"))
+            .output()
+            .expect("issue");
+        std::fs::write(&token, &issued.stdout).expect("token");
+        let registered = vault(
+            &dir,
+            &endpoint(1 + i % 2),
+            &[
+                "key",
+                "register",
+                "--generate",
+                "--account",
+                &account,
+                "--password-stdin",
+                "--token-file",
+                token.to_str().expect("utf8"),
+            ],
+            "pw\n",
+        );
+        assert!(
+            registered.status.success(),
+            "{}",
+            String::from_utf8_lossy(&registered.stderr)
+        );
+        let recovered = vault(
+            &dir,
+            &endpoint(6 - i % 2),
+            &["key", "recover", "--account", &account, "--password-stdin"],
+            "pw\n",
+        );
+        assert!(
+            recovered.status.success(),
+            "{}",
+            String::from_utf8_lossy(&recovered.stderr)
+        );
+        assert_eq!(recovered.stdout, registered.stdout, "{account}");
+    }
 }
