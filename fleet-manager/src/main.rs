@@ -112,6 +112,18 @@ enum Cmd {
         #[arg(long)]
         region: String,
     },
+    /// Move slots FIRST..=LAST of the shard map to group TO: frozen in the
+    /// group holding them, their records copied (sealed, under a token MAC),
+    /// then every group adopts the new map version. Rerun after an
+    /// interruption, it resumes the move under way.
+    MoveSlots {
+        #[arg(long)]
+        first: u16,
+        #[arg(long)]
+        last: u16,
+        #[arg(long)]
+        to_group: u64,
+    },
     /// Stop one node: SIGTERM, or SIGKILL with --kill (a crash).
     StopNode {
         #[arg(long)]
@@ -521,18 +533,32 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
             ),
         }
     }
-    let map = FleetFile::load(&state.fleet_file)?.shard_map();
-    println!("shard map (fleet file): version {}", map.version);
-    for group in map.groups() {
-        let adopted = match leaders.get(&group) {
-            Some(l) => format!("group adopted version {}", l.shard_map_version),
-            None => "no leader".to_owned(),
+    let file_map = FleetFile::load(&state.fleet_file)?.shard_map();
+    println!("shard map (fleet file: version {}):", file_map.version);
+    let groups: std::collections::BTreeSet<u64> = state.nodes.values().map(|n| n.group).collect();
+    for group in groups {
+        // The group's own adopted map, if its leader answers.
+        let line = match maps(dir, &state, group).await {
+            Ok(m) => match m.adopted {
+                Some(a) => format!(
+                    "{} of {} slots (group adopted version {}{})",
+                    a.slots_of(group),
+                    hsm_vault::shard::SLOTS,
+                    a.version,
+                    m.frozen.map_or(String::new(), |f| format!(
+                        "; moving slots out, to version {}",
+                        f.version
+                    ))
+                ),
+                None => "no map adopted yet".to_owned(),
+            },
+            Err(_) => format!(
+                "{} of {} slots in the fleet file (group unreachable)",
+                file_map.slots_of(group),
+                hsm_vault::shard::SLOTS
+            ),
         };
-        println!(
-            "  group {group}: {} of {} slots ({adopted})",
-            map.slots_of(group),
-            hsm_vault::shard::SLOTS
-        );
+        println!("  group {group}: {line}");
     }
     let faults: Faults =
         serde_json::from_str(&std::fs::read_to_string(dir.join("faults.json")).unwrap_or_default())
@@ -692,6 +718,119 @@ async fn membership(
     c.change_membership(signed(dir, "ChangeMembership", &body)?)
         .await?;
     println!("group {group}: voters are now {voters:?} (joint consensus, via leader {leader_id})");
+    Ok(())
+}
+
+/// One step of a slot move, sent to `group`'s leader.
+async fn reshard(
+    dir: &Path,
+    state: &State,
+    group: u64,
+    step: &hsm_vault::replication::operator::Reshard,
+) -> anyhow::Result<Vec<u8>> {
+    use vault_proto::vault::node::v1::operator_client::OperatorClient;
+    let (_, addr) = leader(state, group).await?;
+    let mut c = OperatorClient::new(connect(&addr).await?)
+        .max_decoding_message_size(hsm_vault::replication::operator::MAX_HANDOVER_MESSAGE)
+        .max_encoding_message_size(hsm_vault::replication::operator::MAX_HANDOVER_MESSAGE);
+    let reply = c.reshard(signed(dir, "Reshard", step)?).await;
+    Ok(reply
+        .map_err(|s| anyhow::anyhow!("group {group}: {}", s.message()))?
+        .into_inner()
+        .body)
+}
+
+/// The maps `group` holds (adopted, and frozen for a move under way).
+async fn maps(
+    dir: &Path,
+    state: &State,
+    group: u64,
+) -> anyhow::Result<hsm_vault::replication::operator::Maps> {
+    use hsm_vault::replication::operator::Reshard;
+    Ok(serde_json::from_slice(
+        &reshard(dir, state, group, &Reshard::Show).await?,
+    )?)
+}
+
+async fn move_slots(
+    dir: &Path,
+    state: &State,
+    (first, last): (u16, u16),
+    to: u64,
+) -> anyhow::Result<()> {
+    use hsm_vault::replication::operator::{Handover, Reshard};
+    if first > last {
+        bail!("--first must not be above --last");
+    }
+    let groups: std::collections::BTreeSet<u64> = state.nodes.values().map(|n| n.group).collect();
+    if !groups.contains(&to) {
+        bail!("group {to} has no node in this fleet");
+    }
+    let mut adopted = BTreeMap::new();
+    let mut frozen = None;
+    for g in &groups {
+        let m = maps(dir, state, *g).await?;
+        adopted.insert(
+            *g,
+            m.adopted.context("a group has adopted no shard map yet")?,
+        );
+        if let Some(f) = m.frozen {
+            frozen = Some((*g, f));
+        }
+    }
+    let (source, next) = match frozen {
+        Some((g, f)) => {
+            println!(
+                "resuming the interrupted move out of group {g} (map version {})",
+                f.version
+            );
+            (g, f)
+        }
+        None => {
+            let current = &adopted[&to];
+            let owners: std::collections::BTreeSet<Option<u64>> =
+                (first..=last).map(|s| current.group_of_slot(s)).collect();
+            let source = match owners.into_iter().collect::<Vec<_>>()[..] {
+                [Some(g)] if g != to => g,
+                [Some(_)] => bail!("slots {first}..={last} are in group {to} already"),
+                _ => bail!(
+                    "slots {first}..={last} are held by several groups: move one group's at a time"
+                ),
+            };
+            let version = adopted.values().map(|m| m.version).max().unwrap_or(0) + 1;
+            (source, current.reassign(first, last, to, version))
+        }
+    };
+    // The group gaining slots, compared with the source's map before the move.
+    let before = &adopted[&source];
+    let target = next
+        .groups()
+        .into_iter()
+        .find(|g| next.slots_of(*g) > before.slots_of(*g))
+        .context("the move gives no slot to any group")?;
+    reshard(dir, state, source, &Reshard::Freeze { map: next.clone() }).await?;
+    println!(
+        "group {source}: slots frozen (map version {})",
+        next.version
+    );
+    let handover: Handover = serde_json::from_slice(
+        &reshard(dir, state, source, &Reshard::Export { map: next.clone() }).await?,
+    )?;
+    let count = handover.records.len();
+    reshard(dir, state, target, &Reshard::Import(handover)).await?;
+    println!("group {target}: {count} records imported; it serves the slots now");
+    for g in std::iter::once(source).chain(
+        groups
+            .iter()
+            .copied()
+            .filter(|g| *g != source && *g != target),
+    ) {
+        if adopted.get(&g) == Some(&next) {
+            continue;
+        }
+        reshard(dir, state, g, &Reshard::Adopt { map: next.clone() }).await?;
+        println!("group {g}: adopted map version {}", next.version);
+    }
     Ok(())
 }
 
@@ -869,6 +1008,14 @@ fn main() -> anyhow::Result<()> {
                 down(&cli.dir, Some(*id), false)?;
             }
             forget(&cli.dir, &drained)
+        }
+        Cmd::MoveSlots {
+            first,
+            last,
+            to_group,
+        } => {
+            let state = load_state(&cli.dir)?.context("no fleet here")?;
+            runtime()?.block_on(move_slots(&cli.dir, &state, (first, last), to_group))
         }
         Cmd::StopNode { id, kill } => down(&cli.dir, Some(id), kill),
         Cmd::Down => down(&cli.dir, None, false),

@@ -283,7 +283,7 @@ impl Backend {
                         Applied::Conflict { .. } => Err(Status::aborted(
                             "the record changed while this request ran; retry",
                         )),
-                        Applied::Refused(reason) => Err(Status::internal(reason)),
+                        Applied::Refused(reason) => Err(Status::unavailable(reason)),
                     },
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
                         Err(no_quorum("leadership moved"))
@@ -334,11 +334,18 @@ impl Backend {
     pub async fn group_of(&self, id: &crate::types::RecordId) -> Result<GroupId, Status> {
         match self {
             Backend::Local(_) => Ok(0),
-            Backend::Replicated(r) => r
-                .shard_map()
-                .await?
-                .group_of(&id.0)
-                .ok_or_else(|| Status::internal("the adopted shard map does not cover a slot")),
+            Backend::Replicated(r) => {
+                let group = r.shard_map().await?.group_of(&id.0).ok_or_else(|| {
+                    Status::internal("the adopted shard map does not cover a slot")
+                })?;
+                let frozen = r.sm.frozen_map().ok().flatten();
+                match frozen.and_then(|f| f.group_of(&id.0)) {
+                    Some(to) if to != group => Err(Status::unavailable(format!(
+                        "this record is moving from replica group {group} to {to}; retry shortly"
+                    ))),
+                    _ => Ok(group),
+                }
+            }
         }
     }
 

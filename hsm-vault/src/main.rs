@@ -13,7 +13,7 @@ use hsm_vault::geo::{FleetFile, Geography};
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
-use hsm_vault::replication::operator::OperatorService;
+use hsm_vault::replication::operator::{OperatorService, MAX_HANDOVER_MESSAGE};
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::shard::{GroupId, ShardMap};
@@ -224,7 +224,9 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             }
             let db = sled::open(&args.data_dir).context("opening the node's store")?;
             let tree = format!("g{group}");
-            let sm = StateMachine::open(&db, &tree).context("opening the state machine")?;
+            let sm = StateMachine::open(&db, &tree)
+                .context("opening the state machine")?
+                .in_group(group);
             let log = match LogStore::open(&db, partition.clone(), &tree) {
                 Err(LogOpenError::RolledBack { log, token }) => {
                     tracing::warn!(
@@ -267,6 +269,8 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
                 operator_service = Some(OperatorService {
+                    group,
+                    sm: sm.clone(),
                     raft: raft.clone(),
                     partition: partition.clone(),
                     operator_key: vault_proto::token::parse_verifying_key(&text)
@@ -320,7 +324,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .add_optional_service(operator_service.map(OperatorServer::new))
+        .add_optional_service(operator_service.map(|o| {
+            OperatorServer::new(o)
+                .max_decoding_message_size(MAX_HANDOVER_MESSAGE)
+                .max_encoding_message_size(MAX_HANDOVER_MESSAGE)
+        }))
         .add_optional_service(node_service.map(|n| {
             NodeServer::new(n)
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)

@@ -109,6 +109,28 @@ impl ShardMap {
             .count() as u32
     }
 
+    /// This map with slots `first..=last` given to `group`, at `version`.
+    pub fn reassign(&self, first: u16, last: u16, group: GroupId, version: u64) -> ShardMap {
+        let mut ranges: Vec<SlotRange> = Vec::new();
+        for s in 0..SLOTS {
+            let s = s as u16;
+            let owner = if (first..=last).contains(&s) {
+                group
+            } else {
+                self.group_of_slot(s).unwrap_or(group)
+            };
+            match ranges.last_mut() {
+                Some(r) if r.group == owner => r.last = s,
+                _ => ranges.push(SlotRange {
+                    first: s,
+                    last: s,
+                    group: owner,
+                }),
+            }
+        }
+        ShardMap { version, ranges }
+    }
+
     /// The groups holding at least one slot.
     pub fn groups(&self) -> BTreeSet<GroupId> {
         self.ranges.iter().map(|r| r.group).collect()
@@ -171,6 +193,17 @@ mod tests {
         for bad in [gap, short, zero, unversioned, empty] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn reassigning_slots_keeps_the_rest() {
+        let map = ShardMap::even(1, &[1, 2]).reassign(100, 199, 3, 2);
+        map.validate().expect("valid");
+        assert_eq!(map.version, 2);
+        assert_eq!(map.ranges.len(), 4);
+        assert_eq!((map.slots_of(1), map.slots_of(3)), (32768 - 100, 100));
+        assert_eq!(map.group_of_slot(150), Some(3));
+        assert_eq!(map.group_of_slot(200), Some(1));
     }
 
     #[test]

@@ -151,14 +151,14 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open_db(dir.path());
-        let mut sm = StateMachine::open(&db, "g1").expect("open");
+        let mut sm = StateMachine::open(&db, "g1").expect("open").in_group(1);
         let v1 = ShardMap::even(1, &[1, 2]);
         let mut same_owners = v1.clone();
         same_owners.version = 2;
         let mut moves = same_owners.clone();
         moves.version = 3;
-        moves.ranges[0].last += 5;
-        moves.ranges[1].first += 5;
+        moves.ranges[0].last -= 5;
+        moves.ranges[1].first -= 5;
         let mut invalid = same_owners.clone();
         invalid.version = 4;
         invalid.ranges.pop();
@@ -188,5 +188,135 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
             .await
             .expect("install");
         assert_eq!(other.shard_map().expect("read"), Some(same_owners));
+    });
+}
+
+/// Slots leave a group only through a handover: frozen in the old group (no
+/// write to their records commits there any more), their records imported
+/// by the new group together with the map, then dropped by the old group.
+#[test]
+fn invariant2_slots_move_between_groups_only_through_freeze_and_import() {
+    use hsm_vault::replication::{Applied, Command};
+    use hsm_vault::shard::ShardMap;
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    fn entry(i: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+    async fn one(sm: &mut StateMachine, i: u64, command: Command) -> Applied {
+        sm.apply([entry(i, command)])
+            .await
+            .expect("apply")
+            .remove(0)
+    }
+
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let mut old = StateMachine::open(&db, "g1").expect("open").in_group(1);
+        let mut new = StateMachine::open(&db, "g2").expect("open").in_group(2);
+        let v1 = ShardMap::even(1, &[1, 2]);
+        let mut v2 = v1.clone();
+        v2.version = 2;
+        v2.ranges[0].first = 100;
+        v2.ranges.insert(
+            0,
+            hsm_vault::shard::SlotRange {
+                first: 0,
+                last: 99,
+                group: 2,
+            },
+        );
+        v2.validate().expect("v2");
+        let (mut moving, mut staying) = ([0u8; 32], [0u8; 32]);
+        moving[1] = 5; // slot 5
+        staying[1] = 200; // slot 200
+        for sm in [&mut old, &mut new] {
+            assert_eq!(
+                one(sm, 1, Command::AdoptMap { map: v1.clone() }).await,
+                Applied::Done
+            );
+        }
+        for (i, id) in [(2, moving), (3, staying)] {
+            let put = Command::Put {
+                id,
+                expect: None,
+                seq: i,
+                sealed: vec![i as u8; 4],
+            };
+            assert_eq!(one(&mut old, i, put).await, Applied::Done);
+        }
+        // Not frozen yet: the old group refuses to let go, the new one to
+        // take slots without their records.
+        let refused = |a: Applied| matches!(a, Applied::Refused(_));
+        assert!(refused(
+            one(&mut old, 4, Command::AdoptMap { map: v2.clone() }).await
+        ));
+        assert!(refused(
+            one(&mut new, 2, Command::AdoptMap { map: v2.clone() }).await
+        ));
+        // Only the old owner may freeze.
+        assert!(refused(
+            one(&mut new, 3, Command::Freeze { map: v2.clone() }).await
+        ));
+        assert_eq!(
+            one(&mut old, 5, Command::Freeze { map: v2.clone() }).await,
+            Applied::Done
+        );
+        let write = |id, seq| Command::Put {
+            id,
+            expect: Some(2),
+            seq,
+            sealed: vec![9; 4],
+        };
+        assert!(
+            refused(one(&mut old, 6, write(moving, 6)).await),
+            "frozen record changed"
+        );
+        let write_staying = Command::Put {
+            id: staying,
+            expect: Some(3),
+            seq: 7,
+            sealed: vec![7; 4],
+        };
+        assert_eq!(one(&mut old, 7, write_staying).await, Applied::Done);
+
+        let exported = old.export(&v2).expect("export");
+        assert_eq!(exported, vec![(moving, 2, vec![2u8; 4])]);
+        let stray = vec![(staying, 3, vec![3u8; 4])];
+        let import = |records, last| Command::Import {
+            map: v2.clone(),
+            records,
+            last,
+        };
+        assert!(
+            refused(one(&mut new, 4, import(stray, true)).await),
+            "record outside the move"
+        );
+        assert_eq!(
+            one(&mut new, 5, import(exported.clone(), true)).await,
+            Applied::Done
+        );
+        assert_eq!(new.shard_map().expect("map"), Some(v2.clone()));
+        assert_eq!(new.get(&moving).expect("get"), Some((2, vec![2u8; 4])));
+        // A replayed last step changes nothing.
+        assert_eq!(
+            one(&mut new, 6, import(exported, true)).await,
+            Applied::Done
+        );
+
+        assert_eq!(
+            one(&mut old, 8, Command::AdoptMap { map: v2.clone() }).await,
+            Applied::Done
+        );
+        assert_eq!(old.get(&moving).expect("get"), None, "moved record dropped");
+        assert!(old.get(&staying).expect("get").is_some());
+        assert_eq!(old.frozen_map().expect("frozen"), None);
+        assert_eq!(old.shard_map().expect("map"), Some(v2));
     });
 }

@@ -360,10 +360,11 @@ fn operator_api_refuses_requests_not_signed_by_the_operator() {
 }
 
 /// A fleet of two replica groups, each spanning the three regions: both
-/// form and adopt the shard map, and accounts registered through one node
-/// are recovered through a node of the other group.
+/// form and adopt the shard map, accounts registered through one node are
+/// recovered through a node of the other group, and `fleet move-slots`
+/// hands group 1's slots to group 2 with their records and guess counts.
 #[test]
-fn fleet_up_with_two_groups_serves_every_account_from_any_node() {
+fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
     let work = tempfile::tempdir().expect("dir");
     let dir = work.path().join("fleet");
     let (fleet_file, ports) = fleet_file_with(
@@ -397,6 +398,7 @@ fn fleet_up_with_two_groups_serves_every_account_from_any_node() {
         );
     }
     let endpoint = |id: usize| format!("http://127.0.0.1:{}", ports[id - 1]);
+    let mut keys = Vec::new();
     for i in 0..4 {
         let account = format!("acct-{i}");
         let token = work.path().join(format!("{account}.token"));
@@ -438,5 +440,79 @@ fn fleet_up_with_two_groups_serves_every_account_from_any_node() {
             String::from_utf8_lossy(&recovered.stderr)
         );
         assert_eq!(recovered.stdout, registered.stdout, "{account}");
+        keys.push(registered.stdout);
     }
+
+    // Move every slot of group 1 to group 2, with a guess charged on a
+    // record before: the record arrives with its count.
+    let wrong = |via: usize| {
+        vault(
+            &dir,
+            &endpoint(via),
+            &["key", "recover", "--account", "acct-0", "--password-stdin"],
+            "not pw\n",
+        )
+    };
+    let before = wrong(3);
+    assert_eq!(before.status.code(), Some(3), "wrong password");
+    assert!(String::from_utf8_lossy(&before.stderr).contains("9 guesses left"));
+    let moved = ok(fleet(
+        &dir,
+        &[
+            "move-slots",
+            "--first",
+            "0",
+            "--last",
+            "32767",
+            "--to-group",
+            "2",
+        ],
+    ));
+    assert!(moved.contains("records imported"), "{moved}");
+    let status = ok(fleet(&dir, &["status"]));
+    assert!(
+        status.contains("group 1: 0 of 65536 slots (group adopted version 2)")
+            && status.contains("group 2: 65536 of 65536 slots (group adopted version 2)"),
+        "{status}"
+    );
+    let after = wrong(1);
+    assert!(
+        String::from_utf8_lossy(&after.stderr).contains("8 guesses left"),
+        "the moved record kept its count: {}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    for (i, key) in keys.iter().enumerate() {
+        for via in [1, 6] {
+            let recovered = vault(
+                &dir,
+                &endpoint(via),
+                &[
+                    "key",
+                    "recover",
+                    "--account",
+                    &format!("acct-{i}"),
+                    "--password-stdin",
+                ],
+                "pw\n",
+            );
+            assert_eq!(
+                &recovered.stdout, key,
+                "acct-{i} through node {via} after the move"
+            );
+        }
+    }
+    // Nothing left to move: the slots are group 2's.
+    let again = fleet(
+        &dir,
+        &[
+            "move-slots",
+            "--first",
+            "0",
+            "--last",
+            "99",
+            "--to-group",
+            "2",
+        ],
+    );
+    assert!(!again.status.success());
 }

@@ -44,10 +44,27 @@ pub enum Command {
     /// `expect`.
     Delete { id: [u8; 32], expect: Option<u64> },
     /// Adopt a newer version of the fleet's shard map. Refused if it is not
-    /// newer, or if it gives a slot to another group (that needs a record
-    /// migration, see [`crate::shard`]).
+    /// newer, if it takes slots from this group that were not frozen for
+    /// exactly this map, or if it gives slots to this group (that takes an
+    /// [`Command::Import`]). Adopting a map that takes frozen slots away
+    /// drops their records.
     AdoptMap { map: ShardMap },
+    /// First step of moving slots out of this group: from this entry on, the
+    /// records of the slots `map` gives to other groups never change here
+    /// again (writes to them are refused), so they can be copied out.
+    Freeze { map: ShardMap },
+    /// Records of slots `map` gives to this group, copied from the group
+    /// that froze them; with `last`, the group adopts `map` and starts
+    /// serving those slots.
+    Import {
+        map: ShardMap,
+        records: Vec<ExportedRecord>,
+        last: bool,
+    },
 }
+
+/// One record on its way between groups: id, sequence number, sealed bytes.
+pub type ExportedRecord = ([u8; 32], u64, Vec<u8>);
 
 /// The state machine's answer to one log entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,5 +1,5 @@
-//! The operator's API on a node: the source side of a cloning ceremony and
-//! membership changes. Every request is signed by the operator's key and
+//! The operator's API on a node: the source side of a cloning ceremony,
+//! membership changes, and the steps of moving slots between groups. Every request is signed by the operator's key and
 //! fresh (`vault_proto::operator`); nothing here reveals a secret.
 
 use std::collections::BTreeSet;
@@ -16,8 +16,10 @@ use vault_proto::vault::node::v1 as pb;
 use vault_proto::vault::node::v1::operator_server::Operator;
 use zeroize::Zeroizing;
 
-use super::{NodeId, TypeConfig};
-use crate::partition::Partition;
+use super::state_machine::StateMachine;
+use super::{Applied, Command, ExportedRecord, NodeId, TypeConfig};
+use crate::partition::{MacKey, Partition};
+use crate::shard::{GroupId, ShardMap};
 
 /// Body of `ExportKeys`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,9 +41,65 @@ pub struct ChangeMembership {
     pub voters: BTreeSet<NodeId>,
 }
 
+/// Body of `Reshard`: one step of moving slots between groups.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reshard {
+    /// The group's adopted map, and the map of a move out under way.
+    Show,
+    /// In the old group: stop changing the records of the slots `map`
+    /// moves away.
+    Freeze { map: ShardMap },
+    /// In the old group: the frozen records, under a token MAC.
+    Export { map: ShardMap },
+    /// In the new group: the exported records (MAC checked), then `map`.
+    Import(Handover),
+    /// Adopt `map` (in the old group, once the new one imported; in the
+    /// others, to route by it).
+    Adopt { map: ShardMap },
+}
+
+/// The records of the slots a map moves, as the old group exported them.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Handover {
+    pub map: ShardMap,
+    pub records: Vec<ExportedRecord>,
+    /// HMAC (hex) made in the old group's token over the map and records:
+    /// whoever carries the handover cannot change it (say, swap in an older
+    /// copy of a record with more guesses left).
+    pub mac: String,
+}
+
+/// Answer to `Reshard::Show`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Maps {
+    pub group: GroupId,
+    pub adopted: Option<ShardMap>,
+    pub frozen: Option<ShardMap>,
+}
+
+/// Largest operator message: a handover carries every record of the slots
+/// it moves in one message (about 1 KiB per record as JSON).
+pub const MAX_HANDOVER_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// Records per Raft entry of an import.
+const IMPORT_CHUNK: usize = 1000;
+
+const HANDOVER_LABEL: &[u8] = b"hsm-vault/v1/handover";
+
+fn handover_input(map: &ShardMap, records: &[ExportedRecord]) -> Result<Vec<u8>, Status> {
+    let mut input = HANDOVER_LABEL.to_vec();
+    let encode = |e: serde_json::Error| Status::internal(e.to_string());
+    input.extend(serde_json::to_vec(map).map_err(encode)?);
+    input.push(0);
+    input.extend(serde_json::to_vec(records).map_err(encode)?);
+    Ok(input)
+}
+
 /// The operator service of one node.
 #[derive(Clone)]
 pub struct OperatorService {
+    pub group: GroupId,
+    pub sm: StateMachine,
     pub raft: Raft<TypeConfig>,
     pub partition: Arc<Partition>,
     pub operator_key: VerifyingKey,
@@ -81,6 +139,41 @@ impl OperatorService {
         serde_json::from_slice(&req.body)
             .map_err(|e| Status::invalid_argument(format!("malformed {kind} body: {e}")))
     }
+}
+
+impl OperatorService {
+    /// Commits `command` through this node, which must lead its group.
+    async fn propose(&self, command: Command) -> Result<(), Status> {
+        match self.raft.client_write(command).await {
+            Ok(r) => match r.data {
+                Applied::Refused(reason) => Err(Status::failed_precondition(reason)),
+                _ => Ok(()),
+            },
+            Err(e) => Err(Status::unavailable(format!(
+                "not committed (ask the group's leader): {e}"
+            ))),
+        }
+    }
+
+    async fn mac(&self, input: Vec<u8>) -> Result<[u8; 32], Status> {
+        let partition = Arc::clone(&self.partition);
+        tokio::task::spawn_blocking(move || partition.session()?.hmac(MacKey::RecordId, &input))
+            .await
+            .map_err(|_| Status::internal("worker failed"))?
+            .map_err(|_| Status::internal("HSM operation failed"))
+    }
+
+    async fn settled(&self) -> Result<(), Status> {
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| Status::unavailable(format!("not the group's leader: {e}")))
+    }
+}
+
+fn stored(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("storage: {e}"))
 }
 
 fn reply<T: Serialize>(v: &T) -> Result<Response<pb::OperatorReply>, Status> {
@@ -144,5 +237,86 @@ impl Operator for OperatorService {
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         tracing::info!(voters = ?body.voters, "membership changed");
         reply(&"ok")
+    }
+
+    async fn reshard(
+        &self,
+        request: Request<pb::OperatorRequest>,
+    ) -> Result<Response<pb::OperatorReply>, Status> {
+        let step: Reshard = self.check("Reshard", request.get_ref())?;
+        match step {
+            Reshard::Show => {
+                self.settled().await?;
+                reply(&Maps {
+                    group: self.group,
+                    adopted: self.sm.shard_map().map_err(stored)?,
+                    frozen: self.sm.frozen_map().map_err(stored)?,
+                })
+            }
+            Reshard::Freeze { map } => {
+                self.propose(Command::Freeze { map: map.clone() }).await?;
+                tracing::info!(
+                    version = map.version,
+                    "slots frozen for a move out of this group"
+                );
+                reply(&"ok")
+            }
+            Reshard::Export { map } => {
+                self.settled().await?;
+                if self.sm.frozen_map().map_err(stored)?.as_ref() != Some(&map) {
+                    return Err(Status::failed_precondition(
+                        "freeze the slots for this map first",
+                    ));
+                }
+                let records = self.sm.export(&map).map_err(stored)?;
+                let mac = self.mac(handover_input(&map, &records)?).await?;
+                tracing::info!(
+                    version = map.version,
+                    records = records.len(),
+                    "slots exported"
+                );
+                reply(&Handover {
+                    map,
+                    records,
+                    mac: hex::encode(mac),
+                })
+            }
+            Reshard::Import(handover) => {
+                let expected = self
+                    .mac(handover_input(&handover.map, &handover.records)?)
+                    .await?;
+                let given = hex::decode(&handover.mac).unwrap_or_default();
+                if !bool::from(subtle::ConstantTimeEq::ct_eq(&expected[..], &given[..])) {
+                    return Err(Status::unauthenticated(
+                        "handover MAC does not verify: not an export of this fleet's tokens, or changed",
+                    ));
+                }
+                let Handover { map, records, .. } = handover;
+                let count = records.len();
+                let mut chunks: Vec<Vec<ExportedRecord>> = records
+                    .chunks(IMPORT_CHUNK)
+                    .map(<[ExportedRecord]>::to_vec)
+                    .collect();
+                if chunks.is_empty() {
+                    chunks.push(Vec::new());
+                }
+                let last = chunks.len() - 1;
+                for (i, records) in chunks.into_iter().enumerate() {
+                    self.propose(Command::Import {
+                        map: map.clone(),
+                        records,
+                        last: i == last,
+                    })
+                    .await?;
+                }
+                tracing::info!(version = map.version, records = count, "slots imported");
+                reply(&"ok")
+            }
+            Reshard::Adopt { map } => {
+                self.propose(Command::AdoptMap { map: map.clone() }).await?;
+                tracing::info!(version = map.version, "shard map adopted");
+                reply(&"ok")
+            }
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! Layout of the group's tree (keys of distinct lengths):
 //! `id (32 B) → seq:u64be || sealed record`, `"applied"` → last applied log
 //! id, `"membership"` → last membership, `"shard-map"` → the adopted shard
-//! map, `"snapshot"` → the current snapshot.
+//! map, `"frozen-map"` → the map of a move out of this group in progress,
+//! `"snapshot"` → the current snapshot.
 //! One apply call is one atomic sled batch, so a crash leaves the tree at a
 //! whole number of entries, and Raft re-applies the rest from the log.
 
@@ -18,13 +19,14 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{io_error, Applied, Command, NodeId, TypeConfig};
-use crate::shard::ShardMap;
+use super::{io_error, Applied, Command, ExportedRecord, NodeId, TypeConfig};
+use crate::shard::{slot, GroupId, ShardMap};
 
 const APPLIED: &[u8] = b"applied";
 const MEMBERSHIP: &[u8] = b"membership";
 const SNAPSHOT: &[u8] = b"snapshot";
 const SHARD_MAP: &[u8] = b"shard-map";
+const FROZEN: &[u8] = b"frozen-map";
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
@@ -34,6 +36,8 @@ struct SnapshotBody {
     membership: Membership,
     #[serde(default)]
     shard_map: Option<ShardMap>,
+    #[serde(default)]
+    frozen: Option<ShardMap>,
     /// (id, seq, sealed record)
     records: Vec<([u8; 32], u64, Vec<u8>)>,
 }
@@ -49,6 +53,8 @@ struct StoredSnapshot {
 pub struct StateMachine {
     db: sled::Db,
     tree: sled::Tree,
+    /// The replica group this state machine belongs to (0: unnamed).
+    group: GroupId,
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -79,7 +85,48 @@ impl StateMachine {
         Ok(StateMachine {
             db: db.clone(),
             tree: db.open_tree(format!("raft-sm/{group}"))?,
+            group: 0,
         })
+    }
+
+    /// Names the replica group this state machine belongs to, so it can
+    /// tell slots moving away from it from slots moving to it.
+    pub fn in_group(mut self, group: GroupId) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The map of a move of slots out of this group, while one is under way.
+    pub fn frozen_map(&self) -> Result<Option<ShardMap>, StorageError<NodeId>> {
+        get_json(&self.tree, FROZEN)
+    }
+
+    /// The records of the slots `map` takes from this group (frozen first).
+    pub fn export(&self, map: &ShardMap) -> Result<Vec<ExportedRecord>, StorageError<NodeId>> {
+        self.leaving(self.shard_map()?.as_ref(), map)
+    }
+
+    /// The records of the slots that `adopted` gives this group and `map`
+    /// gives to another.
+    fn leaving(
+        &self,
+        adopted: Option<&ShardMap>,
+        map: &ShardMap,
+    ) -> Result<Vec<ExportedRecord>, StorageError<NodeId>> {
+        let mut out = Vec::new();
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(sm_err)?;
+            let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            let s = slot(&id);
+            let leaving = adopted.and_then(|a| a.group_of_slot(s)) == Some(self.group)
+                && map.group_of_slot(s) != Some(self.group);
+            if let (true, Some((seq, sealed))) = (leaving, split_value(&v)) {
+                out.push((id, seq, sealed.to_vec()));
+            }
+        }
+        Ok(out)
     }
 
     /// The tree holding this state machine (erased by a resync).
@@ -146,32 +193,123 @@ impl StateMachine {
             last_applied: get_json(&self.tree, APPLIED)?.flatten(),
             membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
             shard_map: self.shard_map()?,
+            frozen: self.frozen_map()?,
             records,
         })
     }
 }
 
-/// Whether a group holding `current` may adopt `next`: a valid map, newer,
-/// and keeping every slot with its group.
-fn adoptable(current: Option<&ShardMap>, next: &ShardMap) -> Result<(), String> {
+/// Slots whose owner differs between `from` and `to`, as (slot, old, new).
+fn changes(from: &ShardMap, to: &ShardMap) -> Vec<(u16, Option<GroupId>, Option<GroupId>)> {
+    (0..crate::shard::SLOTS)
+        .map(|s| s as u16)
+        .filter_map(|s| {
+            let (a, b) = (from.group_of_slot(s), to.group_of_slot(s));
+            (a != b).then_some((s, a, b))
+        })
+        .collect()
+}
+
+/// A valid map, newer than the adopted one (which must exist).
+fn newer<'a>(current: Option<&'a ShardMap>, next: &ShardMap) -> Result<&'a ShardMap, String> {
     next.validate()?;
-    let Some(current) = current else {
-        return Ok(());
-    };
+    let current = current.ok_or("this group has adopted no shard map yet")?;
     if next.version <= current.version {
         return Err(format!(
             "shard map version {} is not newer than the adopted {}",
             next.version, current.version
         ));
     }
-    match current.moved_slots(next) {
-        0 => Ok(()),
-        n => Err(format!(
-            "shard map version {} moves {n} slots to other groups; moving slots needs a record \
-             migration, which this version does not do",
-            next.version
-        )),
+    Ok(current)
+}
+
+/// Whether the record `id` is in a slot frozen for a move away.
+fn moving(current: Option<&ShardMap>, frozen: Option<&ShardMap>, id: &[u8; 32]) -> bool {
+    match (current, frozen) {
+        (Some(c), Some(f)) => c.group_of(id) != f.group_of(id),
+        _ => false,
     }
+}
+
+/// Whether group `me`, holding `current` (and `frozen`, if a move out is
+/// under way), may adopt `next`. Slots may leave this group only once frozen
+/// for exactly `next`, and reach it only through an import.
+fn adoptable(
+    me: GroupId,
+    current: Option<&ShardMap>,
+    frozen: Option<&ShardMap>,
+    next: &ShardMap,
+) -> Result<(), String> {
+    if current.is_none() {
+        return next.validate();
+    }
+    let current = newer(current, next)?;
+    let moved = changes(current, next);
+    if moved.iter().any(|(_, _, to)| *to == Some(me)) {
+        return Err(format!(
+            "shard map version {} gives slots to this group: that takes an import of their records",
+            next.version
+        ));
+    }
+    let leaving = moved
+        .iter()
+        .filter(|(_, from, _)| *from == Some(me))
+        .count();
+    if leaving > 0 && frozen != Some(next) {
+        return Err(format!(
+            "shard map version {} moves {leaving} slots to other groups; they must be frozen and \
+             their records imported there first",
+            next.version
+        ));
+    }
+    Ok(())
+}
+
+/// Whether group `me` may freeze slots for a move to `next`: every slot that
+/// changes owner leaves this group, and no other move is under way.
+fn freezable(
+    me: GroupId,
+    current: Option<&ShardMap>,
+    frozen: Option<&ShardMap>,
+    next: &ShardMap,
+) -> Result<(), String> {
+    if frozen == Some(next) {
+        return Ok(());
+    }
+    if frozen.is_some() {
+        return Err("another move out of this group is under way".into());
+    }
+    let current = newer(current, next)?;
+    let moved = changes(current, next);
+    if moved.is_empty() || moved.iter().any(|(_, from, _)| *from != Some(me)) {
+        return Err("a freeze must move slots of this group, and only those".into());
+    }
+    Ok(())
+}
+
+/// Whether group `me` may import `records` for `next`: `Ok(true)` if it has
+/// adopted `next` already (a replayed last step), `Ok(false)` to apply.
+fn importable(
+    me: GroupId,
+    current: Option<&ShardMap>,
+    next: &ShardMap,
+    records: &[ExportedRecord],
+) -> Result<bool, String> {
+    if current == Some(next) {
+        return Ok(true);
+    }
+    let current = newer(current, next)?;
+    let moved = changes(current, next);
+    if moved.is_empty() || moved.iter().any(|(_, _, to)| *to != Some(me)) {
+        return Err("an import must move slots to this group, and only those".into());
+    }
+    if records
+        .iter()
+        .any(|(id, _, _)| next.group_of(id) != Some(me) || current.group_of(id) == Some(me))
+    {
+        return Err("an imported record is not in a slot moving to this group".into());
+    }
+    Ok(false)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -223,6 +361,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = sled::Batch::default();
         let mut pending: HashMap<[u8; 32], Option<u64>> = HashMap::new();
         let mut map = self.shard_map()?;
+        let mut frozen = self.frozen_map()?;
         let mut out = Vec::new();
         let mut last = None;
         for entry in entries {
@@ -235,6 +374,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         json(&StoredMembership::new(Some(entry.log_id), m))?,
                     );
                     Applied::Done
+                }
+                EntryPayload::Normal(Command::Put { id, .. } | Command::Delete { id, .. })
+                    if moving(map.as_ref(), frozen.as_ref(), &id) =>
+                {
+                    Applied::Refused(
+                        "this record is moving to another replica group; retry shortly".into(),
+                    )
                 }
                 EntryPayload::Normal(Command::Put {
                     id,
@@ -254,8 +400,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                 }
                 EntryPayload::Normal(Command::AdoptMap { map: next }) => {
-                    match adoptable(map.as_ref(), &next) {
+                    match adoptable(self.group, map.as_ref(), frozen.as_ref(), &next) {
                         Ok(()) => {
+                            if frozen.as_ref() == Some(&next) {
+                                // The handover is done: the moved records
+                                // now live in their new group only.
+                                for (id, _, _) in self.leaving(map.as_ref(), &next)? {
+                                    batch.remove(&id[..]);
+                                    pending.insert(id, None);
+                                }
+                                batch.remove(FROZEN);
+                                frozen = None;
+                            }
                             batch.insert(SHARD_MAP, json(&next)?);
                             map = Some(next);
                             Applied::Done
@@ -263,6 +419,37 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         Err(reason) => Applied::Refused(reason),
                     }
                 }
+                EntryPayload::Normal(Command::Freeze { map: next }) => {
+                    match freezable(self.group, map.as_ref(), frozen.as_ref(), &next) {
+                        Ok(()) => {
+                            batch.insert(FROZEN, json(&next)?);
+                            frozen = Some(next);
+                            Applied::Done
+                        }
+                        Err(reason) => Applied::Refused(reason),
+                    }
+                }
+                EntryPayload::Normal(Command::Import {
+                    map: next,
+                    records,
+                    last,
+                }) => match importable(self.group, map.as_ref(), &next, &records) {
+                    Ok(true) => Applied::Done,
+                    Ok(false) => {
+                        for (id, seq, sealed) in records {
+                            let mut v = seq.to_be_bytes().to_vec();
+                            v.extend_from_slice(&sealed);
+                            batch.insert(&id[..], v);
+                            pending.insert(id, Some(seq));
+                        }
+                        if last {
+                            batch.insert(SHARD_MAP, json(&next)?);
+                            map = Some(next);
+                        }
+                        Applied::Done
+                    }
+                    Err(reason) => Applied::Refused(reason),
+                },
                 EntryPayload::Normal(Command::Delete { id, expect }) => {
                     let current = self.current_seq(&pending, &id)?;
                     if current == expect {
@@ -313,6 +500,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if let Some(map) = &body.shard_map {
             batch.insert(SHARD_MAP, json(map)?);
+        }
+        if let Some(map) = &body.frozen {
+            batch.insert(FROZEN, json(map)?);
         }
         batch.insert(APPLIED, json(&meta.last_log_id)?);
         batch.insert(MEMBERSHIP, json(&meta.last_membership)?);
