@@ -20,7 +20,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1. a local fleet: 5 nodes, 3 regions, one SoftHSM2 token each"
 fleet up --fleet-file deploy/local-fleet/fleet.toml
-for _ in $(seq 1 100); do fleet status | awk '$5 == "leader"' | grep -q . && break; sleep 0.1; done
+for _ in $(seq 1 100); do fleet status | awk '$6 == "leader"' | grep -q . && break; sleep 0.1; done
 fleet status
 
 export VAULT_PUBLIC_KEY=$demo/fleet/vault.pub
@@ -38,7 +38,7 @@ echo "wrong guess" | VAULT_ENDPOINT=http://127.0.0.1:7702 vault backup restore -
   --password-stdin --in "$demo/chats.enc" --out "$demo/restored.db" || echo "(refused, as it should be)"
 
 step "4. the leader crashes (kill -9)"
-leader=$(fleet status | awk '$5 == "leader" { print $1 }')
+leader=$(fleet status | awk '$6 == "leader" { print $1 }')
 fleet stop-node --id "$leader" --kill
 survivor=$(( leader % 5 + 1 ))
 export VAULT_ENDPOINT=http://127.0.0.1:770$survivor
