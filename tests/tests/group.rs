@@ -261,7 +261,7 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// A member's disk is restored from an older copy: it notices (the token
+/// A member's disk is restored from a copy taken 30 s earlier: it notices (the token
 /// remembers what it committed), erases the stale state instead of voting or
 /// acknowledging with it, catches up from the group, and no record gains a
 /// guess.
@@ -283,8 +283,13 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
     nodes[f].kill9();
     let old = tempfile::tempdir().expect("old copy");
     copy_dir(&nodes[f].data_dir(), old.path());
+    let copied = Instant::now();
     nodes[f].restart();
-    for _ in 0..3 {
+    // Three charges spread over the 30 s after the copy was taken: the copy
+    // is 30 s old when it comes back.
+    for i in 0..3u32 {
+        let due = Duration::from_secs(10) * i;
+        tokio::time::sleep(due.saturating_sub(copied.elapsed())).await;
         let r = eventually("wrong guess", || async {
             match client(&nodes[f])
                 .await
@@ -299,8 +304,9 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
         .await;
         assert!(r < 10);
     }
-    // Let the follower apply what was committed, then roll its disk back.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the follower apply what was committed, then roll its disk back
+    // to the copy.
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(copied.elapsed())).await;
     nodes[f].kill9();
     std::fs::remove_dir_all(nodes[f].data_dir()).expect("rm");
     copy_dir(old.path(), &nodes[f].data_dir());
