@@ -2,6 +2,7 @@
 //! 3 regions (tokens, ceremony, processes), `status` reports it, and the
 //! fleet serves backups through any node while its leader is down.
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,50 @@ fn vault(dir: &std::path::Path, endpoint: &str, args: &[&str], stdin: &str) -> O
         .env("VAULT_PUBLIC_KEY", dir.join("vault.pub"))
         .args(args);
     vault_e2e::run_with_stdin(cmd, stdin)
+}
+
+/// Issues an owner token for `account` with the fleet's identity key and
+/// registers a generated raw key through `endpoint`; returns the key (the
+/// CLI's output).
+fn register_key(dir: &Path, work: &Path, endpoint: &str, account: &str) -> Vec<u8> {
+    let issued = Command::new(bin("vault"))
+        .args(["token", "issue", "--account", account, "--signing-key"])
+        .arg(dir.join("identity/identity.key"))
+        .output()
+        .expect("issue");
+    let token = work.join(format!("{account}.token"));
+    std::fs::write(&token, &issued.stdout).expect("token");
+    let registered = vault(
+        dir,
+        endpoint,
+        &[
+            "key",
+            "register",
+            "--generate",
+            "--account",
+            account,
+            "--password-stdin",
+            "--token-file",
+            token.to_str().expect("utf8"),
+        ],
+        "pw\n",
+    );
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    registered.stdout
+}
+
+/// Recovers `account`'s raw key through `endpoint` with `password`.
+fn recover_key(dir: &Path, endpoint: &str, account: &str, password: &str) -> Output {
+    vault(
+        dir,
+        endpoint,
+        &["key", "recover", "--account", account, "--password-stdin"],
+        &format!("{password}\n"),
+    )
 }
 
 struct Down<'a>(&'a std::path::Path);
@@ -225,43 +270,12 @@ fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
     let status = settled(&dir, 5);
     let endpoint = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
 
-    let issued = Command::new(bin("vault"))
-        .args(["token", "issue", "--account", "kim", "--signing-key"])
-        .arg(dir.join("identity/identity.key"))
-        .output()
-        .expect("issue");
-    let token = work.path().join("token");
-    std::fs::write(&token, &issued.stdout).expect("token");
-    let register = vault(
-        &dir,
-        &endpoint(1),
-        &[
-            "key",
-            "register",
-            "--generate",
-            "--account",
-            "kim",
-            "--password-stdin",
-            "--token-file",
-            token.to_str().expect("utf8"),
-        ],
-        "pw\n",
-    );
-    assert!(
-        register.status.success(),
-        "{}",
-        String::from_utf8_lossy(&register.stderr)
-    );
-    let key = String::from_utf8_lossy(&register.stdout).trim().to_owned();
+    let register = register_key(&dir, work.path(), &endpoint(1), "kim");
+    let key = String::from_utf8_lossy(&register).trim().to_owned();
     let recover_through = |id: u64| {
         let start = Instant::now();
         loop {
-            let out = vault(
-                &dir,
-                &endpoint(id),
-                &["key", "recover", "--account", "kim", "--password-stdin"],
-                "pw\n",
-            );
+            let out = recover_key(&dir, &endpoint(id), "kim", "pw");
             if out.status.success() {
                 assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), key);
                 return;
@@ -401,58 +415,20 @@ fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
     let mut keys = Vec::new();
     for i in 0..4 {
         let account = format!("acct-{i}");
-        let token = work.path().join(format!("{account}.token"));
-        let issued = Command::new(bin("vault"))
-            .args(["token", "issue", "--account", &account, "--signing-key"])
-            .arg(dir.join("identity/identity.key"))
-            .output()
-            .expect("issue");
-        std::fs::write(&token, &issued.stdout).expect("token");
-        let registered = vault(
-            &dir,
-            &endpoint(1 + i % 2),
-            &[
-                "key",
-                "register",
-                "--generate",
-                "--account",
-                &account,
-                "--password-stdin",
-                "--token-file",
-                token.to_str().expect("utf8"),
-            ],
-            "pw\n",
-        );
-        assert!(
-            registered.status.success(),
-            "{}",
-            String::from_utf8_lossy(&registered.stderr)
-        );
-        let recovered = vault(
-            &dir,
-            &endpoint(6 - i % 2),
-            &["key", "recover", "--account", &account, "--password-stdin"],
-            "pw\n",
-        );
+        let registered = register_key(&dir, work.path(), &endpoint(1 + i % 2), &account);
+        let recovered = recover_key(&dir, &endpoint(6 - i % 2), &account, "pw");
         assert!(
             recovered.status.success(),
             "{}",
             String::from_utf8_lossy(&recovered.stderr)
         );
-        assert_eq!(recovered.stdout, registered.stdout, "{account}");
-        keys.push(registered.stdout);
+        assert_eq!(recovered.stdout, registered, "{account}");
+        keys.push(registered);
     }
 
     // Move every slot of group 1 to group 2, with a guess charged on a
     // record before: the record arrives with its count.
-    let wrong = |via: usize| {
-        vault(
-            &dir,
-            &endpoint(via),
-            &["key", "recover", "--account", "acct-0", "--password-stdin"],
-            "not pw\n",
-        )
-    };
+    let wrong = |via: usize| recover_key(&dir, &endpoint(via), "acct-0", "not pw");
     let before = wrong(3);
     assert_eq!(before.status.code(), Some(3), "wrong password");
     assert!(String::from_utf8_lossy(&before.stderr).contains("9 guesses left"));
@@ -483,18 +459,7 @@ fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
     );
     for (i, key) in keys.iter().enumerate() {
         for via in [1, 6] {
-            let recovered = vault(
-                &dir,
-                &endpoint(via),
-                &[
-                    "key",
-                    "recover",
-                    "--account",
-                    &format!("acct-{i}"),
-                    "--password-stdin",
-                ],
-                "pw\n",
-            );
+            let recovered = recover_key(&dir, &endpoint(via), &format!("acct-{i}"), "pw");
             assert_eq!(
                 &recovered.stdout, key,
                 "acct-{i} through node {via} after the move"
