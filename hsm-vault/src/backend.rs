@@ -218,14 +218,35 @@ async fn linearizable(raft: &Raft<TypeConfig>) -> Result<(), Status> {
 }
 
 impl Backend {
-    /// The record of `id` as currently committed.
+    /// The record of `id` as currently committed: this leader confirms with
+    /// a majority that it still leads and has applied everything committed
+    /// before (a round trip to a majority). For answers that no write
+    /// backs, like Status.
     pub async fn read(&self, id: &crate::types::RecordId) -> Result<Stored, Status> {
+        self.confirm().await?;
+        self.read_for_update(id)
+    }
+
+    /// Confirms that what this node applied is current (a no-op on a lone
+    /// node).
+    pub async fn confirm(&self) -> Result<(), Status> {
+        match self {
+            Backend::Local(_) => Ok(()),
+            Backend::Replicated(r) => linearizable(&r.raft).await,
+        }
+    }
+
+    /// The record of `id` as this node applied it, for a change that
+    /// [`Backend::commit`] then writes as a compare-and-set on the record's
+    /// sequence number. No leadership round trip: if this node's view was
+    /// stale (a deposed leader, entries committed but not applied yet), the
+    /// compare-and-set fails when applied in log order and nothing computed
+    /// from the stale view takes effect; a KE2 or a secret is released only
+    /// after the write applied.
+    pub fn read_for_update(&self, id: &crate::types::RecordId) -> Result<Stored, Status> {
         match self {
             Backend::Local(store) => store.get(id).map_err(store_status),
             Backend::Replicated(r) => {
-                // Make sure this leader has applied everything committed
-                // before it, so the charge starts from the current count.
-                linearizable(&r.raft).await?;
                 let got =
                     r.sm.get(&id.0)
                         .map_err(|e| store_status(StoreError::from(e)))?;

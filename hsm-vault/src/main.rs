@@ -21,7 +21,7 @@ use hsm_vault::store::Store;
 use openraft::{BasicNode, Raft};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use vault_proto::vault::node::v1::node_server::NodeServer;
 use vault_proto::vault::node::v1::operator_server::OperatorServer;
 use vault_proto::vault::v1::vault_server::VaultServer;
@@ -256,6 +256,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 group,
                 partition: partition.clone(),
                 geo: geo.clone(),
+                channels: Default::default(),
             };
             let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
                 .await
@@ -334,7 +335,12 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_RAFT_MESSAGE)
                 .max_encoding_message_size(MAX_RAFT_MESSAGE)
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown())
+        // Small request/answer messages: Nagle's algorithm would hold each
+        // answer back until the peer's delayed ACK (~40 ms on Linux).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown(),
+        )
         .await?;
     Ok(())
 }

@@ -21,9 +21,10 @@
 //!   or with its index altered is refused (fail closed).
 //!
 //! Concurrent commits are grouped: one batch, one flush and one pair of
-//! anchor updates serve every write that arrived while the previous flush
-//! ran. Writes to one record never share a batch: the service holds the
-//! record's lock until its commit returns.
+//! anchor steps serve every write that arrived while the previous flush
+//! ran (under load, one batch's committed step and the next one's pending
+//! step share a label update). Writes to one record never share a batch:
+//! the service holds the record's lock until its commit returns.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -284,6 +285,13 @@ impl Store {
     }
 }
 
+/// The group-commit writer. Each batch takes two anchor steps in the token
+/// (pending before it is applied, committed after its flush), but under load
+/// the committed mark of one batch and the pending mark of the next are one
+/// label update: `{committed: N, pending: N+1}`. A batch's writers are
+/// answered only once the token marks it committed, so a store restored to
+/// an earlier state is still refused at open, and a label update (a token
+/// file rewrite on SoftHSM) is saved per batch.
 async fn writer(
     db: sled::Db,
     partition: Arc<Partition>,
@@ -291,57 +299,101 @@ async fn writer(
     crash: Option<CrashPoint>,
     mut rx: mpsc::Receiver<CommitRequest>,
 ) {
-    let mut batch_reqs = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch_reqs.push(first);
-        while batch_reqs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(r) => batch_reqs.push(r),
-                Err(_) => break,
+    // A batch applied and flushed, waiting for its committed mark.
+    let mut flushed: Option<(Vec<CommitRequest>, Anchor)> = None;
+    loop {
+        let mut next_reqs = Vec::with_capacity(MAX_BATCH);
+        if flushed.is_none() {
+            match rx.recv().await {
+                Some(first) => next_reqs.push(first),
+                None => return,
             }
         }
-        let result = commit_batch(&db, &partition, anchor, crash, &batch_reqs).await;
-        let failed = result.is_err();
-        match &result {
-            Ok(next) => anchor = *next,
-            Err(e) => tracing::error!(
-                error = %e,
-                writes = batch_reqs.len(),
-                "commit failed; the store stops accepting writes"
-            ),
-        }
-        let reply = result.map(|_| ()).map_err(|e| e.to_string());
-        for req in batch_reqs.drain(..) {
-            let _ = req.done.send(reply.clone());
-        }
-        if failed {
-            // The batch may be applied in memory but not durable, or durable
-            // but not anchored: fail closed. Every later commit gets
-            // `WriterGone` until the node restarts and re-checks its store
-            // against the token.
-            return;
+        drain(&mut rx, &mut next_reqs);
+        let committed = flushed.as_ref().map_or(anchor, |(_, a)| *a);
+        let result = if next_reqs.is_empty() {
+            // Nothing else queued: mark the flushed batch committed alone.
+            set_token_state(
+                &partition,
+                &AnchorState {
+                    committed,
+                    pending: None,
+                },
+            )
+            .map(|()| None)
+        } else {
+            begin_batch(&db, &partition, committed, &next_reqs).map(Some)
+        };
+        let result = match result {
+            Ok(None) => Ok(None),
+            Ok(Some((batch, next))) => {
+                // The flushed batch is covered by the token: answer it.
+                answer(flushed.take().map(|(r, _)| r), &Ok(()));
+                anchor = committed;
+                finish_batch(&db, crash, batch).await.map(|()| Some(next))
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Some(next)) => flushed = Some((next_reqs, next)),
+            Ok(None) => {
+                answer(flushed.take().map(|(r, _)| r), &Ok(()));
+                anchor = committed;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    "commit failed; the store stops accepting writes"
+                );
+                let reply = Err(e.to_string());
+                answer(flushed.take().map(|(r, _)| r), &reply);
+                answer(Some(next_reqs), &reply);
+                // The batch may be applied in memory but not durable, or
+                // durable but not anchored: fail closed. Every later commit
+                // gets `WriterGone` until the node restarts and re-checks
+                // its store against the token.
+                return;
+            }
         }
     }
 }
 
-/// One group commit: anchor as pending, apply and flush, anchor as
-/// committed. Returns the new anchor.
-async fn commit_batch(
+fn drain(rx: &mut mpsc::Receiver<CommitRequest>, reqs: &mut Vec<CommitRequest>) {
+    while reqs.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(r) => reqs.push(r),
+            Err(_) => break,
+        }
+    }
+}
+
+fn answer(reqs: Option<Vec<CommitRequest>>, reply: &Result<(), String>) {
+    for req in reqs.into_iter().flatten() {
+        let _ = req.done.send(reply.clone());
+    }
+}
+
+/// First half of a group commit: the batch, the anchor it leads to, and the
+/// token's mark `{committed, pending: next}`. The token work runs on the
+/// writer task itself (a few HMACs and one label update), cheaper than two
+/// thread switches to a blocking thread.
+fn begin_batch(
     db: &sled::Db,
     partition: &Arc<Partition>,
-    current: Anchor,
-    crash: Option<CrashPoint>,
+    committed: Anchor,
     reqs: &[CommitRequest],
-) -> Result<Anchor, StoreError> {
+) -> Result<(sled::Batch, Anchor), StoreError> {
     let mut batch = sled::Batch::default();
-    let mut next = current;
-    let mut changes = Vec::with_capacity(reqs.len());
+    let mut next = committed;
+    let session = partition.session()?;
     for req in reqs {
         let id = *req.write.id();
-        let put = matches!(req.write, Write::Put(..));
-        changes.push((id, read_index(db, &id)?, req.seq, put));
+        if let Some(old) = read_index(db, &id)? {
+            index::toggle(&session, &mut next.digest, &id, old)?;
+        }
         match &req.write {
             Write::Put(id, sealed) => {
+                index::toggle(&session, &mut next.digest, id, req.seq)?;
                 batch.insert(&id.0[..], sealed.as_bytes());
                 batch.insert(&index_key(id)[..], &req.seq.0.to_be_bytes()[..]);
             }
@@ -352,45 +404,27 @@ async fn commit_batch(
         }
         next.seq = next.seq.max(req.seq);
     }
+    drop(session);
     batch.insert(HEAD_KEY, &next.seq.0.to_be_bytes()[..]);
-
-    let partition = Arc::clone(partition);
-    let (partition, next) = tokio::task::spawn_blocking(move || {
-        let session = partition.session()?;
-        for (id, old, seq, put) in changes {
-            if let Some(old) = old {
-                index::toggle(&session, &mut next.digest, &id, old)?;
-            }
-            if put {
-                index::toggle(&session, &mut next.digest, &id, seq)?;
-            }
-        }
-        drop(session);
-        let pending = AnchorState {
-            committed: current,
+    set_token_state(
+        partition,
+        &AnchorState {
+            committed,
             pending: Some(next),
-        };
-        set_token_state(&partition, &pending)?;
-        Ok::<_, StoreError>((partition, next))
-    })
-    .await
-    .map_err(|e| StoreError::Commit(e.to_string()))??;
+        },
+    )?;
+    Ok((batch, next))
+}
 
+/// Second half: apply the batch atomically and flush it.
+async fn finish_batch(
+    db: &sled::Db,
+    crash: Option<CrashPoint>,
+    batch: sled::Batch,
+) -> Result<(), StoreError> {
     CrashPoint::reached(crash, CrashPoint::AfterAnchorPending);
     db.apply_batch(batch)?;
     db.flush_async().await?;
     CrashPoint::reached(crash, CrashPoint::AfterFlush);
-
-    tokio::task::spawn_blocking(move || {
-        set_token_state(
-            &partition,
-            &AnchorState {
-                committed: next,
-                pending: None,
-            },
-        )
-    })
-    .await
-    .map_err(|e| StoreError::Commit(e.to_string()))??;
-    Ok(next)
+    Ok(())
 }

@@ -50,6 +50,17 @@ pub fn client_ksf() -> argon2::Argon2<'static> {
     argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
 }
 
+/// Argon2id at its smallest cost (8 KiB, one pass): for load generators
+/// only, which measure the vault and not the client's key stretching. A
+/// record registered with it can only be recovered with it, and its password
+/// is as cheap to attack offline as a bare hash: never use it for real
+/// accounts.
+pub fn benchmark_ksf() -> argon2::Argon2<'static> {
+    let params = argon2::Params::new(argon2::Params::MIN_M_COST, 1, 1, Some(32))
+        .unwrap_or_else(|_| unreachable!("constant Argon2 parameters are valid"));
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+}
+
 /// HKDF info for the key that encrypts a released secret under the OPAQUE
 /// session key.
 pub const RELEASE_INFO: &[u8] = b"hsm-vault/v1/release";

@@ -20,12 +20,16 @@ use vault_client::VaultClient;
 /// How long a node may take to start before a test gives up.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Directory holding the workspace's built binaries (next to `deps/`, where
-/// this test executable lives).
+/// Directory holding the workspace's built binaries: the profile directory
+/// of the running executable (a test executable lives in its `deps/`).
 pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let deps = exe.parent().expect("deps dir");
-    deps.parent().expect("profile dir").to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -115,6 +119,11 @@ impl VaultNode {
         .expect("copy identity");
     }
 
+    /// The file holding this node's token PIN.
+    pub fn pin_file(&self) -> &Path {
+        &self.pin_file
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.work.path().join("data")
     }
@@ -147,6 +156,11 @@ impl VaultNode {
         let token = Arc::new(TestToken::new(label).expect("SoftHSM token"));
         let pin_file = token.pin_file();
         Self::prepare(token, label, pin_file, listen.into(), extra_args)
+    }
+
+    /// The process id, if the node is running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The endpoint, if the node is running.
@@ -203,7 +217,10 @@ impl VaultNode {
             .expect("log file");
         let mut child = Command::new(bin("hsm-vault"))
             .envs(self.token.env())
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("VAULT_NODE_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(self.extra_env.iter().cloned())
             .arg(format!("--listen={}", self.listen))
             .args(&self.extra_args)
@@ -283,15 +300,12 @@ impl VaultNode {
     }
 
     pub fn bearer_expiring(&self, account: &str, ttl: i64) -> String {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .as_secs();
-        let claims = vault_proto::token::Claims {
-            account_id: account.as_bytes().to_vec(),
-            expires_at: now.saturating_add_signed(ttl),
-        };
-        vault_proto::token::issue(&self.signing_key, &claims).expect("issue token")
+        self.issuer().bearer_expiring(account, ttl)
+    }
+
+    /// This node's identity service, to issue bearer tokens from any thread.
+    pub fn issuer(&self) -> Issuer {
+        Issuer(self.signing_key.clone())
     }
 
     pub async fn client(&self) -> VaultClient {
@@ -320,6 +334,30 @@ impl VaultNode {
             .expect("partition");
         let core = SecureCore::new(partition.ake_public_key()).expect("core");
         Inspector { partition, core }
+    }
+}
+
+/// Issues owner bearer tokens the nodes accept (the identity service of
+/// local deployments).
+#[derive(Clone, Debug)]
+pub struct Issuer(p256::ecdsa::SigningKey);
+
+impl Issuer {
+    /// A token for `account`, valid for an hour.
+    pub fn bearer(&self, account: &str) -> String {
+        self.bearer_expiring(account, 3600)
+    }
+
+    pub fn bearer_expiring(&self, account: &str, ttl: i64) -> String {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let claims = vault_proto::token::Claims {
+            account_id: account.as_bytes().to_vec(),
+            expires_at: now.saturating_add_signed(ttl),
+        };
+        vault_proto::token::issue(&self.0, &claims).expect("issue token")
     }
 }
 
@@ -364,15 +402,78 @@ pub fn start_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
     nodes
 }
 
+/// Where a fleet's nodes are and how far apart its regions are.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// One-way delay between two nodes of one region, in milliseconds.
+    pub intra_region_ms: u64,
+    /// Region names.
+    pub regions: Vec<String>,
+    /// One-way delays between regions: (region, region, ms).
+    pub links: Vec<(String, String, u64)>,
+    /// Each node's (region, group), node ids counting from 1.
+    pub nodes: Vec<(String, usize)>,
+}
+
+impl Layout {
+    /// The test default: groups of the sizes given, numbered from 1 across
+    /// the groups (group 1 first); node i in region ((i - 1) % 3) + 1, with
+    /// small latencies that keep tests quick while still crossing the
+    /// emulated links.
+    pub fn test_default(groups: &[usize]) -> Self {
+        let regions: Vec<String> = (1..=3).map(|r| format!("region-{r}")).collect();
+        let nodes = groups
+            .iter()
+            .enumerate()
+            .flat_map(|(g, size)| std::iter::repeat_n(g + 1, *size))
+            .enumerate()
+            .map(|(i, group)| (regions[i % 3].clone(), group))
+            .collect();
+        let link = |a: usize, b: usize, ms| (regions[a].clone(), regions[b].clone(), ms);
+        Layout {
+            intra_region_ms: 1,
+            links: vec![link(0, 1, 5), link(0, 2, 10), link(1, 2, 10)],
+            regions,
+            nodes,
+        }
+    }
+
+    /// The fleet file text for nodes listening on `ports`.
+    fn fleet_file(&self, ports: &[u16]) -> String {
+        let mut fleet = format!(
+            "[fleet]\nname = \"test\"\nintra_region_ms = {}\n\n",
+            self.intra_region_ms
+        );
+        for r in &self.regions {
+            fleet.push_str(&format!("[[region]]\nname = \"{r}\"\n"));
+        }
+        for (a, b, ms) in &self.links {
+            fleet.push_str(&format!(
+                "\n[[link]]\nbetween = [\"{a}\", \"{b}\"]\nms = {ms}\n"
+            ));
+        }
+        for (i, ((region, group), port)) in self.nodes.iter().zip(ports).enumerate() {
+            fleet.push_str(&format!(
+                "\n[[node]]\nid = {}\nregion = \"{region}\"\naddr = \"127.0.0.1:{port}\"\ngroup = {group}\n",
+                i + 1,
+            ));
+        }
+        fleet
+    }
+}
+
 /// [`start_fleet`] without starting the processes (their tokens can still
 /// be opened in the test process, e.g. with [`VaultNode::inspector`]).
 pub fn prepare_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
-    let n: usize = groups.iter().sum();
-    let group_of: Vec<usize> = groups
-        .iter()
-        .enumerate()
-        .flat_map(|(g, size)| std::iter::repeat_n(g + 1, *size))
-        .collect();
+    prepare_layout(&Layout::test_default(groups), prefix)
+}
+
+/// Prepares the fleet `layout` describes: one SoftHSM configuration with a
+/// token per node, domain keys generated in node 1's token and cloned into
+/// the others, a fleet file, and unstarted nodes on fixed loopback ports.
+pub fn prepare_layout(layout: &Layout, prefix: &str) -> Vec<VaultNode> {
+    let n = layout.nodes.len();
+    let group_of: Vec<usize> = layout.nodes.iter().map(|(_, g)| *g).collect();
     use hsm_vault::partition::ceremony::Enrollment;
     use hsm_vault::partition::{KeySetup, Module};
 
@@ -405,23 +506,7 @@ pub fn prepare_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
         }
     }
     let ports = free_ports(n);
-    // Three regions, node i in region ((i - 1) % 3) + 1; small latencies
-    // keep the tests quick while still crossing the emulated links.
-    let mut fleet = String::from(
-        "[fleet]\nname = \"test\"\nintra_region_ms = 1\n\n[[region]]\nname = \"region-1\"\n\
-         [[region]]\nname = \"region-2\"\n[[region]]\nname = \"region-3\"\n\n\
-         [[link]]\nbetween = [\"region-1\", \"region-2\"]\nms = 5\n\
-         [[link]]\nbetween = [\"region-1\", \"region-3\"]\nms = 10\n\
-         [[link]]\nbetween = [\"region-2\", \"region-3\"]\nms = 10\n",
-    );
-    for (i, p) in ports.iter().enumerate() {
-        fleet.push_str(&format!(
-            "\n[[node]]\nid = {}\nregion = \"region-{}\"\naddr = \"127.0.0.1:{p}\"\ngroup = {}\n",
-            i + 1,
-            i % 3 + 1,
-            group_of[i]
-        ));
-    }
+    let fleet = layout.fleet_file(&ports);
     let fleet_file = token.dir().join("fleet.toml");
     std::fs::write(&fleet_file, fleet).expect("fleet file");
     let faults_file = token.dir().join("faults.json");

@@ -20,8 +20,8 @@ use rand::RngCore;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request};
 use vault_proto::suite::{
-    client_ksf, open_with, seal_with, Suite, RELEASE_AAD, RELEASE_INFO, SUITE_NAME, WRAP_AAD,
-    WRAP_INFO,
+    benchmark_ksf, client_ksf, open_with, seal_with, Suite, RELEASE_AAD, RELEASE_INFO, SUITE_NAME,
+    WRAP_AAD, WRAP_INFO,
 };
 use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_client::VaultClient as PbClient;
@@ -98,6 +98,28 @@ fn bearer<T>(message: T, token: &str) -> Result<Request<T>, ClientError> {
 pub struct VaultClient {
     rpc: PbClient<Channel>,
     pinned: [u8; 33],
+    stretching: KeyStretching,
+}
+
+/// How the client stretches the password before OPAQUE uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyStretching {
+    /// The suite's Argon2id parameters ([`client_ksf`]): every real client.
+    #[default]
+    Suite,
+    /// Argon2id at its smallest cost ([`benchmark_ksf`]), for load
+    /// generators that measure the vault rather than the client. Records
+    /// registered this way recover only this way.
+    MinimalForBenchmarks,
+}
+
+impl KeyStretching {
+    fn ksf(self) -> argon2::Argon2<'static> {
+        match self {
+            KeyStretching::Suite => client_ksf(),
+            KeyStretching::MinimalForBenchmarks => benchmark_ksf(),
+        }
+    }
 }
 
 /// A login whose KE2 the vault released, before the client's KE3.
@@ -133,7 +155,17 @@ impl VaultClient {
         if info.server_public_key != pinned {
             return Err(ClientError::KeyMismatch);
         }
-        Ok(VaultClient { rpc, pinned })
+        Ok(VaultClient {
+            rpc,
+            pinned,
+            stretching: KeyStretching::Suite,
+        })
+    }
+
+    /// Uses `stretching` for the password from now on.
+    pub fn with_key_stretching(mut self, stretching: KeyStretching) -> Self {
+        self.stretching = stretching;
+        self
     }
 
     /// Registers `key` under `password` for `account`, replacing any
@@ -162,7 +194,7 @@ impl VaultClient {
         let registration_id = response.registration_id;
         let response = RegistrationResponse::deserialize(&response.registration_response)
             .map_err(|_| ClientError::Protocol("registration response"))?;
-        let ksf = client_ksf();
+        let ksf = self.stretching.ksf();
         let finish = start
             .state
             .finish(
@@ -223,7 +255,7 @@ impl VaultClient {
         };
         let ke2 = CredentialResponse::deserialize(&challenge.ke2)
             .map_err(|_| ClientError::Protocol("KE2"))?;
-        let ksf = client_ksf();
+        let ksf = self.stretching.ksf();
         let finished = start.state.finish(
             &mut OsRng,
             password,

@@ -196,9 +196,7 @@ impl Partition {
         // handles (invalidated by the logout) are found again by label.
         relogin(&session)?;
         let (keys, _) = load_domain_keys(&session)?;
-        if let Ok(mut current) = self.keys.write() {
-            *current = keys;
-        }
+        self.reload_keys(keys)?;
         let (key, source_transport) = trusted?;
 
         let wrapped = (|| {

@@ -85,7 +85,9 @@ fn op_err(op: &'static str) -> impl FnOnce(CkError) -> PartitionError {
     }
 }
 
-/// Handles of the domain keys, found by label once at start.
+/// Handles of the domain keys, found by label once at start. The four
+/// secrets are the keeper session's working copies
+/// ([`Partition::working_copies`]); the watermark is the token object.
 #[derive(Clone, Copy, Debug)]
 struct DomainKeys {
     oprf_seed: ObjectHandle,
@@ -145,6 +147,12 @@ pub enum KeySetup {
 pub struct Partition {
     // Field order matters: sessions must close before the module finalizes.
     idle: Mutex<Vec<Session>>,
+    /// Owns the working copies of the domain secrets: session objects live
+    /// as long as the session that made them.
+    keeper: Mutex<Session>,
+    /// Handles of the token-state objects, by application name: a search
+    /// by attribute makes SoftHSM re-read every token object's file.
+    state_objects: Mutex<std::collections::HashMap<String, ObjectHandle>>,
     /// Handles change when the token is logged out and in again (a cloning
     /// ceremony does that), so they are re-found by label then.
     keys: RwLock<DomainKeys>,
@@ -203,14 +211,41 @@ impl Partition {
             KeySetup::GenerateIfMissing => ensure_domain_keys(&session)?,
             KeySetup::RequireExisting => load_domain_keys(&session)?,
         };
+        let keeper = module
+            .ctx
+            .open_rw_session(slot)
+            .map_err(op_err("open session"))?;
+        let keys = working_copies(&keeper, keys)?;
         Ok(Arc::new(Partition {
             idle: Mutex::new(vec![session]),
+            keeper: Mutex::new(keeper),
+            state_objects: Mutex::new(std::collections::HashMap::new()),
             keys: RwLock::new(keys),
             ake_public,
             slot,
             label: token_label.to_owned(),
             module: Arc::clone(module),
         }))
+    }
+
+    /// Replaces the key handles after a logout (which invalidates them and
+    /// destroys the working copies): `found` are the token objects, found
+    /// again by label.
+    fn reload_keys(&self, found: DomainKeys) -> Result<(), PartitionError> {
+        let copies = {
+            let keeper = self.keeper.lock().map_err(|_| PartitionError::Operation {
+                op: "reload keys",
+                detail: "keeper session lock poisoned".into(),
+            })?;
+            working_copies(&keeper, found)?
+        };
+        if let Ok(mut current) = self.keys.write() {
+            *current = copies;
+        }
+        if let Ok(mut objects) = self.state_objects.lock() {
+            objects.clear();
+        }
+        Ok(())
     }
 
     /// The AKE public key, SEC1 uncompressed.
@@ -365,6 +400,40 @@ fn unwrap_der_octet_string(der: &[u8]) -> Result<Vec<u8>, PartitionError> {
             detail: "CKA_EC_POINT is not a short DER OCTET STRING".into(),
         }),
     }
+}
+
+/// Copies the domain secrets into session objects of `keeper` and returns
+/// their handles (the watermark stays the token object).
+///
+/// SoftHSM re-reads a token object's file on every use, in case another
+/// process changed it; a session object lives in memory, which makes each
+/// HMAC, GCM and ECDH operation several times cheaper. The copies are still
+/// sensitive, are no longer extractable at all, and carry a label of their
+/// own so that a search by a domain key's label finds only the token object.
+/// They stay `CKA_PRIVATE` (SoftHSM refuses to change that in a copy, and
+/// decrypts a private key's value at every operation's init: a few percent
+/// of a recovery). They vanish when the keeper session closes or the user
+/// logs out.
+fn working_copies(keeper: &Session, token: DomainKeys) -> Result<DomainKeys, PartitionError> {
+    let copy = |handle, label: &str| {
+        keeper
+            .copy_object(
+                handle,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Extractable(false),
+                    Attribute::Label(format!("{label}/working-copy").into_bytes()),
+                ],
+            )
+            .map_err(op_err("copy a domain key into the session"))
+    };
+    Ok(DomainKeys {
+        oprf_seed: copy(token.oprf_seed, labels::OPRF_SEED)?,
+        ake_private: copy(token.ake_private, labels::AKE_PRIVATE)?,
+        seal: copy(token.seal, labels::SEAL)?,
+        record_id: copy(token.record_id, labels::RECORD_ID)?,
+        watermark: token.watermark,
+    })
 }
 
 /// Finds the domain keys by label, creating none.
@@ -577,6 +646,9 @@ impl PartitionSession {
                 self.keys().ake_private,
                 &[
                     Attribute::Token(false),
+                    // Not private: SoftHSM encrypts the values of private
+                    // objects, and this one is read out at once anyway.
+                    Attribute::Private(false),
                     Attribute::Class(ObjectClass::SECRET_KEY),
                     Attribute::KeyType(KeyType::GENERIC_SECRET),
                     Attribute::Sensitive(false),
@@ -663,12 +735,30 @@ impl PartitionSession {
     /// token (created empty on first use). Like the anchor, it lives in the
     /// label of a private data object, where the host cannot roll it back.
     pub fn app_state(&self, app: &str) -> Result<Vec<u8>, PartitionError> {
-        read_label(self.s(), state_object(self.s(), app)?)
+        read_label(self.s(), self.state_object(app)?)
     }
 
     /// Replaces the state kept under application name `app`.
     pub fn set_app_state(&self, app: &str, state: &[u8]) -> Result<(), PartitionError> {
-        write_label(self.s(), state_object(self.s(), app)?, state)
+        write_label(self.s(), self.state_object(app)?, state)
+    }
+
+    /// The state object of `app`, found (or made) once and remembered.
+    fn state_object(&self, app: &str) -> Result<ObjectHandle, PartitionError> {
+        if let Some(h) = self
+            .partition
+            .state_objects
+            .lock()
+            .ok()
+            .and_then(|objects| objects.get(app).copied())
+        {
+            return Ok(h);
+        }
+        let h = state_object(self.s(), app)?;
+        if let Ok(mut objects) = self.partition.state_objects.lock() {
+            objects.insert(app.to_owned(), h);
+        }
+        Ok(h)
     }
 
     /// Reads back how each domain key is protected, and tries the two ways a

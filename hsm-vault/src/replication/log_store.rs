@@ -60,6 +60,10 @@ pub struct LogStore {
     /// Set while resyncing after a rollback: the committed index the token
     /// remembers, which this replica must reach again before it votes.
     resync_floor: Option<u64>,
+    /// The token state as last read or written by this process, which is
+    /// its only writer while it runs: appends update it without reading
+    /// the token back.
+    known: Arc<std::sync::Mutex<Option<TokenLogState>>>,
 }
 
 impl Debug for LogStore {
@@ -109,6 +113,7 @@ impl LogStore {
             partition,
             app: format!("hsm-vault/v1/raft/{group}"),
             resync_floor: None,
+            known: Arc::new(std::sync::Mutex::new(None)),
         })
     }
 
@@ -176,29 +181,50 @@ impl LogStore {
     }
 
     fn token_state(&self) -> Result<TokenLogState, StorageError<NodeId>> {
+        if let Some(state) = self.known.lock().ok().and_then(|k| k.clone()) {
+            return Ok(state);
+        }
         let bytes = retry(|| {
             self.partition
                 .session()
                 .and_then(|s| s.app_state(&self.app))
         })
         .map_err(|e| io_error(StorageIOError::read_vote, e))?;
-        if bytes.is_empty() {
-            return Ok(TokenLogState::default());
+        let state = if bytes.is_empty() {
+            TokenLogState::default()
+        } else {
+            serde_json::from_slice(&bytes).map_err(|e| io_error(StorageIOError::read_vote, e))?
+        };
+        if let Ok(mut known) = self.known.lock() {
+            *known = Some(state.clone());
         }
-        serde_json::from_slice(&bytes).map_err(|e| io_error(StorageIOError::read_vote, e))
+        Ok(state)
     }
 
     fn update_token(&self, f: impl FnOnce(&mut TokenLogState)) -> Result<(), StorageError<NodeId>> {
-        let mut state = self.token_state()?;
+        let before = self.token_state()?;
+        let mut state = before.clone();
         f(&mut state);
+        if state == before {
+            return Ok(());
+        }
         let bytes =
             serde_json::to_vec(&state).map_err(|e| io_error(StorageIOError::write_vote, e))?;
+        // Forget the cached state first: if the write fails, the next read
+        // goes to the token.
+        if let Ok(mut known) = self.known.lock() {
+            *known = None;
+        }
         retry(|| {
             self.partition
                 .session()
                 .and_then(|s| s.set_app_state(&self.app, &bytes))
         })
-        .map_err(|e| io_error(StorageIOError::write_vote, e))
+        .map_err(|e| io_error(StorageIOError::write_vote, e))?;
+        if let Ok(mut known) = self.known.lock() {
+            *known = Some(state);
+        }
+        Ok(())
     }
 
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -233,12 +259,10 @@ impl LogStore {
         })
     }
 
+    /// Makes every write to the log and meta trees durable: the trees of a
+    /// sled database share one log, which one flush writes out.
     async fn flush(&self) -> Result<(), StorageError<NodeId>> {
         self.log
-            .flush_async()
-            .await
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
-        self.meta
             .flush_async()
             .await
             .map_err(|e| io_error(StorageIOError::write_logs, e))?;

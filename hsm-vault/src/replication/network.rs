@@ -78,6 +78,31 @@ pub struct Network {
     pub partition: Arc<Partition>,
     /// Emulated latency and fault switches on outgoing messages.
     pub geo: Geography,
+    /// One HTTP/2 connection per peer address, shared by every client
+    /// openraft makes: it makes a new one for each replication stream, vote
+    /// round and leadership check, and a TCP and HTTP/2 handshake each time
+    /// cost more than the message.
+    pub channels: Channels,
+}
+
+/// Connections to peers, by address.
+#[derive(Clone, Debug, Default)]
+pub struct Channels(Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>);
+
+impl Channels {
+    /// The connection to `addr`, made (lazily: it connects on first use,
+    /// and reconnects by itself after a failure) if there is none yet.
+    fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut channels = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -93,6 +118,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: format!("http://{}", node.addr),
             partition: Arc::clone(&self.partition),
             geo: self.geo.clone(),
+            channels: self.channels.clone(),
             client: None,
         }
     }
@@ -105,6 +131,7 @@ pub struct PeerClient {
     addr: String,
     partition: Arc<Partition>,
     geo: Geography,
+    channels: Channels,
     client: Option<NodeClient<Channel>>,
 }
 
@@ -147,12 +174,7 @@ impl PeerClient {
         )
         .map_err(|e| network(&e))?;
         if self.client.is_none() {
-            let channel = tonic::transport::Endpoint::from_shared(self.addr.clone())
-                .map_err(|e| unreachable(&e))?
-                .connect_timeout(Duration::from_secs(1))
-                .connect()
-                .await
-                .map_err(|e| unreachable(&e))?;
+            let channel = self.channels.get(&self.addr).map_err(|e| unreachable(&e))?;
             self.client = Some(
                 NodeClient::new(channel)
                     .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -174,11 +196,8 @@ impl PeerClient {
         request.set_timeout(timeout);
         let response = match client.raft(request).await {
             Ok(r) => r.into_inner(),
-            Err(status) => {
-                // Drop the connection; the next call reconnects.
-                self.client = None;
-                return Err(unreachable(&status));
-            }
+            // The shared channel reconnects by itself.
+            Err(status) => return Err(unreachable(&status)),
         };
         // The answer travels back over the same emulated link.
         tokio::time::sleep(delay).await;

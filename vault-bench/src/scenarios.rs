@@ -1,0 +1,521 @@
+//! The scenarios: which fleet to start, what load to put on it, and which
+//! targets of the issue its figures are checked against.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::runtime::Runtime;
+use vault_e2e::{prepare_layout, Layout, VaultNode};
+use vault_proto::vault::v1 as pb;
+
+use crate::baseline::{self, Baseline};
+use crate::load::{self, Op, Plan};
+use crate::report::{self, Report};
+use crate::RunArgs;
+use clap::ValueEnum;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Recoveries on one stand-alone node.
+    OneNode,
+    /// Recoveries on a 3-node replica group in one region.
+    ThreeNodes,
+    /// Recoveries on a 5-node group in 3 regions (35–80 ms apart).
+    FiveNodesThreeRegions,
+    /// Registrations on one node.
+    Registrations,
+    /// Recoveries on one node with 10,000 records, then with `--records`.
+    Records,
+}
+
+const ALL: [Scenario; 5] = [
+    Scenario::OneNode,
+    Scenario::ThreeNodes,
+    Scenario::FiveNodesThreeRegions,
+    Scenario::Registrations,
+    Scenario::Records,
+];
+
+/// Accounts each worker recovers in turn.
+const ACCOUNTS_PER_WORKER: usize = 4;
+
+/// How long a fleet may take to elect a leader and adopt its shard map.
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+struct Bench<'a> {
+    rt: &'a Runtime,
+    args: &'a RunArgs,
+    baseline: Baseline,
+    reports: Vec<Report>,
+}
+
+/// Measures the baseline, then runs each scenario in a process of its own
+/// (`vault-bench one`) and gathers the reports.
+pub fn run_all(args: &RunArgs) -> Result<()> {
+    let list: Vec<Scenario> = if args.scenarios.is_empty() {
+        ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    eprintln!(
+        "baseline: {} raw opaque-ke server logins (P256-SHA256, keys in memory, one thread)",
+        args.baseline_logins
+    );
+    let baseline = baseline::measure(args.baseline_logins, args.baseline_logins / 4)?;
+    eprintln!(
+        "  login {:.0} µs CPU ({:.0}/s per core), registration {:.0} µs CPU",
+        baseline.login.cpu_us,
+        baseline.login.per_core_second(),
+        baseline.registration.cpu_us
+    );
+    std::fs::create_dir_all(&args.out)?;
+    let mut reports = Vec::new();
+    for scenario in list {
+        let name = scenario
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default();
+        let list_file = args.out.join(format!(".{name}.reports"));
+        let _ = std::fs::remove_file(&list_file);
+        let status = Command::new(std::env::current_exe()?)
+            .arg("one")
+            .arg(format!("--scenario={name}"))
+            .arg(format!("--baseline={}", serde_json::to_string(&baseline)?))
+            .args(args.to_args())
+            .status()
+            .context("running a scenario")?;
+        if !status.success() {
+            bail!("scenario {name} failed ({status})");
+        }
+        let names = std::fs::read_to_string(&list_file)
+            .with_context(|| format!("reading {}", list_file.display()))?;
+        let _ = std::fs::remove_file(&list_file);
+        for report in names.lines() {
+            let path = args.out.join(format!("{report}.json"));
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            reports.push(serde_json::from_str::<Report>(&text)?);
+        }
+    }
+    summarize(args, &baseline, &reports)
+}
+
+/// Runs one scenario in this process.
+pub fn run_one(rt: &Runtime, args: &RunArgs, scenario: Scenario, baseline: Baseline) -> Result<()> {
+    let mut bench = Bench {
+        rt,
+        args,
+        baseline,
+        reports: Vec::new(),
+    };
+    let name = scenario
+        .to_possible_value()
+        .map(|v| v.get_name().to_owned())
+        .unwrap_or_default();
+    match scenario {
+        Scenario::OneNode => bench.one_node()?,
+        Scenario::ThreeNodes => bench.three_nodes()?,
+        Scenario::FiveNodesThreeRegions => bench.five_nodes()?,
+        Scenario::Registrations => bench.registrations()?,
+        Scenario::Records => bench.records()?,
+    }
+    let names: Vec<&str> = bench.reports.iter().map(|r| r.scenario.as_str()).collect();
+    std::fs::write(args.out.join(format!(".{name}.reports")), names.join("\n"))?;
+    Ok(())
+}
+
+impl Bench<'_> {
+    fn plan(&self, op: Op, entry: &VaultNode, nodes: &[&VaultNode], prefix: &str) -> Result<Plan> {
+        let mut pids = Vec::new();
+        for n in nodes {
+            pids.push(n.pid().context("a node is not running")?);
+        }
+        Ok(Plan {
+            op,
+            endpoints: vec![entry.endpoint()],
+            pinned: entry.pinned_key(),
+            issuer: entry.issuer(),
+            workers: self.args.workers,
+            warmup: self.args.warmup(),
+            duration: self.args.duration(),
+            max_ops: self.args.max_ops,
+            vault_pids: pids,
+            prefix: prefix.to_owned(),
+            accounts_per_worker: ACCOUNTS_PER_WORKER,
+        })
+    }
+
+    /// Runs `plan` and turns it into a report.
+    fn measure(
+        &self,
+        (scenario, description): (&str, &str),
+        plan: Plan,
+        nodes: usize,
+    ) -> Result<Report> {
+        eprintln!("{scenario}: {description}");
+        let op = plan.op;
+        let workers = plan.workers;
+        let measured = self.rt.block_on(load::run(plan))?;
+        let (operation, baseline) = match op {
+            Op::Recover => ("recoveries", self.baseline.login.cpu_us),
+            Op::Register => ("registrations", self.baseline.registration.cpu_us),
+        };
+        let report = Report::new(
+            scenario,
+            description,
+            operation,
+            (nodes, workers),
+            &measured,
+            baseline,
+        );
+        eprintln!(
+            "  {:.0} {operation}/s, p50 {:.1} ms, p99 {:.1} ms, vault CPU {:.0} µs/op, efficiency {:.2}, errors {}{}",
+            report.throughput_per_s,
+            report.latency.p50_ms,
+            report.latency.p99_ms,
+            report.vault_cpu_per_op_us,
+            report.cpu_efficiency,
+            report.errors,
+            report
+                .first_error
+                .as_deref()
+                .map(|e| format!(" (first: {e})"))
+                .unwrap_or_default()
+        );
+        if report.completed == 0 {
+            bail!("{scenario}: no operation completed");
+        }
+        Ok(report)
+    }
+
+    fn keep(&mut self, report: Report) -> Result<()> {
+        report.write(&self.args.out)?;
+        self.reports.push(report);
+        Ok(())
+    }
+
+    fn one_node(&mut self) -> Result<()> {
+        let node = VaultNode::start("bench-one");
+        let plan = self.plan(Op::Recover, &node, &[&node], "one")?;
+        let mut r = self.measure(("one-node", "recoveries on one stand-alone node"), plan, 1)?;
+        let e = r.cpu_efficiency;
+        r.target(
+            "CPU efficiency",
+            "≥ 0.50".into(),
+            format!("{e:.2}"),
+            e >= 0.5,
+        );
+        self.keep(r)
+    }
+
+    fn registrations(&mut self) -> Result<()> {
+        let node = VaultNode::start("bench-reg");
+        let plan = self.plan(Op::Register, &node, &[&node], "reg")?;
+        let r = self.measure(
+            ("registrations", "registrations of new accounts on one node"),
+            plan,
+            1,
+        )?;
+        self.keep(r)
+    }
+
+    fn three_nodes(&mut self) -> Result<()> {
+        let layout = Layout {
+            intra_region_ms: 1,
+            regions: vec!["eu-west".into()],
+            links: Vec::new(),
+            nodes: vec![("eu-west".into(), 1); 3],
+        };
+        let (nodes, leader) = self.start_fleet(&layout, "bench-three")?;
+        let all: Vec<&VaultNode> = nodes.iter().collect();
+        let plan = self.plan(Op::Recover, &nodes[leader], &all, "three")?;
+        let mut r = self.measure(
+            (
+                "three-nodes",
+                "recoveries on a 3-node replica group in one region (1 ms one-way)",
+            ),
+            plan,
+            3,
+        )?;
+        let e = r.cpu_efficiency;
+        r.target(
+            "CPU efficiency, all three nodes counted",
+            "≥ 0.35".into(),
+            format!("{e:.2}"),
+            e >= 0.35,
+        );
+        self.keep(r)
+    }
+
+    fn five_nodes(&mut self) -> Result<()> {
+        let region = |r: &str| r.to_owned();
+        let layout = Layout {
+            intra_region_ms: 2,
+            regions: vec![region("eu-west"), region("us-east"), region("ap-south")],
+            links: vec![
+                (region("eu-west"), region("us-east"), 35),
+                (region("eu-west"), region("ap-south"), 60),
+                (region("us-east"), region("ap-south"), 80),
+            ],
+            nodes: vec![
+                (region("eu-west"), 1),
+                (region("eu-west"), 1),
+                (region("us-east"), 1),
+                (region("us-east"), 1),
+                (region("ap-south"), 1),
+            ],
+        };
+        let (nodes, leader) = self.start_fleet(&layout, "bench-five")?;
+        let rtt = majority_rtt_ms(&layout, leader);
+        let all: Vec<&VaultNode> = nodes.iter().collect();
+        let plan = self.plan(Op::Recover, &nodes[leader], &all, "five")?;
+        let mut r = self.measure(
+            (
+                "five-nodes-three-regions",
+                "recoveries on a 5-node group in 3 regions; clients at the leader",
+            ),
+            plan,
+            5,
+        )?;
+        r.fact("leader_region", layout.nodes[leader].0.clone());
+        r.fact("round_trip_to_nearest_majority_ms", rtt);
+        r.fact(
+            "latency_table_one_way_ms",
+            serde_json::json!({"intra_region": 2, "eu-west/us-east": 35, "eu-west/ap-south": 60, "us-east/ap-south": 80}),
+        );
+        let limit = 2.0 * rtt as f64 + 10.0;
+        let p50 = r.latency.p50_ms;
+        r.target(
+            "p50 recovery latency",
+            format!("≤ 2 × {rtt} ms + 10 ms = {limit:.0} ms"),
+            format!("{p50:.1} ms"),
+            p50 <= limit,
+        );
+        self.keep(r)
+    }
+
+    fn records(&mut self) -> Result<()> {
+        let small = 10_000u64;
+        let large = self.args.records.max(small);
+        let mut node = VaultNode::start("bench-records");
+        let mut p99 = Vec::new();
+        let mut filled = 0u64;
+        for (target, name) in [(small, "records-small"), (large, "records-large")] {
+            node.kill9();
+            let began = Instant::now();
+            fill(&node, filled, target)?;
+            let fill_s = began.elapsed().as_secs_f64();
+            filled = target;
+            let began = Instant::now();
+            node.restart();
+            let start_s = began.elapsed().as_secs_f64();
+            let plan = self.plan(Op::Recover, &node, &[&node], name)?;
+            let description = format!("recoveries on one node holding {target} records");
+            let mut r = self.measure((name, &description), plan, 1)?;
+            r.fact("records", target);
+            r.fact("fill_seconds", fill_s);
+            r.fact("node_start_seconds", start_s);
+            p99.push(r.latency.p99_ms);
+            if let [small_p99, large_p99] = p99[..] {
+                let limit = 1.5 * small_p99;
+                r.target(
+                    &format!("p99 at {large} records"),
+                    format!("≤ 1.5 × p99 at {small} ({small_p99:.1} ms) = {limit:.1} ms"),
+                    format!("{large_p99:.1} ms"),
+                    large_p99 <= limit,
+                );
+            }
+            self.keep(r)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the fleet and waits for its leader; returns the nodes and the
+    /// leader's index.
+    fn start_fleet(&self, layout: &Layout, prefix: &str) -> Result<(Vec<VaultNode>, usize)> {
+        let mut nodes = prepare_layout(layout, prefix);
+        for n in &mut nodes {
+            n.restart();
+        }
+        let endpoints: Vec<String> = nodes.iter().map(VaultNode::endpoint).collect();
+        let leader = self.rt.block_on(wait_for_leader(&endpoints))?;
+        Ok((nodes, leader))
+    }
+}
+
+/// Prints the table and the targets, and writes `summary.md` and
+/// `summary.json`.
+fn summarize(args: &RunArgs, baseline: &Baseline, reports: &[Report]) -> Result<()> {
+    let table = report::table(reports);
+    let mut targets = String::new();
+    for r in reports {
+        for t in &r.targets {
+            targets.push_str(&format!(
+                "- {} — {}: target {}, measured {} — {}\n",
+                r.scenario,
+                t.what,
+                t.target,
+                t.measured,
+                if t.met { "met" } else { "MISSED" }
+            ));
+        }
+    }
+    let head = format!(
+        "Baseline (raw opaque-ke, P256-SHA256, keys in memory, one thread): server login {:.0} µs CPU, \
+         server registration {:.0} µs CPU.\n\n",
+        baseline.login.cpu_us, baseline.registration.cpu_us
+    );
+    let text = format!("{head}{table}\n{targets}");
+    std::fs::write(args.out.join("summary.md"), &text)?;
+    std::fs::write(
+        args.out.join("summary.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "baseline": baseline,
+            "machine": machine(),
+            "scenarios": reports,
+        }))?,
+    )?;
+    println!("{text}");
+    println!("results in {}", args.out.display());
+    Ok(())
+}
+
+/// Polls every node until all name the same leader and it has adopted a
+/// shard map; returns the leader's index.
+async fn wait_for_leader(endpoints: &[String]) -> Result<usize> {
+    let start = Instant::now();
+    loop {
+        let mut leaders = Vec::new();
+        let mut adopted = true;
+        for e in endpoints {
+            match info(e).await {
+                Ok(i) => {
+                    leaders.push(i.leader_id);
+                    adopted &= i.shard_map_version > 0;
+                }
+                Err(_) => leaders.push(0),
+            }
+        }
+        let first = leaders[0];
+        if first != 0 && adopted && leaders.iter().all(|l| *l == first) {
+            // Node ids count from 1 in fleet order.
+            return Ok(usize::try_from(first)? - 1);
+        }
+        if start.elapsed() > READY_DEADLINE {
+            bail!("the fleet did not settle on a leader: {leaders:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn info(endpoint: &str) -> Result<pb::GetInfoResponse> {
+    let mut c = pb::vault_client::VaultClient::connect(endpoint.to_owned()).await?;
+    Ok(c.get_info(pb::GetInfoRequest {}).await?.into_inner())
+}
+
+/// The round trip from the leader to the nearest majority of its group:
+/// twice the one-way delay to the farthest of the nearest ⌊n/2⌋ others.
+fn majority_rtt_ms(layout: &Layout, leader: usize) -> u64 {
+    let here = &layout.nodes[leader].0;
+    let mut delays: Vec<u64> = layout
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != leader)
+        .map(|(_, (region, _))| {
+            if region == here {
+                layout.intra_region_ms
+            } else {
+                layout
+                    .links
+                    .iter()
+                    .find(|(a, b, _)| (a == here && b == region) || (b == here && a == region))
+                    .map_or(0, |l| l.2)
+            }
+        })
+        .collect();
+    delays.sort_unstable();
+    let needed = layout.nodes.len() / 2;
+    2 * delays.get(needed.saturating_sub(1)).copied().unwrap_or(0)
+}
+
+/// Runs `vault-bench fill` for a stopped node, in its own process.
+fn fill(node: &VaultNode, from: u64, to: u64) -> Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    eprintln!("  growing the store from {from} to {to} records");
+    let exe = std::env::current_exe()?;
+    let status = Command::new(exe)
+        .envs(node.token.env())
+        .arg("fill")
+        .arg(format!("--data-dir={}", node.data_dir().display()))
+        .arg(format!("--pkcs11-module={}", softhsm_module().display()))
+        .arg(format!("--token-label={}", node.label))
+        .arg(format!("--pin-file={}", node.pin_file().display()))
+        .arg(format!("--from={from}"))
+        .arg(format!("--to={to}"))
+        .status()
+        .context("running vault-bench fill")?;
+    if !status.success() {
+        bail!("filling the store failed ({status})");
+    }
+    Ok(())
+}
+
+fn softhsm_module() -> std::path::PathBuf {
+    softhsm_test_harness::module_path()
+}
+
+/// What the figures were measured on.
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "load_average_before": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+        "results_dir": Path::new(".").canonicalize().ok(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majority_round_trip_follows_the_latency_table() {
+        let r = |s: &str| s.to_owned();
+        let layout = Layout {
+            intra_region_ms: 2,
+            regions: vec![r("a"), r("b"), r("c")],
+            links: vec![
+                (r("a"), r("b"), 35),
+                (r("a"), r("c"), 60),
+                (r("b"), r("c"), 80),
+            ],
+            nodes: vec![
+                (r("a"), 1),
+                (r("a"), 1),
+                (r("b"), 1),
+                (r("b"), 1),
+                (r("c"), 1),
+            ],
+        };
+        // From a: the other a node (2 ms) and a b node (35 ms) make three.
+        assert_eq!(majority_rtt_ms(&layout, 0), 70);
+        // From c: two more are needed, the nearest being a's at 60 ms.
+        assert_eq!(majority_rtt_ms(&layout, 4), 120);
+        // From b: the other b node and an a node.
+        assert_eq!(majority_rtt_ms(&layout, 2), 70);
+    }
+}
