@@ -163,6 +163,19 @@ impl Hop {
     }
 }
 
+/// This node's place in its replica group, as `GetInfo` reports it.
+#[derive(Debug, Default)]
+pub struct Roles {
+    pub node_id: u64,
+    /// The leader this node knows of (0: none).
+    pub leader_id: u64,
+    /// The last log index applied here.
+    pub applied_index: u64,
+    /// The last log index covered by this node's latest snapshot.
+    pub snapshot_index: u64,
+    pub voters: Vec<u64>,
+}
+
 /// The record storage behind the service.
 pub enum Backend {
     Local(Store),
@@ -293,11 +306,13 @@ impl Backend {
                     },
                     Write::Delete(id) => Command::Delete { id: id.0, expect },
                 };
+                let started = tokio::time::Instant::now();
                 let written = tokio::time::timeout(QUORUM_TIMEOUT, r.raft.client_write(command))
                     .await
                     .map_err(|_| {
                         no_quorum("timed out waiting for a majority; the write may still commit")
                     })?;
+                tracing::debug!(elapsed = ?started.elapsed(), "replicated write");
                 match written {
                     Ok(resp) => match resp.data {
                         Applied::Done => Ok(()),
@@ -315,26 +330,27 @@ impl Backend {
         }
     }
 
-    /// This node's id, the leader it knows of, the last log index it
-    /// applied and the voters it knows (zeros and empty when alone).
-    pub async fn roles(&self) -> (u64, u64, u64, Vec<u64>) {
+    /// This node's place in its group (zeros and empty when alone).
+    pub async fn roles(&self) -> Roles {
         match self {
-            Backend::Local(_) => (0, 0, 0, Vec::new()),
+            Backend::Local(_) => Roles::default(),
             Backend::Replicated(r) => {
-                let (applied, voters) = {
+                let (applied, snapshot, voters) = {
                     let metrics = r.raft.metrics();
                     let m = metrics.borrow();
                     (
                         m.last_applied.map_or(0, |l| l.index),
+                        m.snapshot.map_or(0, |l| l.index),
                         m.membership_config.membership().voter_ids().collect(),
                     )
                 };
-                (
-                    r.id,
-                    r.raft.current_leader().await.unwrap_or(0),
-                    applied,
+                Roles {
+                    node_id: r.id,
+                    leader_id: r.raft.current_leader().await.unwrap_or(0),
+                    applied_index: applied,
+                    snapshot_index: snapshot,
                     voters,
-                )
+                }
             }
         }
     }

@@ -93,6 +93,12 @@ struct Args {
     /// cloning ceremony in which this node is the source.
     #[arg(long, env = "HSM_VAULT_SO_PIN_FILE")]
     so_pin_file: Option<PathBuf>,
+    /// Raft log entries between two snapshots of the state machine. After a
+    /// snapshot the log is purged down to at most 1,000 entries (fewer if
+    /// this is smaller): a member further behind catches up from the
+    /// snapshot.
+    #[arg(long, env = "HSM_VAULT_SNAPSHOT_EVERY", default_value_t = 5000)]
+    snapshot_every: u64,
 }
 
 /// Parses `ID=HOST:PORT,...`.
@@ -246,6 +252,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 heartbeat_interval: 100,
                 election_timeout_min: 500,
                 election_timeout_max: 1000,
+                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(args.snapshot_every),
+                max_in_snapshot_log_to_keep: args.snapshot_every.min(1000),
+                // Binary chunks (see `network.rs`), well under the largest
+                // Raft message.
+                snapshot_max_chunk_size: 4 * 1024 * 1024,
                 ..Default::default()
             }
             .validate()

@@ -285,15 +285,16 @@ impl Vault for VaultService {
         &self,
         _request: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
-        let (node_id, leader_id, applied_index, voters) = self.inner.backend.roles().await;
+        let roles = self.inner.backend.roles().await;
         let (group_id, shard_map_version) = self.inner.backend.shard();
         Ok(Response::new(pb::GetInfoResponse {
             group_id,
             shard_map_version,
-            voters,
-            node_id,
-            leader_id,
-            applied_index,
+            voters: roles.voters,
+            node_id: roles.node_id,
+            leader_id: roles.leader_id,
+            applied_index: roles.applied_index,
+            snapshot_index: roles.snapshot_index,
             cipher_suite: SUITE_NAME.to_owned(),
             server_public_key: self.server_public_key().to_vec(),
             max_secret_len: MAX_SECRET_LEN as u32,

@@ -46,7 +46,7 @@ pub struct Plan {
 }
 
 /// What a run measured.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Measured {
     /// Latency of each operation completed in the window, microseconds.
     pub latencies_us: Vec<u64>,
@@ -134,16 +134,15 @@ pub async fn run(plan: Plan) -> Result<Measured> {
         Arc::clone(&done),
     ));
     let pids = plan.vault_pids.clone();
-    let cpu = tokio::spawn(async move {
+    // CPU is read when the window opens, and again when the workers are
+    // done (at its end, or earlier if the count ran out).
+    let cpu_pids = pids.clone();
+    let cpu_start = tokio::spawn(async move {
         tokio::time::sleep_until(from.into()).await;
-        let v0 = os::processes_cpu(&pids)?;
-        let b0 = os::process_cpu(std::process::id())?;
-        let t0 = Instant::now();
-        tokio::time::sleep_until(end.into()).await;
         anyhow::Ok((
-            os::processes_cpu(&pids)? - v0,
-            os::process_cpu(std::process::id())? - b0,
-            t0.elapsed(),
+            os::processes_cpu(&cpu_pids)?,
+            os::process_cpu(std::process::id())?,
+            Instant::now(),
         ))
     });
 
@@ -209,9 +208,10 @@ pub async fn run(plan: Plan) -> Result<Measured> {
         }
         measured.completions.extend(out.completions);
     }
-    // Stopped early by the count: the window is shorter, and CPU stops
-    // being sampled at its planned end (idle time adds nothing).
-    let (vault_cpu, bench_cpu, window) = cpu.await.context("CPU sampler")??;
+    let (v0, b0, t0) = cpu_start.await.context("CPU sampler")??;
+    let vault_cpu = os::processes_cpu(&pids)? - v0;
+    let bench_cpu = os::process_cpu(std::process::id())? - b0;
+    let window = t0.elapsed().min(plan.duration);
     progress.abort();
     eprintln!();
     measured.completions.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -39,8 +39,10 @@ pub fn processes_cpu(pids: &[u32]) -> Result<Duration> {
 }
 
 /// CPU time of the calling thread, in nanoseconds (`schedstat`'s time on
-/// CPU): precise enough to time a few thousand operations.
+/// CPU). The kernel brings a running thread's figure up to date only at
+/// scheduler events, so the thread yields first.
 pub fn thread_cpu() -> Result<Duration> {
+    std::thread::yield_now();
     let text = std::fs::read_to_string("/proc/thread-self/schedstat")
         .context("reading /proc/thread-self/schedstat")?;
     let ns = text

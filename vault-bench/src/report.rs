@@ -389,7 +389,8 @@ pub fn table(reports: &[Report]) -> String {
         "| scenario | nodes | workers | ops/s | p50 ms | p95 ms | p99 ms | max ms | vault CPU/op µs | raw opaque-ke CPU/op µs | CPU efficiency | load generator CPU share | errors |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    for r in reports {
+    // Scenarios without a load (catch-up) report through their targets.
+    for r in reports.iter().filter(|r| r.workers > 0) {
         let _ = writeln!(
             t,
             "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {:.0}% | {} |",

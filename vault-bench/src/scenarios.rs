@@ -28,15 +28,26 @@ pub enum Scenario {
     Registrations,
     /// Recoveries on one node with 10,000 records, then with `--records`.
     Records,
+    /// A member of a 3-node group holding `--records` loses its disk and
+    /// catches up from the leader's snapshot.
+    CatchUp,
 }
 
-const ALL: [Scenario; 5] = [
+const ALL: [Scenario; 6] = [
     Scenario::OneNode,
     Scenario::ThreeNodes,
     Scenario::FiveNodesThreeRegions,
     Scenario::Registrations,
     Scenario::Records,
+    Scenario::CatchUp,
 ];
+
+/// Log entries between snapshots in the catch-up scenario (the node default
+/// is 5,000): enough writes to pass it take a few seconds.
+const CATCH_UP_SNAPSHOT_EVERY: u64 = 200;
+
+/// How long the catch-up scenario waits for a snapshot or a caught-up node.
+const CATCH_UP_DEADLINE: Duration = Duration::from_secs(900);
 
 /// Accounts each worker recovers in turn.
 const ACCOUNTS_PER_WORKER: usize = 4;
@@ -81,7 +92,7 @@ pub fn run_all(args: &RunArgs) -> Result<()> {
         let _ = std::fs::remove_file(&list_file);
         let status = Command::new(std::env::current_exe()?)
             .arg("one")
-            .arg(format!("--scenario={name}"))
+            .arg(format!("--which={name}"))
             .arg(format!("--baseline={}", serde_json::to_string(&baseline)?))
             .args(args.to_args())
             .status()
@@ -120,11 +131,17 @@ pub fn run_one(rt: &Runtime, args: &RunArgs, scenario: Scenario, baseline: Basel
         Scenario::FiveNodesThreeRegions => bench.five_nodes()?,
         Scenario::Registrations => bench.registrations()?,
         Scenario::Records => bench.records()?,
+        Scenario::CatchUp => bench.catch_up()?,
     }
     let names: Vec<&str> = bench.reports.iter().map(|r| r.scenario.as_str()).collect();
     std::fs::write(args.out.join(format!(".{name}.reports")), names.join("\n"))?;
     Ok(())
 }
+
+/// Default concurrency where CPU per operation is measured, and where
+/// latency across regions is.
+const CPU_WORKERS: usize = 32;
+const LATENCY_WORKERS: usize = 4;
 
 impl Bench<'_> {
     fn plan(&self, op: Op, entry: &VaultNode, nodes: &[&VaultNode], prefix: &str) -> Result<Plan> {
@@ -137,7 +154,7 @@ impl Bench<'_> {
             endpoints: vec![entry.endpoint()],
             pinned: entry.pinned_key(),
             issuer: entry.issuer(),
-            workers: self.args.workers,
+            workers: self.args.workers.unwrap_or(CPU_WORKERS),
             warmup: self.args.warmup(),
             duration: self.args.duration(),
             max_ops: self.args.max_ops,
@@ -270,7 +287,8 @@ impl Bench<'_> {
         let (nodes, leader) = self.start_fleet(&layout, "bench-five")?;
         let rtt = majority_rtt_ms(&layout, leader);
         let all: Vec<&VaultNode> = nodes.iter().collect();
-        let plan = self.plan(Op::Recover, &nodes[leader], &all, "five")?;
+        let mut plan = self.plan(Op::Recover, &nodes[leader], &all, "five")?;
+        plan.workers = self.args.workers.unwrap_or(LATENCY_WORKERS);
         let mut r = self.measure(
             (
                 "five-nodes-three-regions",
@@ -332,11 +350,136 @@ impl Bench<'_> {
         Ok(())
     }
 
+    fn catch_up(&mut self) -> Result<()> {
+        let records = self.args.records;
+        let layout = Layout {
+            intra_region_ms: 1,
+            regions: vec!["eu-west".into()],
+            links: Vec::new(),
+            nodes: vec![("eu-west".into(), 1); 3],
+        };
+        let extra = [format!("--snapshot-every={CATCH_UP_SNAPSHOT_EVERY}")];
+        let (mut nodes, _) = self.start_fleet_with(&layout, "bench-catch-up", &extra)?;
+        // The same records in every member's state machine, as if the log
+        // had replicated them.
+        for n in &mut nodes {
+            n.kill9();
+        }
+        let began = Instant::now();
+        fill_group(&nodes, records)?;
+        let fill_s = began.elapsed().as_secs_f64();
+        for n in &mut nodes {
+            n.restart();
+        }
+        let endpoints: Vec<String> = nodes.iter().map(VaultNode::endpoint).collect();
+        let leader = self.rt.block_on(wait_for_leader(&endpoints))?;
+        // Writes until the leader has snapshotted (all the records) and
+        // purged its log past the start: a member that lost its disk can
+        // then only catch up from the snapshot. A snapshot is taken once
+        // `CATCH_UP_SNAPSHOT_EVERY` entries were applied since the last
+        // one finished, and the log is purged down to that many entries.
+        let all: Vec<&VaultNode> = nodes.iter().collect();
+        eprintln!(
+            "catch-up: writes until the leader snapshots {records} records and purges its log"
+        );
+        let began = Instant::now();
+        let mut round = 0;
+        let snapshot = loop {
+            let mut plan = self.plan(
+                Op::Register,
+                &nodes[leader],
+                &all,
+                &format!("catch-up-{round}"),
+            )?;
+            plan.workers = 8;
+            plan.warmup = Duration::ZERO;
+            plan.duration = CATCH_UP_DEADLINE;
+            plan.max_ops = CATCH_UP_SNAPSHOT_EVERY;
+            self.rt.block_on(load::run(plan))?;
+            round += 1;
+            let i = self.rt.block_on(info(&endpoints[leader]))?;
+            if i.snapshot_index >= 2 * CATCH_UP_SNAPSHOT_EVERY {
+                break i.snapshot_index;
+            }
+            if began.elapsed() > CATCH_UP_DEADLINE {
+                bail!(
+                    "the leader did not snapshot past index {}",
+                    2 * CATCH_UP_SNAPSHOT_EVERY
+                );
+            }
+        };
+        let snapshot_s = began.elapsed().as_secs_f64();
+        // A follower loses its disk (its token keeps its watermarks: it
+        // knows it was rolled back and will not vote until caught up).
+        let victim = (leader + 1) % nodes.len();
+        nodes[victim].kill9();
+        std::fs::remove_dir_all(nodes[victim].data_dir())?;
+        let target = self.rt.block_on(info(&endpoints[leader]))?.applied_index;
+        eprintln!(
+            "catch-up: node {} lost its disk; the leader's snapshot covers index {snapshot}, its log {target}",
+            victim + 1
+        );
+        let began = Instant::now();
+        nodes[victim].restart();
+        let endpoint = nodes[victim].endpoint();
+        self.rt.block_on(async {
+            loop {
+                if let Ok(i) = info(&endpoint).await {
+                    if i.applied_index >= target {
+                        return anyhow::Ok(());
+                    }
+                }
+                if began.elapsed() > CATCH_UP_DEADLINE {
+                    bail!("the member did not catch up");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })?;
+        let catch_up_s = began.elapsed().as_secs_f64();
+        // Check what it holds.
+        nodes[victim].kill9();
+        let held = count_records(&nodes[victim].data_dir(), 1)?;
+        eprintln!("  caught up in {catch_up_s:.1} s, holding {held} records");
+        let empty = load::Measured::default();
+        let mut r = Report::new(
+            "catch-up",
+            &format!("a member of a 3-node group holding {records} records loses its disk and catches up"),
+            "catch-up",
+            (3, 0),
+            &empty,
+            0.0,
+        );
+        r.fact("records", records);
+        r.fact("records_held_after", held);
+        r.fact("fill_seconds", fill_s);
+        r.fact("snapshot_wait_seconds", snapshot_s);
+        r.fact("snapshot_index", snapshot);
+        r.fact("catch_up_seconds", catch_up_s);
+        r.target(
+            &format!("catch-up on {records} records"),
+            "< 120 s".into(),
+            format!("{catch_up_s:.1} s"),
+            catch_up_s < 120.0 && held >= records,
+        );
+        self.keep(r)
+    }
+
     /// Starts the fleet and waits for its leader; returns the nodes and the
     /// leader's index.
     fn start_fleet(&self, layout: &Layout, prefix: &str) -> Result<(Vec<VaultNode>, usize)> {
+        self.start_fleet_with(layout, prefix, &[])
+    }
+
+    /// [`Bench::start_fleet`], with extra flags for every node.
+    fn start_fleet_with(
+        &self,
+        layout: &Layout,
+        prefix: &str,
+        extra: &[String],
+    ) -> Result<(Vec<VaultNode>, usize)> {
         let mut nodes = prepare_layout(layout, prefix);
         for n in &mut nodes {
+            n.extra_args.extend(extra.iter().cloned());
             n.restart();
         }
         let endpoints: Vec<String> = nodes.iter().map(VaultNode::endpoint).collect();
@@ -463,6 +606,46 @@ fn fill(node: &VaultNode, from: u64, to: u64) -> Result<()> {
         bail!("filling the store failed ({status})");
     }
     Ok(())
+}
+
+/// Runs `vault-bench fill --group 1` over the (stopped) members' data
+/// directories, sealing with the first member's token.
+fn fill_group(nodes: &[VaultNode], records: u64) -> Result<()> {
+    let first = &nodes[0];
+    eprintln!(
+        "  filling {} state machines with {records} records",
+        nodes.len()
+    );
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.envs(first.token.env())
+        .arg("fill")
+        .arg("--group=1")
+        .arg(format!("--data-dir={}", first.data_dir().display()))
+        .arg(format!("--pkcs11-module={}", softhsm_module().display()))
+        .arg(format!("--token-label={}", first.label))
+        .arg(format!("--pin-file={}", first.pin_file().display()))
+        .arg("--from=0")
+        .arg(format!("--to={records}"));
+    for n in &nodes[1..] {
+        cmd.arg(format!("--also={}", n.data_dir().display()));
+    }
+    let status = cmd.status().context("running vault-bench fill")?;
+    if !status.success() {
+        bail!("filling the state machines failed ({status})");
+    }
+    Ok(())
+}
+
+/// Records in group `group`'s state machine of a stopped node's sled.
+fn count_records(dir: &Path, group: u64) -> Result<u64> {
+    let db = sled::Config::new().path(dir).open()?;
+    let tree = db.open_tree(format!("raft-sm/g{group}"))?;
+    Ok(tree
+        .iter()
+        .keys()
+        .flatten()
+        .filter(|k| k.len() == 32)
+        .count() as u64)
 }
 
 fn softhsm_module() -> std::path::PathBuf {

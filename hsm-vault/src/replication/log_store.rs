@@ -2,8 +2,12 @@
 //! token.
 //!
 //! Invariants:
-//! - `append` returns (and reports the entries flushed) only after sled's
-//!   flush, so an entry a node acknowledged is on its disk.
+//! - `append` reports the entries flushed (openraft's `LogFlushed`
+//!   callback, after which Raft may acknowledge them) only after sled's
+//!   flush and the token's watermark cover them, so an entry a node
+//!   acknowledged is on its disk. The flush runs on a task of its own:
+//!   appends that arrive meanwhile share the next flush and watermark
+//!   update (group commit), and Raft goes on working while it runs.
 //! - The vote and the highest committed log id live in the token
 //!   (`app_state`), not on the disk: a disk restored from an older copy
 //!   cannot make the node vote twice in a term or forget what it committed.
@@ -21,6 +25,7 @@ use std::sync::Arc;
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, LogId, RaftLogId, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{io_error, NodeId, TypeConfig};
 use crate::partition::Partition;
@@ -63,7 +68,26 @@ pub struct LogStore {
     /// The token state as last read or written by this process, which is
     /// its only writer while it runs: appends update it without reading
     /// the token back.
-    known: Arc<std::sync::Mutex<Option<TokenLogState>>>,
+    known: Arc<std::sync::Mutex<Known>>,
+    /// The group-commit task for appends, started on first use.
+    flusher: Arc<std::sync::OnceLock<mpsc::UnboundedSender<FlushJob>>>,
+}
+
+/// The cached token state, and whether it holds a change not written yet.
+#[derive(Default)]
+struct Known {
+    state: Option<TokenLogState>,
+    /// A newer committed log id than the token holds: written with the next
+    /// watermark update rather than in a label update of its own.
+    unsaved: bool,
+}
+
+/// Work for the flusher: entries appended (to flush and report), or a
+/// barrier (answered once everything sent before it is flushed).
+struct FlushJob {
+    last: Option<LogId<NodeId>>,
+    callback: Option<LogFlushed<TypeConfig>>,
+    barrier: Option<oneshot::Sender<()>>,
 }
 
 impl Debug for LogStore {
@@ -113,7 +137,8 @@ impl LogStore {
             partition,
             app: format!("hsm-vault/v1/raft/{group}"),
             resync_floor: None,
-            known: Arc::new(std::sync::Mutex::new(None)),
+            known: Arc::new(std::sync::Mutex::new(Known::default())),
+            flusher: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -181,7 +206,7 @@ impl LogStore {
     }
 
     fn token_state(&self) -> Result<TokenLogState, StorageError<NodeId>> {
-        if let Some(state) = self.known.lock().ok().and_then(|k| k.clone()) {
+        if let Some(state) = self.known.lock().ok().and_then(|k| k.state.clone()) {
             return Ok(state);
         }
         let bytes = retry(|| {
@@ -196,16 +221,19 @@ impl LogStore {
             serde_json::from_slice(&bytes).map_err(|e| io_error(StorageIOError::read_vote, e))?
         };
         if let Ok(mut known) = self.known.lock() {
-            *known = Some(state.clone());
+            known.state = Some(state.clone());
         }
         Ok(state)
     }
 
+    /// Changes the token state; the token's label is rewritten only if
+    /// something changed (or a committed id is waiting to be written).
     fn update_token(&self, f: impl FnOnce(&mut TokenLogState)) -> Result<(), StorageError<NodeId>> {
         let before = self.token_state()?;
         let mut state = before.clone();
         f(&mut state);
-        if state == before {
+        let unsaved = self.known.lock().map(|k| k.unsaved).unwrap_or(true);
+        if state == before && !unsaved {
             return Ok(());
         }
         let bytes =
@@ -213,7 +241,7 @@ impl LogStore {
         // Forget the cached state first: if the write fails, the next read
         // goes to the token.
         if let Ok(mut known) = self.known.lock() {
-            *known = None;
+            *known = Known::default();
         }
         retry(|| {
             self.partition
@@ -222,9 +250,35 @@ impl LogStore {
         })
         .map_err(|e| io_error(StorageIOError::write_vote, e))?;
         if let Ok(mut known) = self.known.lock() {
-            *known = Some(state);
+            *known = Known {
+                state: Some(state),
+                unsaved: false,
+            };
         }
         Ok(())
+    }
+
+    /// The flusher's queue, starting the task on first use (appends run
+    /// inside the runtime).
+    fn flusher(&self) -> &mpsc::UnboundedSender<FlushJob> {
+        self.flusher.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(flush_appends(self.clone(), rx));
+            tx
+        })
+    }
+
+    /// Waits until every append made so far is flushed.
+    async fn appends_flushed(&self) {
+        let (tx, rx) = oneshot::channel();
+        let job = FlushJob {
+            last: None,
+            callback: None,
+            barrier: Some(tx),
+        };
+        if self.flusher().send(job).is_ok() {
+            let _ = rx.await;
+        }
     }
 
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -321,12 +375,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        self.update_token(|s| {
-            // The watermark never goes down.
-            if committed > s.committed {
-                s.committed = committed;
+        // Kept in memory and written with the next watermark update: a
+        // label update of its own per commit would double the token writes.
+        // The token's `last_log` (written before any entry is acknowledged)
+        // is never below it, so the rollback check loses nothing; after a
+        // crash a replica may re-apply fewer entries at start and learns the
+        // rest from the leader.
+        let mut state = self.token_state()?;
+        if committed > state.committed {
+            state.committed = committed;
+            if let Ok(mut known) = self.known.lock() {
+                *known = Known {
+                    state: Some(state),
+                    unsaved: true,
+                };
             }
-        })
+        }
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -356,21 +421,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| io_error(StorageIOError::write_logs, e))?;
-        let mut flushed = self.flush().await;
-        if flushed.is_ok() && last.is_some() {
-            // Remembered in the token before the append is acknowledged.
-            flushed = self.update_token(|s| s.last_log = s.last_log.max(last));
+        let job = FlushJob {
+            last,
+            callback: Some(callback),
+            barrier: None,
+        };
+        if let Err(mpsc::error::SendError(job)) = self.flusher().send(job) {
+            if let Some(callback) = job.callback {
+                callback.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+            }
         }
-        callback.log_io_completed(
-            flushed
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
-        flushed
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        // Appends still being flushed would raise the watermark after it.
+        self.appends_flushed().await;
         let mut batch = sled::Batch::default();
         for item in self.log.range(log_id.index.to_be_bytes()..) {
             let (k, _) = item.map_err(|e| io_error(StorageIOError::write_logs, e))?;
@@ -398,5 +464,42 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .apply_batch(batch)
             .map_err(|e| io_error(StorageIOError::write_logs, e))?;
         self.flush().await
+    }
+}
+
+/// The group-commit loop of a log's appends: one flush and one watermark
+/// update for every append queued meanwhile, then each append's callback.
+async fn flush_appends(store: LogStore, mut rx: mpsc::UnboundedReceiver<FlushJob>) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        while let Ok(job) = rx.try_recv() {
+            jobs.push(job);
+        }
+        let last = jobs.iter().filter_map(|j| j.last).max();
+        let mut result = Ok(());
+        if jobs.iter().any(|j| j.callback.is_some()) {
+            result = store.flush().await;
+            if result.is_ok() && last.is_some() {
+                // Remembered in the token before the appends are
+                // acknowledged.
+                result = store.update_token(|s| s.last_log = s.last_log.max(last));
+            }
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "flushing the Raft log failed");
+        }
+        for job in jobs {
+            if let Some(callback) = job.callback {
+                callback.log_io_completed(
+                    result
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| std::io::Error::other(e.to_string())),
+                );
+            }
+            if let Some(barrier) = job.barrier {
+                let _ = barrier.send(());
+            }
+        }
     }
 }

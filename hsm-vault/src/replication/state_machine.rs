@@ -30,22 +30,73 @@ const FROZEN: &[u8] = b"frozen-map";
 
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
+/// What a snapshot holds besides the records.
 #[derive(Serialize, Deserialize)]
-struct SnapshotBody {
+struct SnapshotHeader {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     #[serde(default)]
     shard_map: Option<ShardMap>,
     #[serde(default)]
     frozen: Option<ShardMap>,
-    /// (id, seq, sealed record)
-    records: Vec<([u8; 32], u64, Vec<u8>)>,
 }
 
+/// Snapshot data, binary so that a million records stay a few hundred
+/// megabytes: `SNAPSHOT_MAGIC`, the header's length (u32 big-endian), the
+/// header as JSON, then each record as id (32 bytes), sequence number (u64
+/// big-endian), sealed length (u16 big-endian) and the sealed bytes.
+const SNAPSHOT_MAGIC: &[u8; 4] = b"HVS1";
+
+/// The stored snapshot's metadata (its data is under `SNAPSHOT_DATA`).
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: Vec<u8>,
+}
+
+const SNAPSHOT_DATA: &[u8] = b"snapshot-data";
+
+/// A record in snapshot data: id, sequence number, sealed bytes.
+type SnapshotRecord<'a> = ([u8; 32], u64, &'a [u8]);
+
+/// Reads snapshot data back: the header and the records, in order.
+fn parse_snapshot(
+    data: &[u8],
+) -> Result<(SnapshotHeader, Vec<SnapshotRecord<'_>>), StorageError<NodeId>> {
+    let bad = |what: &str| {
+        io_error(
+            StorageIOError::read_state_machine,
+            std::io::Error::other(format!("snapshot data: {what}")),
+        )
+    };
+    let rest = data
+        .strip_prefix(&SNAPSHOT_MAGIC[..])
+        .ok_or_else(|| bad("unknown format"))?;
+    let (len, rest) = rest
+        .split_at_checked(4)
+        .ok_or_else(|| bad("truncated header"))?;
+    let len = u32::from_be_bytes(len.try_into().map_err(|_| bad("header length"))?) as usize;
+    let (header, mut rest) = rest
+        .split_at_checked(len)
+        .ok_or_else(|| bad("truncated header"))?;
+    let header: SnapshotHeader = serde_json::from_slice(header)
+        .map_err(|e| io_error(StorageIOError::read_state_machine, e))?;
+    let mut records = Vec::new();
+    while !rest.is_empty() {
+        let (fixed, tail) = rest
+            .split_at_checked(42)
+            .ok_or_else(|| bad("truncated record"))?;
+        let id: [u8; 32] = fixed[..32].try_into().map_err(|_| bad("record id"))?;
+        let seq = u64::from_be_bytes(fixed[32..40].try_into().map_err(|_| bad("record seq"))?);
+        let n = usize::from(u16::from_be_bytes(
+            fixed[40..42].try_into().map_err(|_| bad("record length"))?,
+        ));
+        let (sealed, tail) = tail
+            .split_at_checked(n)
+            .ok_or_else(|| bad("truncated record"))?;
+        records.push((id, seq, sealed));
+        rest = tail;
+    }
+    Ok((header, records))
 }
 
 /// One replica's state machine.
@@ -178,24 +229,34 @@ impl StateMachine {
         Ok(self.get(id).map_err(sm_err)?.map(|(s, _)| s))
     }
 
-    fn snapshot_body(&self) -> Result<SnapshotBody, StorageError<NodeId>> {
-        let mut records = Vec::new();
-        for item in self.tree.iter() {
-            let (k, v) = item.map_err(sm_err)?;
-            let Ok(id) = <[u8; 32]>::try_from(k.as_ref()) else {
-                continue;
-            };
-            if let Some((seq, sealed)) = split_value(&v) {
-                records.push((id, seq, sealed.to_vec()));
-            }
-        }
-        Ok(SnapshotBody {
+    /// This state machine as snapshot data, and what it was applied up to.
+    fn snapshot_data(&self) -> Result<(Vec<u8>, SnapshotHeader), StorageError<NodeId>> {
+        let header = SnapshotHeader {
             last_applied: get_json(&self.tree, APPLIED)?.flatten(),
             membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
             shard_map: self.shard_map()?,
             frozen: self.frozen_map()?,
-            records,
-        })
+        };
+        let head = json(&header)?;
+        let mut data = Vec::with_capacity(8 + head.len() + 360 * self.tree.len());
+        data.extend_from_slice(SNAPSHOT_MAGIC);
+        let head_len = u32::try_from(head.len()).map_err(sm_err)?;
+        data.extend_from_slice(&head_len.to_be_bytes());
+        data.extend_from_slice(&head);
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(sm_err)?;
+            if k.len() != 32 {
+                continue;
+            }
+            if let Some((seq, sealed)) = split_value(&v) {
+                let n = u16::try_from(sealed.len()).map_err(sm_err)?;
+                data.extend_from_slice(&k);
+                data.extend_from_slice(&seq.to_be_bytes());
+                data.extend_from_slice(&n.to_be_bytes());
+                data.extend_from_slice(sealed);
+            }
+        }
+        Ok((data, header))
     }
 }
 
@@ -314,26 +375,20 @@ fn importable(
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let body = self.snapshot_body()?;
-        let data = json(&body)?;
+        let (data, header) = self.snapshot_data()?;
         let meta = SnapshotMeta {
-            last_log_id: body.last_applied,
-            last_membership: body.membership,
+            last_log_id: header.last_applied,
+            last_membership: header.membership,
             snapshot_id: format!(
                 "{}-{}",
-                body.last_applied.map_or(0, |l| l.index),
+                header.last_applied.map_or(0, |l| l.index),
                 self.db.generate_id().map_err(sm_err)?
             ),
         };
-        self.tree
-            .insert(
-                SNAPSHOT,
-                json(&StoredSnapshot {
-                    meta: meta.clone(),
-                    data: data.clone(),
-                })?,
-            )
-            .map_err(sm_err)?;
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
+        batch.insert(SNAPSHOT_DATA, data.clone());
+        self.tree.apply_batch(batch).map_err(sm_err)?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -486,33 +541,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let body: SnapshotBody = serde_json::from_slice(&data)
-            .map_err(|e| io_error(StorageIOError::read_state_machine, e))?;
+        let (header, records) = parse_snapshot(&data)?;
         let mut batch = sled::Batch::default();
         for item in self.tree.iter() {
             let (k, _) = item.map_err(sm_err)?;
             batch.remove(k);
         }
-        for (id, seq, sealed) in &body.records {
+        for (id, seq, sealed) in &records {
             let mut v = seq.to_be_bytes().to_vec();
             v.extend_from_slice(sealed);
             batch.insert(&id[..], v);
         }
-        if let Some(map) = &body.shard_map {
+        if let Some(map) = &header.shard_map {
             batch.insert(SHARD_MAP, json(map)?);
         }
-        if let Some(map) = &body.frozen {
+        if let Some(map) = &header.frozen {
             batch.insert(FROZEN, json(map)?);
         }
         batch.insert(APPLIED, json(&meta.last_log_id)?);
         batch.insert(MEMBERSHIP, json(&meta.last_membership)?);
-        batch.insert(
-            SNAPSHOT,
-            json(&StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            })?,
-        );
+        batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
+        drop(records);
+        batch.insert(SNAPSHOT_DATA, data);
         self.tree.apply_batch(batch).map_err(sm_err)?;
         self.tree.flush_async().await.map_err(sm_err)?;
         Ok(())
@@ -521,11 +571,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(
-            get_json::<StoredSnapshot>(&self.tree, SNAPSHOT)?.map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }),
-        )
+        let Some(stored) = get_json::<StoredSnapshot>(&self.tree, SNAPSHOT)? else {
+            return Ok(None);
+        };
+        let data = self.tree.get(SNAPSHOT_DATA).map_err(sm_err)?;
+        Ok(data.map(|d| Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(d.to_vec())),
+        }))
     }
 }
