@@ -54,6 +54,11 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Redraw the SVG chart of every scenario report (JSON) in a directory.
+    Redraw {
+        /// Directory of a run's results.
+        dir: PathBuf,
+    },
     /// Internal: grow a stopped node's store with filler records (run by
     /// the `records` scenario in a process of its own).
     #[command(hide = true)]
@@ -123,6 +128,7 @@ fn main() -> Result<()> {
         .build()?;
     match cli.command {
         Some(Command::Fill(args)) => runtime.block_on(fill::fill(args)),
+        Some(Command::Redraw { dir }) => report::redraw(&dir),
         Some(Command::One {
             which,
             baseline,

@@ -180,8 +180,11 @@ impl Report {
         let json = dir.join(format!("{}.json", self.scenario));
         std::fs::write(&json, serde_json::to_string_pretty(self)?)
             .with_context(|| format!("writing {}", json.display()))?;
-        let svg = dir.join(format!("{}.svg", self.scenario));
-        std::fs::write(&svg, self.svg()).with_context(|| format!("writing {}", svg.display()))?;
+        if self.workers > 0 {
+            let svg = dir.join(format!("{}.svg", self.scenario));
+            std::fs::write(&svg, self.svg())
+                .with_context(|| format!("writing {}", svg.display()))?;
+        }
         Ok(())
     }
 
@@ -191,10 +194,11 @@ impl Report {
         let mut s = String::new();
         let _ = write!(
             s,
-            r##"<svg xmlns="http://www.w3.org/2000/svg" width="960" height="400" font-family="sans-serif" font-size="12">
-<rect width="960" height="400" fill="white"/>
+            r##"<svg xmlns="http://www.w3.org/2000/svg" width="960" height="420" font-family="sans-serif" font-size="12">
+<rect width="960" height="420" fill="white"/>
 <text x="20" y="24" font-size="15" font-weight="bold">{}</text>
-<text x="20" y="42" fill="#555">{} · {} nodes · {} workers · {:.0} {}/s · p50 {:.1} ms · p99 {:.1} ms · CPU efficiency {:.2}</text>
+<text x="20" y="42" fill="#555">{}</text>
+<text x="20" y="58" fill="#555">{} nodes · {} workers · {:.0} {}/s · p50 {:.1} ms · p99 {:.1} ms · CPU efficiency {:.2}</text>
 "##,
             esc(&self.scenario),
             esc(&self.description),
@@ -217,7 +221,7 @@ impl Report {
         ];
         panel(
             &mut s,
-            (60.0, 70.0, 380.0, 280.0),
+            (60.0, 90.0, 380.0, 280.0),
             ("latency by percentile", "percentile", "ms"),
             &[(&pct, "#1f77b4")],
             &nines.map(|(x, l)| (x, l.to_owned())),
@@ -246,14 +250,14 @@ impl Report {
             .collect();
         panel(
             &mut s,
-            (540.0, 70.0, 380.0, 120.0),
+            (540.0, 90.0, 380.0, 120.0),
             ("operations per second", "", "ops/s"),
             &[(&ops, "#2ca02c")],
             &ticks,
         );
         panel(
             &mut s,
-            (540.0, 230.0, 380.0, 120.0),
+            (540.0, 250.0, 380.0, 120.0),
             (
                 "p50 (blue) and p99 (red) per second",
                 "time in the window",
@@ -265,6 +269,23 @@ impl Report {
         s.push_str("</svg>\n");
         s
     }
+}
+
+/// Rewrites the chart of every scenario report in `dir` from its JSON.
+pub fn redraw(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let is_report = path.extension().is_some_and(|e| e == "json")
+            && path.file_stem().is_some_and(|s| s != "summary");
+        if !is_report {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let report: Report = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a scenario report", path.display()))?;
+        report.write(dir)?;
+    }
+    Ok(())
 }
 
 /// x position of percentile `p` on a "nines" axis.
