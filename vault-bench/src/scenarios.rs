@@ -239,12 +239,7 @@ impl Bench<'_> {
     }
 
     fn three_nodes(&mut self) -> Result<()> {
-        let layout = Layout {
-            intra_region_ms: 1,
-            regions: vec!["eu-west".into()],
-            links: Vec::new(),
-            nodes: vec![("eu-west".into(), 1); 3],
-        };
+        let layout = one_region(3);
         let (nodes, leader) = self.start_fleet(&layout, "bench-three")?;
         let all: Vec<&VaultNode> = nodes.iter().collect();
         let plan = self.plan(Op::Recover, &nodes[leader], &all, "three")?;
@@ -267,23 +262,7 @@ impl Bench<'_> {
     }
 
     fn five_nodes(&mut self) -> Result<()> {
-        let region = |r: &str| r.to_owned();
-        let layout = Layout {
-            intra_region_ms: 2,
-            regions: vec![region("eu-west"), region("us-east"), region("ap-south")],
-            links: vec![
-                (region("eu-west"), region("us-east"), 35),
-                (region("eu-west"), region("ap-south"), 60),
-                (region("us-east"), region("ap-south"), 80),
-            ],
-            nodes: vec![
-                (region("eu-west"), 1),
-                (region("eu-west"), 1),
-                (region("us-east"), 1),
-                (region("us-east"), 1),
-                (region("ap-south"), 1),
-            ],
-        };
+        let layout = three_regions();
         let (nodes, leader) = self.start_fleet(&layout, "bench-five")?;
         let rtt = majority_rtt_ms(&layout, leader);
         let all: Vec<&VaultNode> = nodes.iter().collect();
@@ -301,7 +280,12 @@ impl Bench<'_> {
         r.fact("round_trip_to_nearest_majority_ms", rtt);
         r.fact(
             "latency_table_one_way_ms",
-            serde_json::json!({"intra_region": 2, "eu-west/us-east": 35, "eu-west/ap-south": 60, "us-east/ap-south": 80}),
+            layout
+                .links
+                .iter()
+                .map(|(a, b, ms)| (format!("{a}/{b}"), serde_json::Value::from(*ms)))
+                .chain([("intra_region".to_owned(), layout.intra_region_ms.into())])
+                .collect::<serde_json::Map<_, _>>(),
         );
         let limit = 2.0 * rtt as f64 + 10.0;
         let p50 = r.latency.p50_ms;
@@ -352,12 +336,7 @@ impl Bench<'_> {
 
     fn catch_up(&mut self) -> Result<()> {
         let records = self.args.records;
-        let layout = Layout {
-            intra_region_ms: 1,
-            regions: vec!["eu-west".into()],
-            links: Vec::new(),
-            nodes: vec![("eu-west".into(), 1); 3],
-        };
+        let layout = one_region(3);
         let extra = [format!("--snapshot-every={CATCH_UP_SNAPSHOT_EVERY}")];
         let (mut nodes, _) = self.start_fleet_with(&layout, "bench-catch-up", &extra)?;
         // The same records in every member's state machine, as if the log
@@ -525,6 +504,36 @@ fn summarize(args: &RunArgs, baseline: &Baseline, reports: &[Report]) -> Result<
     Ok(())
 }
 
+/// `n` nodes of one group in one region, 1 ms apart.
+fn one_region(n: usize) -> Layout {
+    Layout {
+        intra_region_ms: 1,
+        regions: vec!["eu-west".into()],
+        links: Vec::new(),
+        nodes: vec![("eu-west".into(), 1); n],
+    }
+}
+
+/// The layout of `deploy/local-fleet`: five nodes of one group, two in
+/// eu-west, two in us-east, one in ap-south; 2 ms inside a region, 35, 60
+/// and 80 ms one-way between them.
+fn three_regions() -> Layout {
+    let region = |r: &str| r.to_owned();
+    Layout {
+        intra_region_ms: 2,
+        regions: vec![region("eu-west"), region("us-east"), region("ap-south")],
+        links: vec![
+            (region("eu-west"), region("us-east"), 35),
+            (region("eu-west"), region("ap-south"), 60),
+            (region("us-east"), region("ap-south"), 80),
+        ],
+        nodes: ["eu-west", "eu-west", "us-east", "us-east", "ap-south"]
+            .iter()
+            .map(|r| (region(r), 1))
+            .collect(),
+    }
+}
+
 /// Polls every node until all name the same leader and it has adopted a
 /// shard map; returns the leader's index.
 async fn wait_for_leader(endpoints: &[String]) -> Result<usize> {
@@ -677,28 +686,14 @@ mod tests {
 
     #[test]
     fn majority_round_trip_follows_the_latency_table() {
-        let r = |s: &str| s.to_owned();
-        let layout = Layout {
-            intra_region_ms: 2,
-            regions: vec![r("a"), r("b"), r("c")],
-            links: vec![
-                (r("a"), r("b"), 35),
-                (r("a"), r("c"), 60),
-                (r("b"), r("c"), 80),
-            ],
-            nodes: vec![
-                (r("a"), 1),
-                (r("a"), 1),
-                (r("b"), 1),
-                (r("b"), 1),
-                (r("c"), 1),
-            ],
-        };
-        // From a: the other a node (2 ms) and a b node (35 ms) make three.
+        let layout = three_regions();
+        // From eu-west: the other eu-west node (2 ms) and a us-east node
+        // (35 ms) make three.
         assert_eq!(majority_rtt_ms(&layout, 0), 70);
-        // From c: two more are needed, the nearest being a's at 60 ms.
+        // From ap-south: two more are needed, the nearest being eu-west's
+        // at 60 ms.
         assert_eq!(majority_rtt_ms(&layout, 4), 120);
-        // From b: the other b node and an a node.
+        // From us-east: the other us-east node and an eu-west node.
         assert_eq!(majority_rtt_ms(&layout, 2), 70);
     }
 }
