@@ -2,8 +2,8 @@
 # The benchmark: release builds of the vault and the load generator, then
 # `vault-bench` with any arguments given (all scenarios by default; see
 # `--help`). Results go to bench-results/ (JSON and an SVG chart per
-# scenario, summary.md). Takes 15–25 minutes for every scenario, most of it
-# growing the store to a million records.
+# scenario, summary.md). Every scenario takes about 10 minutes on 2 cores,
+# most of it growing stores to a million records.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
