@@ -90,9 +90,8 @@ async fn register(
             .await
         {
             Ok(_) => return Ok(()),
-            Err(e) if tries < 50 => {
+            Err(_) if tries < 50 => {
                 tries += 1;
-                let _ = e;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(e) => bail!("registering {name}: {e}"),

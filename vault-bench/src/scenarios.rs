@@ -599,48 +599,43 @@ fn fill(node: &VaultNode, from: u64, to: u64) -> Result<()> {
         return Ok(());
     }
     eprintln!("  growing the store from {from} to {to} records");
-    let exe = std::env::current_exe()?;
-    let status = Command::new(exe)
-        .envs(node.token.env())
+    run_fill(fill_command(node, from, to)?)
+}
+
+/// Runs `vault-bench fill --group 1` over the (stopped) members' data
+/// directories, sealing with the first member's token.
+fn fill_group(nodes: &[VaultNode], records: u64) -> Result<()> {
+    eprintln!(
+        "  filling {} state machines with {records} records",
+        nodes.len()
+    );
+    let mut cmd = fill_command(&nodes[0], 0, records)?;
+    cmd.arg("--group=1");
+    for n in &nodes[1..] {
+        cmd.arg(format!("--also={}", n.data_dir().display()));
+    }
+    run_fill(cmd)
+}
+
+/// `vault-bench fill` of filler accounts `from..to` into `node`'s data
+/// directory, with its token.
+fn fill_command(node: &VaultNode, from: u64, to: u64) -> Result<Command> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.envs(node.token.env())
         .arg("fill")
         .arg(format!("--data-dir={}", node.data_dir().display()))
         .arg(format!("--pkcs11-module={}", softhsm_module().display()))
         .arg(format!("--token-label={}", node.label))
         .arg(format!("--pin-file={}", node.pin_file().display()))
         .arg(format!("--from={from}"))
-        .arg(format!("--to={to}"))
-        .status()
-        .context("running vault-bench fill")?;
-    if !status.success() {
-        bail!("filling the store failed ({status})");
-    }
-    Ok(())
+        .arg(format!("--to={to}"));
+    Ok(cmd)
 }
 
-/// Runs `vault-bench fill --group 1` over the (stopped) members' data
-/// directories, sealing with the first member's token.
-fn fill_group(nodes: &[VaultNode], records: u64) -> Result<()> {
-    let first = &nodes[0];
-    eprintln!(
-        "  filling {} state machines with {records} records",
-        nodes.len()
-    );
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.envs(first.token.env())
-        .arg("fill")
-        .arg("--group=1")
-        .arg(format!("--data-dir={}", first.data_dir().display()))
-        .arg(format!("--pkcs11-module={}", softhsm_module().display()))
-        .arg(format!("--token-label={}", first.label))
-        .arg(format!("--pin-file={}", first.pin_file().display()))
-        .arg("--from=0")
-        .arg(format!("--to={records}"));
-    for n in &nodes[1..] {
-        cmd.arg(format!("--also={}", n.data_dir().display()));
-    }
+fn run_fill(mut cmd: Command) -> Result<()> {
     let status = cmd.status().context("running vault-bench fill")?;
     if !status.success() {
-        bail!("filling the state machines failed ({status})");
+        bail!("filling failed ({status})");
     }
     Ok(())
 }
