@@ -173,7 +173,7 @@ impl VaultService {
     /// CPU). Handing them to a blocking thread cost more than the work: two
     /// thread switches per call, several calls per recovery. The runtime has
     /// a worker per core, so other requests keep running meanwhile.
-    async fn with_token<T, F>(&self, f: F) -> Result<T, Status>
+    fn with_token<T, F>(&self, f: F) -> Result<T, Status>
     where
         F: FnOnce(&SecureCore, &PartitionSession) -> Result<T, CoreError>,
     {
@@ -191,9 +191,8 @@ impl VaultService {
         &self.inner.stripes[i]
     }
 
-    async fn record_id(&self, account_id: Vec<u8>) -> Result<RecordId, Status> {
-        self.with_token(move |core, t| core.record_id(t, &account_id))
-            .await
+    fn record_id(&self, account_id: &[u8]) -> Result<RecordId, Status> {
+        self.with_token(|core, t| core.record_id(t, account_id))
     }
 
     /// The record, read for a change committed as a compare-and-set
@@ -218,7 +217,7 @@ impl VaultService {
     /// The record of an account and the group holding it.
     async fn locate(&self, account_id: &[u8]) -> Result<(RecordId, GroupId), Status> {
         check_account(account_id)?;
-        let id = self.record_id(account_id.to_vec()).await?;
+        let id = self.record_id(account_id)?;
         Ok((id, self.inner.backend.group_of(&id).await?))
     }
 
@@ -247,11 +246,9 @@ impl VaultService {
         let stored = self.stored(&id)?;
         let seq = self.reserve(&stored);
         let expect = stored.index;
-        let outcome = self
-            .with_token(move |core, t| {
-                core.finish(t, &login, &ke3, &stored, purpose, seq, Instant::now())
-            })
-            .await?;
+        let outcome = self.with_token(move |core, t| {
+            core.finish(t, &login, &ke3, &stored, purpose, seq, Instant::now())
+        })?;
         match &outcome {
             Finish::Recovered { write, .. } | Finish::Lock { write } => {
                 self.commit(seq, Write::Put(id, write.clone()), expect)
@@ -314,9 +311,8 @@ impl Vault for VaultService {
         self.inner.auth.check(&metadata, &req.account_id)?;
         check_opaque("registration_request", &req.registration_request)?;
         let message = req.registration_request;
-        let (response, generation) = self
-            .with_token(move |core, t| core.registration_start(t, &id, &message))
-            .await?;
+        let (response, generation) =
+            self.with_token(move |core, t| core.registration_start(t, &id, &message))?;
         Ok(Response::new(pb::RegisterStartResponse {
             registration_response: response,
             registration_id: generation.to_vec(),
@@ -337,11 +333,9 @@ impl Vault for VaultService {
         let seq = self.reserve(&stored);
         let (upload, secret, max) = (req.registration_upload, req.secret, req.max_guesses);
         let generation = req.registration_id;
-        let (sealed, max_guesses) = self
-            .with_token(move |core, t| {
-                core.registration_finish(t, &id, &generation, &upload, &secret, max, seq)
-            })
-            .await?;
+        let (sealed, max_guesses) = self.with_token(move |core, t| {
+            core.registration_finish(t, &id, &generation, &upload, &secret, max, seq)
+        })?;
         self.commit(seq, Write::Put(id, sealed), stored.index)
             .await?;
         tracing::info!(record = %id, max_guesses, "registered");
@@ -363,19 +357,16 @@ impl Vault for VaultService {
         let seq = self.reserve(&stored);
         let expect = stored.index;
         let ke1 = req.ke1;
-        let charge = self
-            .with_token(move |core, t| {
-                core.charge_guess(t, &id, &stored, &ke1, seq, Instant::now())
-            })
-            .await?;
+        let charge = self.with_token(move |core, t| {
+            core.charge_guess(t, &id, &stored, &ke1, seq, Instant::now())
+        })?;
         let outcome = match charge {
             Charge::Charged { write, ticket } => {
                 // Invariant 1: durable before the KE2 exists.
                 self.commit(seq, Write::Put(id, write.clone()), expect)
                     .await?;
                 let challenge = self
-                    .with_token(move |core, t| core.evaluate(t, ticket, &write, Instant::now()))
-                    .await?;
+                    .with_token(move |core, t| core.evaluate(t, ticket, &write, Instant::now()))?;
                 tracing::info!(record = %id, remaining = challenge.guesses_remaining, "guess charged");
                 pb::recover_start_response::Outcome::Challenge(pb::Challenge {
                     login_id: wire_login(group, &challenge.login_id),
@@ -478,9 +469,7 @@ impl Vault for VaultService {
         let (metadata, _, req) = request.into_parts();
         self.inner.auth.check(&metadata, &req.account_id)?;
         let stored = self.inner.backend.read(&id).await?;
-        let view = self
-            .with_token(move |core, t| core.status(t, &id, &stored))
-            .await?;
+        let view = self.with_token(move |core, t| core.status(t, &id, &stored))?;
         let (state, guesses_remaining, max_guesses) = match view {
             StatusView::NotRegistered => (State::NotRegistered, 0, 0),
             StatusView::Registered { remaining, max } => {

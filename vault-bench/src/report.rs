@@ -226,21 +226,16 @@ impl Report {
             &[(&pct, "#1f77b4")],
             &nines.map(|(x, l)| (x, l.to_owned())),
         );
-        let ops: Vec<(f64, f64)> = self
-            .timeline
-            .iter()
-            .map(|t| (t.t as f64 + 0.5, t.ops as f64))
-            .collect();
-        let p50: Vec<(f64, f64)> = self
-            .timeline
-            .iter()
-            .map(|t| (t.t as f64 + 0.5, t.p50_ms))
-            .collect();
-        let p99: Vec<(f64, f64)> = self
-            .timeline
-            .iter()
-            .map(|t| (t.t as f64 + 0.5, t.p99_ms))
-            .collect();
+        // One point per second of the window, at its middle.
+        let per_second = |value: fn(&Second) -> f64| -> Vec<(f64, f64)> {
+            self.timeline
+                .iter()
+                .map(|t| (t.t as f64 + 0.5, value(t)))
+                .collect()
+        };
+        let ops = per_second(|t| t.ops as f64);
+        let p50 = per_second(|t| t.p50_ms);
+        let p99 = per_second(|t| t.p99_ms);
         let end = self.window_s.ceil().max(1.0);
         let ticks: Vec<(f64, String)> = (0..=4)
             .map(|i| {
