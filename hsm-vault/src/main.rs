@@ -247,20 +247,8 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 other => other.context("opening the Raft log")?,
             };
             let resync_floor = log.resync_floor();
-            let config = openraft::Config {
-                cluster_name: "hsm-vault".into(),
-                heartbeat_interval: 100,
-                election_timeout_min: 500,
-                election_timeout_max: 1000,
-                snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(args.snapshot_every),
-                max_in_snapshot_log_to_keep: args.snapshot_every.min(1000),
-                // Binary chunks (see `network.rs`), well under the largest
-                // Raft message.
-                snapshot_max_chunk_size: 4 * 1024 * 1024,
-                ..Default::default()
-            }
-            .validate()
-            .context("Raft configuration")?;
+            let config = hsm_vault::replication::raft_config(args.snapshot_every)
+                .context("Raft configuration")?;
             let geo = Geography::new(id, fleet.clone(), args.faults_file.clone());
             let network = Network {
                 id,

@@ -42,7 +42,7 @@ const STRIPES: usize = 1024;
 
 /// Metadata entry marking a request that a node forwarded, with its hop
 /// ("group": to another group; "leader": to the group's leader).
-const FORWARDED: &str = "x-vault-forwarded";
+pub const FORWARDED: &str = "x-vault-forwarded";
 
 /// Length of a login id on the wire: the group serving the login (u64
 /// big-endian), then the secure core's 16-byte login id. The group lets any

@@ -71,6 +71,7 @@ pub struct LogStore {
     known: Arc<std::sync::Mutex<Known>>,
     /// The group-commit task for appends, started on first use.
     flusher: Arc<std::sync::OnceLock<mpsc::UnboundedSender<FlushJob>>>,
+    flush: super::Flush,
 }
 
 /// The cached token state, and whether it holds a change not written yet.
@@ -139,6 +140,7 @@ impl LogStore {
             resync_floor: None,
             known: Arc::new(std::sync::Mutex::new(Known::default())),
             flusher: Arc::new(std::sync::OnceLock::new()),
+            flush: super::Flush::default(),
         })
     }
 
@@ -197,6 +199,12 @@ impl LogStore {
             .map(|c| c.index)
             .max(token.last_log.map(|l| l.index));
         Ok(store)
+    }
+
+    /// Chooses how flushes wait (see [`super::Flush`]).
+    pub fn flushing(mut self, flush: super::Flush) -> Self {
+        self.flush = flush;
+        self
     }
 
     /// While resyncing, the log index this replica must reach before it may
@@ -316,11 +324,10 @@ impl LogStore {
     /// Makes every write to the log and meta trees durable: the trees of a
     /// sled database share one log, which one flush writes out.
     async fn flush(&self) -> Result<(), StorageError<NodeId>> {
-        self.log
-            .flush_async()
+        self.flush
+            .tree(&self.log)
             .await
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
-        Ok(())
+            .map_err(|e| io_error(StorageIOError::write_logs, e))
     }
 }
 

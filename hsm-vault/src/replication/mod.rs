@@ -20,6 +20,7 @@
 pub mod log_store;
 pub mod network;
 pub mod operator;
+pub mod runtime;
 pub mod state_machine;
 
 use std::io::Cursor;
@@ -87,10 +88,49 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = runtime::VaultRuntime,
 );
 
 pub type NodeId = u64;
+
+/// How a replica waits for sled to make its writes durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flush {
+    /// On sled's own threads, the runtime's worker free meanwhile (nodes).
+    #[default]
+    Background,
+    /// On the calling thread: the deterministic simulation, whose paused
+    /// clock would jump ahead while a wake-up from another thread is due.
+    Inline,
+}
+
+impl Flush {
+    pub async fn tree(self, tree: &sled::Tree) -> sled::Result<()> {
+        match self {
+            Flush::Background => tree.flush_async().await.map(|_| ()),
+            Flush::Inline => tree.flush().map(|_| ()),
+        }
+    }
+}
+
+/// The Raft settings of every replica group (nodes and the simulation):
+/// 100 ms heartbeats, elections after 0.5–1 s of silence, a snapshot every
+/// `snapshot_every` entries (the log then keeps at most 1,000 behind it),
+/// snapshots sent in binary chunks well under the largest Raft message
+/// (see `network.rs`).
+pub fn raft_config(snapshot_every: u64) -> Result<openraft::Config, openraft::ConfigError> {
+    openraft::Config {
+        cluster_name: "hsm-vault".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: snapshot_every.min(1000),
+        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        ..Default::default()
+    }
+    .validate()
+}
 
 fn io_error(
     make: fn(AnyError) -> StorageIOError<NodeId>,

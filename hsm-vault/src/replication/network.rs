@@ -301,12 +301,19 @@ pub struct NodeService {
 
 impl NodeService {
     fn resyncing(&self) -> bool {
-        let Some(floor) = self.resync_floor else {
-            return false;
-        };
-        let last = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
-        last < floor
+        resyncing(&self.raft, self.resync_floor)
     }
+}
+
+/// Whether a replica that reopened after a rollback with `floor` (see
+/// [`super::log_store::LogStore::resync_floor`]) must still refuse to vote:
+/// its log has not reached the floor again.
+pub fn resyncing(raft: &Raft<TypeConfig>, floor: Option<u64>) -> bool {
+    let Some(floor) = floor else {
+        return false;
+    };
+    let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    last < floor
 }
 
 impl std::fmt::Debug for NodeService {

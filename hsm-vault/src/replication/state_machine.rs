@@ -106,6 +106,7 @@ pub struct StateMachine {
     tree: sled::Tree,
     /// The replica group this state machine belongs to (0: unnamed).
     group: GroupId,
+    flush: super::Flush,
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -137,6 +138,7 @@ impl StateMachine {
             db: db.clone(),
             tree: db.open_tree(format!("raft-sm/{group}"))?,
             group: 0,
+            flush: super::Flush::default(),
         })
     }
 
@@ -144,6 +146,12 @@ impl StateMachine {
     /// tell slots moving away from it from slots moving to it.
     pub fn in_group(mut self, group: GroupId) -> Self {
         self.group = group;
+        self
+    }
+
+    /// Chooses how flushes wait (see [`super::Flush`]).
+    pub fn flushing(mut self, flush: super::Flush) -> Self {
+        self.flush = flush;
         self
     }
 
@@ -564,7 +572,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(records);
         batch.insert(SNAPSHOT_DATA, data);
         self.tree.apply_batch(batch).map_err(sm_err)?;
-        self.tree.flush_async().await.map_err(sm_err)?;
+        self.flush.tree(&self.tree).await.map_err(sm_err)?;
         Ok(())
     }
 

@@ -1,0 +1,319 @@
+//! The oracle: what each account's record may be, given every answer the
+//! clients saw, and a check of every new answer against it.
+//!
+//! Operations on one account are issued one at a time (a client holds the
+//! account while it works on it), so the record's history is a sequence.
+//! An answer the clients could not read (the node went down, the write
+//! timed out, leadership moved) leaves the model with both possibilities —
+//! applied and not applied — and such a write may still apply later, as long
+//! as the record is as it was when the write was computed (writes are
+//! compare-and-set on the record's sequence number). A write that is
+//! acknowledged settles every earlier uncertain one: they either applied
+//! before it or never will.
+//!
+//! What it catches: a KE2 whose `guesses_remaining` no possible history
+//! explains (a charge lost, counted twice, or made after the KE2 was
+//! released: invariants 1, 2 and 8), a secret released from a locked record
+//! or one other than the registered one (3, 4), a lockout or a reset that
+//! did not stick (3, 4, 8).
+
+use std::collections::BTreeSet;
+
+use vault_proto::suite::DEFAULT_MAX_GUESSES;
+
+/// What a record is, as far as the oracle cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Body {
+    Absent,
+    /// Made by a recovery start for an unknown account.
+    Phantom,
+    /// Registered with the sim's secret number `n`.
+    Registered(u32),
+    Locked,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Record {
+    pub body: Body,
+    pub used: u8,
+    pub max: u8,
+}
+
+const ABSENT: Record = Record {
+    body: Body::Absent,
+    used: 0,
+    max: 0,
+};
+
+/// A request that may change the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Register {
+        secret: u32,
+        max: u8,
+    },
+    /// RecoverStart (also the first step of a deletion).
+    Charge,
+    /// RecoverFinish without a valid KE3 (wrong password, phantom record).
+    FinishWrong,
+    /// RecoverFinish with a valid KE3.
+    FinishRight,
+    /// Delete with a valid KE3.
+    Delete,
+    /// Status (reads only).
+    Status,
+}
+
+/// An answer the service gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Registered,
+    Challenge {
+        remaining: u8,
+    },
+    Locked,
+    WrongPassword {
+        remaining: u8,
+    },
+    Recovered {
+        secret: u32,
+    },
+    Deleted,
+    NotRegistered,
+    Active {
+        remaining: u8,
+        max: u8,
+    },
+    LockedStatus {
+        max: u8,
+    },
+    /// The service refuses (FAILED_PRECONDITION): nothing written.
+    Refused,
+}
+
+fn locked(r: Record) -> Record {
+    Record {
+        body: Body::Locked,
+        used: r.max,
+        max: r.max,
+    }
+}
+
+/// What the service answers for `op` on record `r`, and what it writes.
+pub fn step(op: Op, r: Record) -> (Answer, Option<Record>) {
+    let remaining = r.max.saturating_sub(r.used);
+    match (op, r.body) {
+        (Op::Register { secret, max }, _) => (
+            Answer::Registered,
+            Some(Record {
+                body: Body::Registered(secret),
+                used: 0,
+                max,
+            }),
+        ),
+        (Op::Charge, Body::Absent) => {
+            let phantom = Record {
+                body: Body::Phantom,
+                used: 1,
+                max: DEFAULT_MAX_GUESSES,
+            };
+            (
+                Answer::Challenge {
+                    remaining: DEFAULT_MAX_GUESSES - 1,
+                },
+                Some(phantom),
+            )
+        }
+        (Op::Charge, Body::Locked) => (Answer::Locked, None),
+        (Op::Charge, _) if r.used >= r.max => (Answer::Locked, Some(locked(r))),
+        (Op::Charge, _) => (
+            Answer::Challenge {
+                remaining: remaining - 1,
+            },
+            Some(Record {
+                used: r.used + 1,
+                ..r
+            }),
+        ),
+        (Op::FinishWrong | Op::FinishRight | Op::Delete, Body::Absent) => (Answer::Refused, None),
+        (Op::FinishWrong | Op::FinishRight | Op::Delete, Body::Locked) => (Answer::Locked, None),
+        (Op::FinishRight, Body::Registered(secret)) => {
+            (Answer::Recovered { secret }, Some(Record { used: 0, ..r }))
+        }
+        (Op::Delete, Body::Registered(_)) => (Answer::Deleted, Some(ABSENT)),
+        // A valid KE3 for a record that is now a phantom: another record.
+        (Op::FinishRight | Op::Delete, Body::Phantom) => (Answer::Refused, None),
+        (Op::FinishWrong, _) if remaining == 0 => (Answer::Locked, Some(locked(r))),
+        (Op::FinishWrong, _) => (Answer::WrongPassword { remaining }, None),
+        (Op::Status, Body::Absent | Body::Phantom) => (Answer::NotRegistered, None),
+        (Op::Status, Body::Registered(_)) => (
+            Answer::Active {
+                remaining,
+                max: r.max,
+            },
+            None,
+        ),
+        (Op::Status, Body::Locked) => (Answer::LockedStatus { max: r.max }, None),
+    }
+}
+
+/// What the clients saw of one request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    Answer(Answer),
+    /// Refused before anything was written (a conflict, a bad or stale
+    /// login, a rate limit).
+    NotApplied,
+    /// No answer, or one that does not say whether the write happened.
+    Unknown,
+}
+
+/// The possible records of one account.
+#[derive(Clone, Debug)]
+pub struct Account {
+    possible: BTreeSet<Record>,
+    /// Uncertain writes that may still apply: (record they were computed
+    /// from, record they write).
+    pending: Vec<(Record, Record)>,
+}
+
+impl Default for Account {
+    fn default() -> Self {
+        Account {
+            possible: BTreeSet::from([ABSENT]),
+            pending: Vec::new(),
+        }
+    }
+}
+
+impl Account {
+    /// Lets uncertain writes apply to any record they were computed from.
+    fn close(&mut self) {
+        loop {
+            let mut grew = false;
+            for (from, to) in &self.pending {
+                if self.possible.contains(from) {
+                    grew |= self.possible.insert(*to);
+                }
+            }
+            if !grew {
+                return;
+            }
+        }
+    }
+
+    /// Checks what was seen of `op` against the model and narrows it.
+    pub fn observe(&mut self, op: Op, seen: Seen) -> Result<(), String> {
+        self.close();
+        match seen {
+            Seen::NotApplied => Ok(()),
+            Seen::Unknown => {
+                let writes: Vec<(Record, Record)> = self
+                    .possible
+                    .iter()
+                    .filter_map(|r| step(op, *r).1.map(|w| (*r, w)))
+                    .collect();
+                for (_, to) in &writes {
+                    self.possible.insert(*to);
+                }
+                self.pending.extend(writes);
+                self.close();
+                Ok(())
+            }
+            Seen::Answer(answer) => {
+                let fits: Vec<(Record, Option<Record>)> = self
+                    .possible
+                    .iter()
+                    .map(|r| (*r, step(op, *r)))
+                    .filter(|(_, (a, _))| *a == answer)
+                    .map(|(r, (_, w))| (r, w))
+                    .collect();
+                if fits.is_empty() {
+                    return Err(format!(
+                        "{op:?} answered {answer:?}, but the record can only be one of {:?}",
+                        self.possible
+                    ));
+                }
+                let wrote = fits.iter().all(|(_, w)| w.is_some());
+                self.possible = fits.into_iter().map(|(r, w)| w.unwrap_or(r)).collect();
+                if wrote {
+                    self.pending.clear();
+                }
+                self.close();
+                Ok(())
+            }
+        }
+    }
+
+    /// How many records the account might hold (a measure of uncertainty).
+    pub fn spread(&self) -> usize {
+        self.possible.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registered(max: u8) -> Account {
+        let mut a = Account::default();
+        a.observe(
+            Op::Register { secret: 1, max },
+            Seen::Answer(Answer::Registered),
+        )
+        .expect("registration fits");
+        a
+    }
+
+    #[test]
+    fn a_lost_charge_is_caught() {
+        let mut a = registered(3);
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
+            .expect("first guess");
+        // The same remaining count again: the first charge was lost.
+        let e = a
+            .observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
+            .expect_err("a repeated count is a lost charge");
+        assert!(e.contains("Challenge"), "{e}");
+    }
+
+    #[test]
+    fn an_unknown_outcome_allows_both_and_a_later_answer_settles_it() {
+        let mut a = registered(3);
+        a.observe(Op::Charge, Seen::Unknown).expect("unknown");
+        assert_eq!(a.spread(), 2);
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 1 }))
+            .expect("the first charge applied after all");
+        assert_eq!(a.spread(), 1);
+    }
+
+    #[test]
+    fn a_secret_after_lockout_is_caught() {
+        let mut a = registered(1);
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 0 }))
+            .expect("last guess");
+        a.observe(Op::FinishWrong, Seen::Answer(Answer::Locked))
+            .expect("locks");
+        a.observe(
+            Op::FinishRight,
+            Seen::Answer(Answer::Recovered { secret: 1 }),
+        )
+        .expect_err("a locked record released its secret");
+    }
+
+    #[test]
+    fn a_reset_that_did_not_stick_is_caught() {
+        let mut a = registered(5);
+        for remaining in [4, 3] {
+            a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining }))
+                .expect("guess");
+        }
+        a.observe(
+            Op::FinishRight,
+            Seen::Answer(Answer::Recovered { secret: 1 }),
+        )
+        .expect("recovered");
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
+            .expect_err("the counter should have been reset");
+    }
+}

@@ -1,0 +1,947 @@
+//! One simulated run: the replicas, their disks, the fault schedule, the
+//! clients, and the checks.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hsm_vault::auth::Authorizer;
+use hsm_vault::backend::{Backend, Replica};
+use hsm_vault::geo::Geography;
+use hsm_vault::partition::Partition;
+use hsm_vault::replication::log_store::{LogOpenError, LogStore};
+use hsm_vault::replication::state_machine::StateMachine;
+use hsm_vault::replication::{raft_config, Flush, NodeId, TypeConfig};
+use hsm_vault::service::VaultService;
+use hsm_vault::shard::{GroupId, ShardMap};
+use openraft::{BasicNode, Raft, ServerState};
+use p256::ecdsa::SigningKey;
+use rand::rngs::{OsRng, StdRng};
+use rand::{Rng, SeedableRng};
+use softhsm_test_harness::{module_path, TestToken};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use crate::broken::Broken;
+use crate::client::{act, Action};
+use crate::model::{Account, Answer, Op, Seen};
+use crate::net::{Endpoint, NodeNet, SimNet, Weather};
+
+const GROUP: GroupId = 1;
+
+/// Longest a simulated client waits for one answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long the healed group gets to agree again before the run counts as
+/// stuck (simulated time).
+const CONVERGE_WITHIN: Duration = Duration::from_secs(60);
+
+/// What every run of a process shares: one SoftHSM token (each replica
+/// keeps its Raft vote and watermarks under its own name in it; the domain
+/// keys are the same, as the cloning ceremony makes them), the identity
+/// service's key, and a scratch directory (in memory where `/dev/shm` is).
+#[allow(missing_debug_implementations)]
+pub struct Fixture {
+    _token: TestToken,
+    partition: Arc<Partition>,
+    issuer: SigningKey,
+    root: tempfile::TempDir,
+}
+
+impl Fixture {
+    pub fn new() -> anyhow::Result<Self> {
+        let token = TestToken::new("vault-sim")?;
+        token.use_in_this_process()?;
+        let partition = Partition::open(&module_path(), "vault-sim", token.pin())?;
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let root = tempfile::Builder::new()
+            .prefix("vault-sim-")
+            .tempdir_in(base)?;
+        Ok(Fixture {
+            _token: token,
+            partition,
+            issuer: SigningKey::random(&mut OsRng),
+            root,
+        })
+    }
+}
+
+/// The shape of a run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Run the deliberately broken recovery ([`crate::broken`]).
+    pub broken: bool,
+    pub nodes: u64,
+    pub clients: usize,
+    pub accounts: usize,
+    /// Simulated time under load and faults, before healing.
+    pub load: Duration,
+    /// Raft snapshot interval (small, so snapshots and log purges happen).
+    pub snapshot_every: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            broken: false,
+            nodes: 3,
+            clients: 3,
+            accounts: 5,
+            load: Duration::from_secs(8),
+            snapshot_every: 40,
+        }
+    }
+}
+
+/// Counts of one or more runs.
+#[derive(Clone, Debug, Default)]
+pub struct Figures {
+    pub seeds: u64,
+    pub faults: BTreeMap<String, u64>,
+    pub checked: BTreeMap<String, u64>,
+    pub messages: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub simulated: Duration,
+}
+
+impl Figures {
+    pub fn add(&mut self, other: &Figures) {
+        self.seeds += other.seeds;
+        for (k, v) in &other.faults {
+            *self.faults.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &other.checked {
+            *self.checked.entry(k.clone()).or_default() += v;
+        }
+        self.messages += other.messages;
+        self.lost += other.lost;
+        self.duplicated += other.duplicated;
+        self.simulated += other.simulated;
+    }
+
+    pub fn operations_checked(&self) -> u64 {
+        self.checked.values().sum()
+    }
+
+    pub fn faults_injected(&self) -> u64 {
+        self.faults.values().sum::<u64>() + self.lost + self.duplicated
+    }
+}
+
+/// The result of one seed.
+#[derive(Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    pub figures: Figures,
+    /// A digest of everything that happened, in order: equal for two runs
+    /// of one seed.
+    pub digest: u64,
+    pub violation: Option<String>,
+    pub trace: Vec<String>,
+}
+
+/// A node as the clients reach it.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)]
+pub struct Target {
+    service: VaultService,
+    broken: Option<Arc<Broken>>,
+    down: watch::Receiver<bool>,
+}
+
+impl Target {
+    pub fn broken(&self) -> Option<&Arc<Broken>> {
+        self.broken.as_ref()
+    }
+
+    /// Calls the node's service; if the node goes down meanwhile, the call
+    /// is cut off as a lost connection would be.
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce(VaultService) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let service = self.service.clone();
+        self.call_raw(move || f(service)).await
+    }
+
+    pub async fn call_raw<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut down = self.down.clone();
+        tokio::select! {
+            biased;
+            _ = down.wait_for(|d| *d) => Err(Status::unavailable("connection lost: the node went down")),
+            answer = tokio::time::timeout(CLIENT_TIMEOUT, f()) => {
+                answer.unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")))
+            }
+        }
+    }
+}
+
+struct Slot {
+    model: Account,
+    busy: bool,
+}
+
+/// What the controller and the clients share.
+struct Shared {
+    targets: Mutex<BTreeMap<NodeId, (Target, Raft<TypeConfig>)>>,
+    accounts: Mutex<Vec<Slot>>,
+    trace: Mutex<Vec<String>>,
+    violation: Mutex<Option<String>>,
+    checked: Mutex<BTreeMap<String, u64>>,
+    stop: AtomicBool,
+    start: tokio::time::Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn log(&self, line: String) {
+        let ms = self.start.elapsed().as_millis();
+        lock(&self.trace).push(format!("{ms:>6} ms  {line}"));
+    }
+
+    fn fail(&self, why: String) {
+        self.log(format!("VIOLATION: {why}"));
+        lock(&self.violation).get_or_insert(why);
+    }
+
+    fn failed(&self) -> bool {
+        lock(&self.violation).is_some()
+    }
+
+    /// Checks an observation and counts it.
+    fn check(&self, account: usize, op: Op, seen: Seen) {
+        let what = match seen {
+            Seen::Answer(a) => answer_name(a),
+            Seen::NotApplied => "refused",
+            Seen::Unknown => "unknown",
+        };
+        let name = format!("{}→{what}", op_name(op));
+        *lock(&self.checked).entry(name).or_default() += 1;
+        let result = lock(&self.accounts)[account].model.observe(op, seen);
+        self.log(format!("account {account}: {op:?} → {seen:?}"));
+        if let Err(e) = result {
+            self.fail(format!("account {account}: {e}"));
+        }
+    }
+
+    /// The node the clients believe leads, or any node up.
+    fn target(&self, rng: &mut StdRng) -> Option<Target> {
+        let targets = lock(&self.targets);
+        let leader = targets
+            .values()
+            .find_map(|(_, raft)| raft.metrics().borrow().current_leader)
+            .filter(|l| targets.contains_key(l));
+        let ids: Vec<NodeId> = targets.keys().copied().collect();
+        let pick = match leader {
+            Some(l) if rng.gen_range(0..100) < 85 => l,
+            _ => *ids.get(rng.gen_range(0..ids.len().max(1)))?,
+        };
+        targets.get(&pick).map(|(t, _)| t.clone())
+    }
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::Register { .. } => "RegisterFinish",
+        Op::Charge => "RecoverStart",
+        Op::FinishWrong => "RecoverFinish(no KE3)",
+        Op::FinishRight => "RecoverFinish(KE3)",
+        Op::Delete => "Delete",
+        Op::Status => "Status",
+    }
+}
+
+fn answer_name(a: Answer) -> &'static str {
+    match a {
+        Answer::Registered => "registered",
+        Answer::Challenge { .. } => "challenge",
+        Answer::Locked => "locked",
+        Answer::WrongPassword { .. } => "wrong_password",
+        Answer::Recovered { .. } => "recovered",
+        Answer::Deleted => "deleted",
+        Answer::NotRegistered => "not_registered",
+        Answer::Active { .. } => "active",
+        Answer::LockedStatus { .. } => "locked_status",
+        Answer::Refused => "refused",
+    }
+}
+
+fn bearer(issuer: &SigningKey, account: usize) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let claims = vault_proto::token::Claims {
+        account_id: format!("account-{account}").into_bytes(),
+        expires_at: now + 3600,
+    };
+    vault_proto::token::issue(issuer, &claims).unwrap_or_default()
+}
+
+/// One simulated client: picks a free account, does something to it, tells
+/// the oracle what it saw, and thinks a little.
+async fn client(shared: Arc<Shared>, issuer: SigningKey, mut rng: StdRng, broken: bool) {
+    let mut next_secret = 0u32;
+    while !shared.stop.load(Ordering::SeqCst) && !shared.failed() {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..300))).await;
+        let account = {
+            let mut accounts = lock(&shared.accounts);
+            let free: Vec<usize> = (0..accounts.len()).filter(|i| !accounts[*i].busy).collect();
+            let Some(&a) = free.get(rng.gen_range(0..free.len().max(1))) else {
+                continue;
+            };
+            accounts[a].busy = true;
+            a
+        };
+        let action = match rng.gen_range(0..100) {
+            0..15 => {
+                next_secret += 1;
+                Action::Register {
+                    secret: next_secret * 100 + rng.gen_range(0..100),
+                    max: rng.gen_range(1..=4),
+                }
+            }
+            15..50 => Action::RecoverRight,
+            50..85 => Action::RecoverWrong,
+            85..90 => Action::Delete,
+            _ => Action::Status,
+        };
+        if let Some(target) = shared.target(&mut rng) {
+            let token = bearer(&issuer, account);
+            match act(&target, account, action, &token, broken).await {
+                Ok(seen) => {
+                    for (op, s) in seen {
+                        shared.check(account, op, s);
+                    }
+                }
+                Err(e) => shared.fail(format!("account {account}: {action:?}: {e}")),
+            }
+        }
+        lock(&shared.accounts)[account].busy = false;
+    }
+}
+
+struct Node {
+    dir: PathBuf,
+    db: sled::Db,
+    raft: Raft<TypeConfig>,
+    sm: StateMachine,
+    kill: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+enum Place {
+    Up(Node),
+    /// Down; its disk is this directory.
+    Down(PathBuf),
+}
+
+struct World<'a> {
+    fx: &'a Fixture,
+    opts: Options,
+    rng: StdRng,
+    net: SimNet,
+    dir: PathBuf,
+    nodes: BTreeMap<NodeId, Place>,
+    checkpoints: BTreeMap<NodeId, Vec<PathBuf>>,
+    /// A replica whose disk was rolled back, until it holds this applied
+    /// index again: only one at a time (a minority).
+    degraded: Option<(NodeId, u64)>,
+    dirs_made: u64,
+    faults: BTreeMap<String, u64>,
+    shared: Arc<Shared>,
+    last_leader: Option<(u64, NodeId)>,
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The name a replica's Raft state goes by in the sled store and the token.
+fn replica_name(id: NodeId) -> String {
+    format!("sim-n{id}")
+}
+
+impl<'a> World<'a> {
+    fn fresh_dir(&mut self, id: NodeId, what: &str) -> PathBuf {
+        self.dirs_made += 1;
+        self.dir.join(format!("n{id}-{what}-{}", self.dirs_made))
+    }
+
+    fn fault(&mut self, kind: &str, detail: String) {
+        *self.faults.entry(kind.to_owned()).or_default() += 1;
+        self.shared.log(format!("fault: {kind} {detail}"));
+    }
+
+    async fn open_node(&mut self, id: NodeId, dir: PathBuf) -> anyhow::Result<Node> {
+        let db = sled::Config::new().path(&dir).flush_every_ms(None).open()?;
+        let name = replica_name(id);
+        let p = self.fx.partition.clone();
+        let sm = StateMachine::open(&db, &name)?
+            .in_group(GROUP)
+            .flushing(Flush::Inline);
+        let log = match LogStore::open(&db, p.clone(), &name) {
+            Err(LogOpenError::RolledBack { log, token }) => {
+                self.shared.log(format!(
+                    "node {id}: disk behind its token ({log} < {token}): resyncing"
+                ));
+                LogStore::open_resync(&db, p.clone(), &name, &[sm.tree().clone()])?
+            }
+            other => other?,
+        }
+        .flushing(Flush::Inline);
+        let floor = log.resync_floor();
+        let config = Arc::new(raft_config(self.opts.snapshot_every)?);
+        let net = NodeNet {
+            net: self.net.clone(),
+            me: id,
+        };
+        let raft = Raft::new(id, config, net, log, sm.clone()).await?;
+        let replica = |raft: &Raft<TypeConfig>| {
+            Replica::new(
+                (id, GROUP),
+                raft.clone(),
+                sm.clone(),
+                Geography::new(id, None, None),
+                BTreeMap::new(),
+            )
+        };
+        let service = VaultService::new(
+            p.clone(),
+            Backend::Replicated(replica(&raft)),
+            Authorizer::new(*self.fx.issuer.verifying_key()),
+        )?;
+        let broken = if self.opts.broken {
+            Some(Arc::new(Broken::new(
+                p,
+                Backend::Replicated(replica(&raft)),
+            )?))
+        } else {
+            None
+        };
+        let map_task = tokio::spawn(hsm_vault::replication::keep_map_adopted(
+            raft.clone(),
+            sm.clone(),
+            id,
+            ShardMap::even(1, &[GROUP]),
+        ));
+        self.net.attach(
+            id,
+            Endpoint {
+                raft: raft.clone(),
+                resync_floor: floor,
+            },
+        );
+        let (kill, down) = watch::channel(false);
+        lock(&self.shared.targets).insert(
+            id,
+            (
+                Target {
+                    service,
+                    broken,
+                    down,
+                },
+                raft.clone(),
+            ),
+        );
+        Ok(Node {
+            dir,
+            db,
+            raft,
+            sm,
+            kill,
+            tasks: vec![map_task],
+        })
+    }
+
+    /// Stops node `id` as a crash would: its calls in flight are cut off,
+    /// its Raft stops; its disk keeps what was written.
+    async fn crash(&mut self, id: NodeId) -> Option<PathBuf> {
+        let Some(Place::Up(node)) = self.nodes.remove(&id) else {
+            return None;
+        };
+        let _ = node.kill.send(true);
+        lock(&self.shared.targets).remove(&id);
+        self.net.detach(id);
+        let _ = tokio::time::timeout(Duration::from_secs(10), node.raft.shutdown()).await;
+        for t in &node.tasks {
+            t.abort();
+        }
+        // Let appends already handed to the log's flusher finish, as the
+        // writes a process made before it died are on disk.
+        for _ in 0..16 {
+            tokio::task::yield_now().await;
+        }
+        let _ = node.db.flush();
+        let disk = self.fresh_dir(id, "disk");
+        if let Err(e) = copy_dir(&node.dir, &disk) {
+            self.shared.fail(format!("copying node {id}'s disk: {e}"));
+        }
+        Some(disk)
+    }
+
+    async fn restart(&mut self, id: NodeId, disk: PathBuf) {
+        match self.open_node(id, disk).await {
+            Ok(node) => {
+                self.nodes.insert(id, Place::Up(node));
+            }
+            Err(e) => self.shared.fail(format!("node {id} does not start: {e:#}")),
+        }
+    }
+
+    fn up(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, p)| matches!(p, Place::Up(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn down(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, p)| matches!(p, Place::Down(_)))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    fn applied(&self, id: NodeId) -> u64 {
+        match self.nodes.get(&id) {
+            Some(Place::Up(n)) => n
+                .raft
+                .metrics()
+                .borrow()
+                .last_applied
+                .map_or(0, |l| l.index),
+            _ => 0,
+        }
+    }
+
+    fn pick(&mut self, ids: &[NodeId]) -> Option<NodeId> {
+        if ids.is_empty() {
+            return None;
+        }
+        Some(ids[self.rng.gen_range(0..ids.len())])
+    }
+
+    /// One step of the fault schedule (every 100 ms of simulated time).
+    async fn faults_step(&mut self) {
+        let minority = (self.opts.nodes as usize - 1) / 2;
+        let roll = self.rng.gen_range(0..1000);
+        match roll {
+            0..25 if self.down().len() < minority => {
+                if let Some(id) = self.pick(&self.up()) {
+                    self.fault("crash", format!("node {id}"));
+                    if let Some(disk) = self.crash(id).await {
+                        self.nodes.insert(id, Place::Down(disk));
+                    }
+                }
+            }
+            25..45 if self.degraded.is_none() && self.down().is_empty() => {
+                let Some(id) = self.pick(&self.up()) else {
+                    return;
+                };
+                let target = self
+                    .up()
+                    .into_iter()
+                    .filter(|o| *o != id)
+                    .map(|o| self.applied(o))
+                    .max()
+                    .unwrap_or(0);
+                if self.crash(id).await.is_none() {
+                    return;
+                }
+                let saved = self.checkpoints.get(&id).cloned().unwrap_or_default();
+                let disk = self.fresh_dir(id, "rolled-back");
+                match saved.len() {
+                    n if n > 0 && self.rng.gen_range(0..100) < 70 => {
+                        let from = saved[self.rng.gen_range(0..n)].clone();
+                        self.fault("disk-rollback", format!("node {id} to {}", from.display()));
+                        if let Err(e) = copy_dir(&from, &disk) {
+                            self.shared.fail(format!("restoring a checkpoint: {e}"));
+                        }
+                    }
+                    _ => {
+                        self.fault("disk-lost", format!("node {id}"));
+                        let _ = std::fs::create_dir_all(&disk);
+                    }
+                }
+                self.degraded = Some((id, target));
+                self.nodes.insert(id, Place::Down(disk));
+            }
+            45..80 => {
+                if let Some(id) = self.pick(&self.up()) {
+                    if let Some(Place::Up(node)) = self.nodes.get(&id) {
+                        let _ = node.db.flush();
+                        let from = node.dir.clone();
+                        let to = self.fresh_dir(id, "checkpoint");
+                        if copy_dir(&from, &to).is_ok() {
+                            self.checkpoints.entry(id).or_default().push(to);
+                        }
+                    }
+                }
+            }
+            80..110 => {
+                let ids: Vec<NodeId> = (1..=self.opts.nodes).collect();
+                if let Some(id) = self.pick(&ids) {
+                    self.fault("partition", format!("node {id} isolated"));
+                    let mut w = self.net.weather();
+                    for other in ids.iter().filter(|o| **o != id) {
+                        w.cut.insert((id, *other));
+                        w.cut.insert((*other, id));
+                    }
+                    self.net.set_weather(w);
+                }
+            }
+            110..125 => {
+                let ids: Vec<NodeId> = (1..=self.opts.nodes).collect();
+                let (a, b) = (self.pick(&ids), self.pick(&ids));
+                if let (Some(a), Some(b)) = (a, b) {
+                    if a != b {
+                        self.fault("one-way-cut", format!("{a} → {b}"));
+                        let mut w = self.net.weather();
+                        w.cut.insert((a, b));
+                        self.net.set_weather(w);
+                    }
+                }
+            }
+            125..200 if !self.net.weather().cut.is_empty() => {
+                self.fault("heal", "links restored".into());
+                let mut w = self.net.weather();
+                w.cut.clear();
+                self.net.set_weather(w);
+            }
+            200..225 => {
+                let mut w = self.net.weather();
+                w.loss = self.rng.gen_range(0..30);
+                w.duplicate = self.rng.gen_range(0..25);
+                w.max_delay_ms = self.rng.gen_range(1..80);
+                self.fault(
+                    "weather",
+                    format!(
+                        "loss {}%, duplicates {}%, delays ≤ {} ms",
+                        w.loss, w.duplicate, w.max_delay_ms
+                    ),
+                );
+                self.net.set_weather(w);
+            }
+            225..300 if !self.down().is_empty() => {
+                if let Some(id) = self.pick(&self.down()) {
+                    self.fault("restart", format!("node {id}"));
+                    if let Some(Place::Down(disk)) = self.nodes.remove(&id) {
+                        self.restart(id, disk).await;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Checks after every step: at most one leader per term, and whether
+    /// the rolled-back replica has caught up.
+    fn check_step(&mut self) {
+        let mut leaders: BTreeMap<u64, NodeId> = BTreeMap::new();
+        for id in self.up() {
+            let Some(Place::Up(n)) = self.nodes.get(&id) else {
+                continue;
+            };
+            let m = n.raft.metrics().borrow().clone();
+            if m.state == ServerState::Leader {
+                if let Some(other) = leaders.insert(m.current_term, id) {
+                    self.shared.fail(format!(
+                        "two leaders in term {}: nodes {other} and {id}",
+                        m.current_term
+                    ));
+                }
+            }
+        }
+        if let Some((&term, &id)) = leaders.iter().next_back() {
+            if self.last_leader != Some((term, id)) {
+                self.last_leader = Some((term, id));
+                self.shared.log(format!("leader: node {id}, term {term}"));
+            }
+        }
+        if let Some((id, target)) = self.degraded {
+            if self.applied(id) >= target {
+                self.shared
+                    .log(format!("node {id} caught up after its rollback"));
+                self.degraded = None;
+            }
+        }
+    }
+
+    /// Heals everything and waits until every replica applied the same log.
+    async fn heal_and_converge(&mut self) -> bool {
+        self.net.set_weather(Weather {
+            max_delay_ms: 10,
+            ..Weather::default()
+        });
+        for id in self.down() {
+            if let Some(Place::Down(disk)) = self.nodes.remove(&id) {
+                self.restart(id, disk).await;
+            }
+        }
+        self.shared
+            .log("healed: every node up, every link restored".into());
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < CONVERGE_WITHIN {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.check_step();
+            let metrics: Vec<_> = self
+                .nodes
+                .values()
+                .filter_map(|p| match p {
+                    Place::Up(n) => Some(n.raft.metrics().borrow().clone()),
+                    Place::Down(_) => None,
+                })
+                .collect();
+            let Some(leader) = metrics.iter().find(|m| m.state == ServerState::Leader) else {
+                continue;
+            };
+            let Some(last) = leader.last_log_index else {
+                continue;
+            };
+            if metrics.len() as u64 == self.opts.nodes
+                && metrics
+                    .iter()
+                    .all(|m| m.last_applied.map(|l| l.index) == Some(last))
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// After convergence: every replica holds the same records, and every
+    /// account's status is one the model allows.
+    async fn final_checks(&mut self) {
+        let mut views: Vec<(NodeId, BTreeMap<[u8; 32], u64>)> = Vec::new();
+        for (id, place) in &self.nodes {
+            if let Place::Up(n) = place {
+                let mut records = BTreeMap::new();
+                for rid in n.sm.record_ids() {
+                    if let Ok(Some((seq, _))) = n.sm.get(&rid) {
+                        records.insert(rid, seq);
+                    }
+                }
+                views.push((*id, records));
+            }
+        }
+        if let Some((first, reference)) = views.first() {
+            for (id, records) in &views[1..] {
+                if records != reference {
+                    self.shared.fail(format!(
+                        "replicas {first} and {id} hold different records after converging"
+                    ));
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(0);
+        for account in 0..self.opts.accounts {
+            let Some(target) = self.shared.target(&mut rng) else {
+                break;
+            };
+            let token = bearer(&self.fx.issuer, account);
+            match act(&target, account, Action::Status, &token, false).await {
+                Ok(seen) => {
+                    for (op, s) in seen {
+                        if s == Seen::Unknown {
+                            self.shared.fail(format!(
+                                "account {account}: no status from the healed group"
+                            ));
+                        }
+                        self.shared.check(account, op, s);
+                    }
+                }
+                Err(e) => self
+                    .shared
+                    .fail(format!("account {account}: final status: {e}")),
+            }
+        }
+    }
+
+    async fn run(&mut self) {
+        let ids: Vec<NodeId> = (1..=self.opts.nodes).collect();
+        for id in &ids {
+            // A fresh replica: no vote, no watermarks.
+            let name = format!("hsm-vault/v1/raft/{}", replica_name(*id));
+            let reset = self
+                .fx
+                .partition
+                .session()
+                .and_then(|s| s.set_app_state(&name, b""));
+            if let Err(e) = reset {
+                self.shared
+                    .fail(format!("resetting node {id}'s token state: {e}"));
+                return;
+            }
+            let disk = self.fresh_dir(*id, "disk");
+            self.restart(*id, disk).await;
+        }
+        let members: BTreeMap<NodeId, BasicNode> = ids
+            .iter()
+            .map(|id| (*id, BasicNode::new(format!("sim-{id}"))))
+            .collect();
+        if let Some(Place::Up(first)) = self.nodes.get(&1) {
+            if let Err(e) = first.raft.initialize(members).await {
+                self.shared.fail(format!("initializing the group: {e}"));
+            }
+        }
+        let mut clients = Vec::new();
+        for c in 0..self.opts.clients {
+            let rng = StdRng::seed_from_u64(self.rng.gen());
+            clients.push(tokio::spawn(client(
+                self.shared.clone(),
+                self.fx.issuer.clone(),
+                rng,
+                self.opts.broken,
+            )));
+            let _ = c;
+        }
+        let steps = self.opts.load.as_millis() / 100;
+        for _ in 0..steps {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.faults_step().await;
+            self.check_step();
+            if self.shared.failed() {
+                break;
+            }
+        }
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for c in clients {
+            let _ = c.await;
+        }
+        if !self.shared.failed() {
+            if self.heal_and_converge().await {
+                self.final_checks().await;
+            } else {
+                self.shared.fail(format!(
+                    "the healed group did not converge within {CONVERGE_WITHIN:?}"
+                ));
+            }
+        }
+        for id in ids {
+            let _ = self.crash(id).await;
+        }
+    }
+}
+
+/// FNV-1a: a digest that is the same in every process.
+fn digest(lines: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for line in lines {
+        for b in line.as_bytes().iter().chain(b"\n") {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Runs one seed to the end and reports what happened.
+pub fn run_seed(fx: &Fixture, seed: u64, opts: &Options) -> Outcome {
+    let dir = fx.root.path().join(format!("seed-{seed}"));
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_time().start_paused(true);
+    // Which branch of a `select!` goes first is tokio's own random choice.
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&seed.to_le_bytes()));
+    let runtime = match builder.build() {
+        Ok(r) => r,
+        Err(e) => {
+            return Outcome {
+                seed,
+                figures: Figures::default(),
+                digest: 0,
+                violation: Some(format!("no runtime: {e}")),
+                trace: Vec::new(),
+            }
+        }
+    };
+    hsm_vault::replication::runtime::seed_this_thread(seed);
+    let (shared, faults, simulated, counters) = runtime.block_on(async {
+        let shared = Arc::new(Shared {
+            targets: Mutex::new(BTreeMap::new()),
+            accounts: Mutex::new(
+                (0..opts.accounts)
+                    .map(|_| Slot {
+                        model: Account::default(),
+                        busy: false,
+                    })
+                    .collect(),
+            ),
+            trace: Mutex::new(Vec::new()),
+            violation: Mutex::new(None),
+            checked: Mutex::new(BTreeMap::new()),
+            stop: AtomicBool::new(false),
+            start: tokio::time::Instant::now(),
+        });
+        let mut rng = StdRng::seed_from_u64(seed);
+        let net = SimNet::new(StdRng::seed_from_u64(rng.gen()));
+        let mut world = World {
+            fx,
+            opts: opts.clone(),
+            rng,
+            net: net.clone(),
+            dir: dir.clone(),
+            nodes: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            degraded: None,
+            dirs_made: 0,
+            faults: BTreeMap::new(),
+            shared: shared.clone(),
+            last_leader: None,
+        };
+        world.run().await;
+        let simulated = shared.start.elapsed();
+        (shared, world.faults, simulated, net.counters())
+    });
+    drop(runtime);
+    let _ = std::fs::remove_dir_all(&dir);
+    let trace = std::mem::take(&mut *lock(&shared.trace));
+    let checked = lock(&shared.checked).clone();
+    let violation = lock(&shared.violation).clone();
+    let (messages, lost, duplicated) = counters;
+    Outcome {
+        seed,
+        figures: Figures {
+            seeds: 1,
+            faults,
+            checked,
+            messages,
+            lost,
+            duplicated,
+            simulated,
+        },
+        digest: digest(&trace),
+        violation,
+        trace,
+    }
+}
