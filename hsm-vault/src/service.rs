@@ -491,3 +491,19 @@ impl Vault for VaultService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_listener_drops_a_forwarding_mark() {
+        let mut request = Request::new(());
+        request.metadata_mut().insert(
+            FORWARDED,
+            tonic::metadata::MetadataValue::from_static("leader"),
+        );
+        let request = from_client(request).expect("passes on");
+        assert!(request.metadata().get(FORWARDED).is_none());
+    }
+}
