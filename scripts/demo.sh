@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job, end to end on one machine: builds the vault, starts a local
 # fleet of 5 vault nodes in 3 emulated regions (one SoftHSM2 token each, the
-# domain keys cloned by the ceremony), backs a file up and restores it, with
-# a password through the fleet and with a 64-digit key, and shows the fleet
-# surviving the loss of its leader. Everything lives in .demo/.
+# domain keys cloned by the ceremony, TLS certificates from a fleet CA of
+# its own), backs a file up and restores it over TLS, with a password
+# through the fleet and with a 64-digit key, and shows the fleet surviving
+# the loss of its leader. Everything lives in .demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
@@ -24,24 +25,25 @@ for _ in $(seq 1 100); do fleet status | awk '$6 == "leader"' | grep -q . && bre
 fleet status
 
 export VAULT_PUBLIC_KEY=$demo/fleet/vault.pub
+export VAULT_CA_CERT=$demo/fleet/tls/ca.pem   # the client checks each node's TLS certificate
 account=alice@example.org
 vault token issue --signing-key "$demo/fleet/identity/identity.key" --account "$account" > "$demo/alice.token"
 head -c $((5 * 1024 * 1024)) /dev/urandom > "$demo/chats.db"
 
 step "2. backup with a password, through the node in ap-south"
-echo "correct horse battery staple" | VAULT_ENDPOINT=http://127.0.0.1:7705 vault backup create \
+echo "correct horse battery staple" | VAULT_ENDPOINT=https://127.0.0.1:7705 vault backup create \
   --account "$account" --token-file "$demo/alice.token" --password-stdin \
   --in "$demo/chats.db" --out "$demo/chats.enc"
 
 step "3. a wrong password costs a guess"
-echo "wrong guess" | VAULT_ENDPOINT=http://127.0.0.1:7702 vault backup restore --account "$account" \
+echo "wrong guess" | VAULT_ENDPOINT=https://127.0.0.1:7702 vault backup restore --account "$account" \
   --password-stdin --in "$demo/chats.enc" --out "$demo/restored.db" || echo "(refused, as it should be)"
 
 step "4. the leader crashes (kill -9)"
 leader=$(fleet status | awk '$6 == "leader" { print $1 }')
 fleet stop-node --id "$leader" --kill
 survivor=$(( leader % 5 + 1 ))
-export VAULT_ENDPOINT=http://127.0.0.1:770$survivor
+export VAULT_ENDPOINT=https://127.0.0.1:770$survivor
 
 step "5. restore with the right password, through node $survivor"
 for attempt in $(seq 1 50); do

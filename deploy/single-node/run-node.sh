@@ -4,8 +4,9 @@
 #   run-node.sh STATE_DIR [extra hsm-vault flags]
 #
 # STATE_DIR holds token/ (SoftHSM config, tokens, user.pin), data/ (sled),
-# identity.pub (the identity service's token-signing key) and receives
-# vault.pub (the OPAQUE public key clients pin).
+# identity.pub (the identity service's token-signing key), tls/ (the server
+# certificate; clients trust tls/ca.pem) and receives vault.pub (the OPAQUE
+# public key clients pin).
 set -euo pipefail
 state=$(cd "${1:?usage: run-node.sh STATE_DIR}" && pwd); shift
 here=$(cd "$(dirname "$0")" && pwd)
@@ -19,4 +20,6 @@ exec "${HSM_VAULT_BIN:-hsm-vault}" \
   --pin-file "$state/token/user.pin" \
   --auth-public-key "$state/identity.pub" \
   --publish-key "$state/vault.pub" \
+  --tls-cert "$state/tls/node-1/server.pem" \
+  --tls-key "$state/tls/node-1/server.key" \
   "$@"

@@ -12,6 +12,11 @@
 //!   replication lag and the shard map (which group holds which slots).
 //! - `fleet faults` flips the fault switches (isolate a node or a region,
 //!   add delay or loss); `fleet down` stops the nodes.
+//! - `fleet certs` issues the fleet's TLS certificates ([`certs`]); `fleet
+//!   up` issues whatever is missing and starts every node with TLS: the
+//!   client API over TLS, the node-to-node and operator APIs on a separate
+//!   peer listener over mutual TLS. The tool itself talks to the operator
+//!   API with the operator's client certificate.
 //!
 //! The data path never depends on this tool: nodes keep serving while it is
 //! not running.
@@ -29,8 +34,11 @@ use hsm_vault::geo::{Faults, FleetFile};
 use hsm_vault::partition::ceremony::Enrollment;
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use serde::{Deserialize, Serialize};
+use vault_proto::vault::node::v1::operator_client::OperatorClient;
 use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_client::VaultClient;
+
+mod certs;
 
 /// How long `fleet up` waits for a node to listen.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -61,6 +69,26 @@ enum Cmd {
             default_value = "/usr/lib/softhsm/libsofthsm2.so"
         )]
         pkcs11_module: PathBuf,
+    },
+    /// Issue the fleet's TLS certificates that are missing: a fleet CA,
+    /// each node's server and client certificates, the operator's client
+    /// certificate (private keys mode 0600). `fleet up` does it by itself.
+    Certs {
+        /// The nodes to issue for (their ids and addresses); default: the
+        /// local fleet's file, unless --node-id is given.
+        #[arg(long, conflicts_with = "node_id")]
+        fleet_file: Option<PathBuf>,
+        /// Issue for node ID (a lone node, or nodes without a fleet file).
+        #[arg(long)]
+        node_id: Vec<u64>,
+        /// Another name or IP address every node's server certificate is
+        /// valid for (besides node-<id>, localhost, 127.0.0.1, ::1 and the
+        /// hosts of the fleet file's addresses).
+        #[arg(long)]
+        host: Vec<String>,
+        /// Where to write them (default: DIR/tls, where `fleet up` looks).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Show regions, nodes, roles, health and replication lag.
     Status,
@@ -150,7 +178,11 @@ struct State {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct NodeState {
     region: String,
+    /// The client API.
     addr: String,
+    /// The peer listener (node-to-node and operator APIs).
+    #[serde(default)]
+    peer_addr: String,
     label: String,
     pid: Option<u32>,
     #[serde(default = "first_group")]
@@ -270,6 +302,7 @@ fn create(
             NodeState {
                 region: n.region.clone(),
                 addr: n.addr.clone(),
+                peer_addr: n.peer_addr.clone(),
                 label,
                 pid: None,
                 group: n.group,
@@ -380,6 +413,27 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             s
         }
     };
+    // Certificates: whatever is missing (all of them the first time, a new
+    // node's after `add-node`).
+    let issued = certs::issue(&tls_layout(&dir), &node_hosts(&fleet, &[]))?;
+    if !issued.files.is_empty() {
+        println!(
+            "TLS certificates issued in {} ({} new{})",
+            tls_layout(&dir).0.display(),
+            issued.files.len(),
+            if issued.new_ca {
+                ", a new fleet CA"
+            } else {
+                ""
+            }
+        );
+    }
+    for n in &fleet.nodes {
+        if let Some(node) = state.nodes.get_mut(&n.id) {
+            node.peer_addr.clone_from(&n.peer_addr);
+        }
+    }
+    let tls = tls_layout(&dir);
     let bin = match bin {
         Some(b) => b,
         None => std::env::current_exe()?
@@ -412,6 +466,12 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
         cmd.env("SOFTHSM2_CONF", &state.softhsm_conf)
             .arg(format!("--node-id={id}"))
             .arg(format!("--listen={}", node.addr))
+            .arg(format!("--peer-listen={}", node.peer_addr))
+            .arg(format!("--tls-cert={}", tls.server(*id).0.display()))
+            .arg(format!("--tls-key={}", tls.server(*id).1.display()))
+            .arg(format!("--tls-ca={}", tls.ca().display()))
+            .arg(format!("--tls-client-cert={}", tls.client(*id).0.display()))
+            .arg(format!("--tls-client-key={}", tls.client(*id).1.display()))
             .arg(format!("--fleet-file={}", state.fleet_file.display()))
             .arg(format!(
                 "--faults-file={}",
@@ -472,6 +532,10 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
         dir.join("vault.pub").display()
     );
     println!(
+        "fleet CA (clients trust it: --ca-cert): {}",
+        tls.ca().display()
+    );
+    println!(
         "identity key (issues owner tokens): {}",
         dir.join("identity/identity.key").display()
     );
@@ -486,11 +550,7 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
     let mut leaders: BTreeMap<u64, pb::GetInfoResponse> = BTreeMap::new();
     for (id, node) in &state.nodes {
         let info = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr))?
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(2))
-                .connect()
-                .await?;
+            let channel = client_api(dir, &node.addr, Duration::from_secs(2)).await?;
             let info = VaultClient::new(channel)
                 .get_info(pb::GetInfoRequest {})
                 .await?
@@ -594,14 +654,67 @@ fn init_token(conf: &Path, node_dir: &Path, label: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(addr: &str) -> anyhow::Result<tonic::transport::Channel> {
+/// The fleet's certificate directory.
+fn tls_layout(dir: &Path) -> certs::Layout {
+    certs::Layout(dir.join("tls"))
+}
+
+/// The nodes of `fleet` (and `extra` ids) with the hosts of their addresses.
+fn node_hosts(fleet: &FleetFile, extra: &[String]) -> Vec<certs::NodeHosts> {
+    fleet
+        .nodes
+        .iter()
+        .map(|n| certs::NodeHosts {
+            id: n.id,
+            hosts: [certs::host_of(&n.addr), certs::host_of(&n.peer_addr)]
+                .into_iter()
+                .chain(extra.iter().cloned())
+                .collect(),
+        })
+        .collect()
+}
+
+/// A connection to a node's client API at `addr`, over TLS checked against
+/// the fleet CA.
+async fn client_api(
+    dir: &Path,
+    addr: &str,
+    timeout: Duration,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let ca = hsm_vault::tls::load_certificate(&tls_layout(dir).ca())?;
     Ok(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .connect()
             .await?,
     )
+}
+
+/// A connection to node `id`'s operator API, on its peer listener, with
+/// the operator's client certificate (mutual TLS).
+async fn operator_api(
+    dir: &Path,
+    id: u64,
+    node: &NodeState,
+) -> anyhow::Result<OperatorClient<tonic::transport::Channel>> {
+    let layout = tls_layout(dir);
+    let ca = hsm_vault::tls::load_certificate(&layout.ca())?;
+    let (cert, key) = layout.operator();
+    let connector = hsm_vault::tls::PeerConnector::Tls {
+        ca,
+        identity: hsm_vault::tls::load_identity(&cert, &key)?,
+    };
+    let channel = connector
+        .endpoint(id, &node.peer_addr)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60))
+        .connect()
+        .await?;
+    Ok(OperatorClient::new(channel)
+        .max_decoding_message_size(hsm_vault::replication::operator::MAX_HANDOVER_MESSAGE)
+        .max_encoding_message_size(hsm_vault::replication::operator::MAX_HANDOVER_MESSAGE))
 }
 
 /// A signed operator request.
@@ -625,29 +738,34 @@ fn signed(
 }
 
 /// The id and address of `group`'s leader, asked of its running nodes.
-async fn leader(state: &State, group: u64) -> anyhow::Result<(u64, String)> {
+async fn leader(dir: &Path, state: &State, group: u64) -> anyhow::Result<(u64, NodeState)> {
+    let mut last = None;
     for (_, node) in state.group(group) {
-        let Ok(channel) = connect(&node.addr).await else {
-            continue;
+        let asked = async {
+            let channel = client_api(dir, &node.addr, Duration::from_secs(10)).await?;
+            let info = VaultClient::new(channel)
+                .get_info(pb::GetInfoRequest {})
+                .await?;
+            Ok::<_, anyhow::Error>(info.into_inner().leader_id)
         };
-        let Ok(info) = VaultClient::new(channel)
-            .get_info(pb::GetInfoRequest {})
-            .await
-        else {
-            continue;
-        };
-        let leader = info.into_inner().leader_id;
-        if let Some(l) = state.nodes.get(&leader) {
-            return Ok((leader, l.addr.clone()));
+        match asked.await {
+            Ok(leader) => {
+                if let Some(l) = state.nodes.get(&leader) {
+                    return Ok((leader, l.clone()));
+                }
+            }
+            Err(e) => last = Some(e),
         }
     }
-    bail!("no running node of group {group} knows a leader")
+    match last {
+        Some(e) => bail!("no running node of group {group} knows a leader (last error: {e:#})"),
+        None => bail!("no running node of group {group} knows a leader"),
+    }
 }
 
 /// Gives node `id` a new token holding the domain keys: the ceremony with
 /// a running member as the source, vouched for by the operator's signature.
 async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Result<()> {
-    use vault_proto::vault::node::v1::operator_client::OperatorClient;
     let node = state.nodes.get(&id).context("unknown node")?;
     let node_dir = dir.join(format!("node-{id}"));
     // The old token (if any) is gone with the old disk.
@@ -672,7 +790,7 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
         .filter(|(i, n)| **i != id && n.pid.is_some_and(is_running))
     {
         let attempt = async {
-            let mut c = OperatorClient::new(connect(&member.addr).await?);
+            let mut c = operator_api(dir, *source, member).await?;
             let reply = c
                 .export_keys(signed(dir, "ExportKeys", &body)?)
                 .await?
@@ -700,14 +818,13 @@ async fn membership(
     (group, voters): (u64, std::collections::BTreeSet<u64>),
     learner: Option<u64>,
 ) -> anyhow::Result<()> {
-    use vault_proto::vault::node::v1::operator_client::OperatorClient;
-    let (leader_id, addr) = leader(state, group).await?;
-    let mut c = OperatorClient::new(connect(&addr).await?);
+    let (leader_id, leader_node) = leader(dir, state, group).await?;
+    let mut c = operator_api(dir, leader_id, &leader_node).await?;
     if let Some(id) = learner {
         let node = state.nodes.get(&id).context("unknown node")?;
         let body = hsm_vault::replication::operator::AddLearner {
             id,
-            addr: node.addr.clone(),
+            addr: node.peer_addr.clone(),
         };
         c.add_learner(signed(dir, "AddLearner", &body)?).await?;
         println!("node {id}: added as a learner (caught up) via leader {leader_id}");
@@ -728,11 +845,8 @@ async fn reshard(
     group: u64,
     step: &hsm_vault::replication::operator::Reshard,
 ) -> anyhow::Result<Vec<u8>> {
-    use vault_proto::vault::node::v1::operator_client::OperatorClient;
-    let (_, addr) = leader(state, group).await?;
-    let mut c = OperatorClient::new(connect(&addr).await?)
-        .max_decoding_message_size(hsm_vault::replication::operator::MAX_HANDOVER_MESSAGE)
-        .max_encoding_message_size(hsm_vault::replication::operator::MAX_HANDOVER_MESSAGE);
+    let (leader_id, leader_node) = leader(dir, state, group).await?;
+    let mut c = operator_api(dir, leader_id, &leader_node).await?;
     let reply = c.reshard(signed(dir, "Reshard", step)?).await;
     Ok(reply
         .map_err(|s| anyhow::anyhow!("group {group}: {}", s.message()))?
@@ -835,9 +949,13 @@ async fn move_slots(
 }
 
 /// A group's voters, as its leader knows them.
-async fn voters(state: &State, group: u64) -> anyhow::Result<std::collections::BTreeSet<u64>> {
-    let (_, addr) = leader(state, group).await?;
-    let info = VaultClient::new(connect(&addr).await?)
+async fn voters(
+    dir: &Path,
+    state: &State,
+    group: u64,
+) -> anyhow::Result<std::collections::BTreeSet<u64>> {
+    let (_, node) = leader(dir, state, group).await?;
+    let info = VaultClient::new(client_api(dir, &node.addr, Duration::from_secs(10)).await?)
         .get_info(pb::GetInfoRequest {})
         .await?
         .into_inner();
@@ -892,6 +1010,39 @@ fn main() -> anyhow::Result<()> {
             hsm_vault_bin,
             pkcs11_module,
         } => up(&cli.dir, &fleet_file, hsm_vault_bin, &pkcs11_module),
+        Cmd::Certs {
+            fleet_file,
+            node_id,
+            host,
+            out,
+        } => {
+            let nodes = if node_id.is_empty() {
+                let path = fleet_file.unwrap_or_else(|| "deploy/local-fleet/fleet.toml".into());
+                node_hosts(&FleetFile::load(&path)?, &host)
+            } else {
+                node_id
+                    .iter()
+                    .map(|id| certs::NodeHosts {
+                        id: *id,
+                        hosts: host.clone(),
+                    })
+                    .collect()
+            };
+            let layout = out.map_or_else(|| tls_layout(&cli.dir), certs::Layout);
+            let issued = certs::issue(&layout, &nodes)?;
+            if issued.new_ca {
+                println!("new fleet CA: {}", layout.ca().display());
+            }
+            for f in &issued.files {
+                println!("issued {}", f.display());
+            }
+            println!(
+                "{} certificates issued in {} (private keys mode 0600)",
+                issued.files.len(),
+                layout.0.display()
+            );
+            Ok(())
+        }
         Cmd::Status => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -929,7 +1080,7 @@ fn main() -> anyhow::Result<()> {
             let state = load_state(&dir)?.context("no fleet here")?;
             let group = state.group_of(id)?;
             let rt = runtime()?;
-            let mut voters = rt.block_on(voters(&state, group))?;
+            let mut voters = rt.block_on(voters(&dir, &state, group))?;
             if voters.remove(&id) {
                 rt.block_on(membership(&dir, &state, (group, voters.clone()), None))?;
             }
@@ -954,6 +1105,7 @@ fn main() -> anyhow::Result<()> {
                 NodeState {
                     region: spec.region.clone(),
                     addr: spec.addr.clone(),
+                    peer_addr: spec.peer_addr.clone(),
                     label: format!("vault-node-{id}"),
                     pid: None,
                     group: spec.group,
@@ -968,7 +1120,7 @@ fn main() -> anyhow::Result<()> {
             up(&dir, &state.fleet_file.clone(), None, &pkcs11_module)?;
             let state = load_state(&dir)?.context("state")?;
             let group = state.group_of(id)?;
-            let mut voters = rt.block_on(voters(&state, group))?;
+            let mut voters = rt.block_on(voters(&dir, &state, group))?;
             voters.insert(id);
             rt.block_on(membership(&dir, &state, (group, voters), Some(id)))
         }
@@ -976,7 +1128,7 @@ fn main() -> anyhow::Result<()> {
             let state = load_state(&cli.dir)?.context("no fleet here")?;
             let group = state.group_of(id)?;
             let rt = runtime()?;
-            let mut voters = rt.block_on(voters(&state, group))?;
+            let mut voters = rt.block_on(voters(&cli.dir, &state, group))?;
             voters.remove(&id);
             rt.block_on(membership(&cli.dir, &state, (group, voters), None))?;
             down(&cli.dir, Some(id), false)?;
@@ -998,7 +1150,7 @@ fn main() -> anyhow::Result<()> {
                 drained.iter().map(|id| state.nodes[id].group).collect();
             for group in groups {
                 let voters: std::collections::BTreeSet<u64> = rt
-                    .block_on(voters(&state, group))?
+                    .block_on(voters(&cli.dir, &state, group))?
                     .into_iter()
                     .filter(|i| !drained.contains(i))
                     .collect();

@@ -11,18 +11,18 @@
 //! number, so a leader whose view of a record was stale cannot commit a
 //! change computed from it (it gets `ABORTED`, and the client retries).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::Raft;
-use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use tonic::Status;
 use vault_proto::vault::v1::vault_client::VaultClient;
 
 use crate::core::record::{SealedRecord, Stored};
 use crate::geo::{Geography, Route};
+use crate::replication::network::Channels;
 use crate::replication::state_machine::StateMachine;
 use crate::replication::{Applied, Command, NodeId, TypeConfig};
 use crate::shard::{GroupId, ShardMap};
@@ -37,9 +37,12 @@ pub struct Replica {
     pub sm: StateMachine,
     /// Forwarded client requests cross the same emulated links as Raft.
     pub geo: Geography,
-    /// Addresses of the other groups' nodes (from the fleet file).
+    /// Peer-listener addresses of the other groups' nodes (from the fleet
+    /// file).
     directory: BTreeMap<GroupId, Vec<(NodeId, String)>>,
-    peers: Mutex<HashMap<NodeId, VaultClient<Channel>>>,
+    /// Connections to peer listeners, shared with the Raft network: a
+    /// forwarded request travels over the same mutual TLS as Raft.
+    channels: Channels,
 }
 
 impl std::fmt::Debug for Replica {
@@ -57,6 +60,7 @@ impl Replica {
         sm: StateMachine,
         geo: Geography,
         directory: BTreeMap<GroupId, Vec<(NodeId, String)>>,
+        channels: Channels,
     ) -> Self {
         Replica {
             id,
@@ -65,23 +69,16 @@ impl Replica {
             sm,
             geo,
             directory,
-            peers: Mutex::new(HashMap::new()),
+            channels,
         }
     }
 
-    /// A client for node `id` at `addr`, made once and kept.
-    async fn client(&self, id: NodeId, addr: &str) -> Result<VaultClient<Channel>, Status> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(&id) {
-            return Ok(c.clone());
-        }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(no_quorum)?
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect_lazy();
-        let client = VaultClient::new(channel);
-        peers.insert(id, client.clone());
-        Ok(client)
+    /// A client for the client API that node `id` serves on its peer
+    /// listener at `addr` (the connection is made once and kept).
+    fn client(&self, id: NodeId, addr: &str) -> Result<VaultClient<Channel>, Status> {
+        Ok(VaultClient::new(
+            self.channels.get(id, addr).map_err(no_quorum)?,
+        ))
     }
 
     /// The shard map this group adopted; right after the group formed it
@@ -125,7 +122,7 @@ impl Replica {
             )));
         };
         tokio::time::sleep(2 * delay).await;
-        self.client(id, addr).await
+        self.client(id, addr)
     }
 }
 
@@ -431,8 +428,6 @@ impl Backend {
                 .map(|n| n.addr.clone())
         }
         .ok_or_else(|| no_quorum("the leader's address is unknown"))?;
-        r.client(leader, &addr)
-            .await
-            .map(|c| Some((c, Hop::Leader)))
+        r.client(leader, &addr).map(|c| Some((c, Hop::Leader)))
     }
 }

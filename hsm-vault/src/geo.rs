@@ -64,8 +64,13 @@ pub struct Link {
 pub struct NodeSpec {
     pub id: NodeId,
     pub region: String,
-    /// Client and node-to-node address (HOST:PORT).
+    /// The client API's address (HOST:PORT): TLS with the node's server
+    /// certificate.
     pub addr: String,
+    /// The peer listener's address (HOST:PORT): the node-to-node and
+    /// operator APIs and forwarded client requests, over mutual TLS. Raft
+    /// knows the node by this address.
+    pub peer_addr: String,
     /// The replica group the node belongs to.
     #[serde(default = "first_group")]
     pub group: GroupId,
@@ -98,7 +103,7 @@ impl FleetFile {
     }
 
     /// Parses and checks a fleet file: known regions, unique node ids and
-    /// addresses, links between known regions.
+    /// addresses (client and peer), links between known regions.
     pub fn parse(text: &str) -> Result<Self, FleetFileError> {
         let f: FleetFile =
             toml::from_str(text).map_err(|e| FleetFileError::Parse(e.to_string()))?;
@@ -115,11 +120,12 @@ impl FleetFile {
                     n.id
                 )));
             }
-            if !addrs.insert(n.addr.as_str()) {
-                return Err(FleetFileError::Invalid(format!(
-                    "address {} is repeated",
-                    n.addr
-                )));
+            for addr in [&n.addr, &n.peer_addr] {
+                if !addrs.insert(addr.as_str()) {
+                    return Err(FleetFileError::Invalid(format!(
+                        "address {addr} is repeated"
+                    )));
+                }
             }
             if n.group == 0 {
                 return Err(FleetFileError::Invalid(format!(
@@ -319,14 +325,17 @@ ms = 40
 id = 1
 region = "eu"
 addr = "127.0.0.1:1"
+peer_addr = "127.0.0.1:11"
 [[node]]
 id = 2
 region = "eu"
 addr = "127.0.0.1:2"
+peer_addr = "127.0.0.1:21"
 [[node]]
 id = 3
 region = "us"
 addr = "127.0.0.1:3"
+peer_addr = "127.0.0.1:31"
 "#;
 
     fn geo(me: NodeId, faults: Faults) -> Geography {
@@ -396,7 +405,9 @@ addr = "127.0.0.1:3"
         for bad in [
             FLEET.replace("region = \"us\"\naddr", "region = \"mars\"\naddr"),
             FLEET.replace("id = 3", "id = 2"),
-            FLEET.replace("127.0.0.1:3", "127.0.0.1:2"),
+            FLEET.replace("127.0.0.1:3\"", "127.0.0.1:2\""),
+            FLEET.replace("127.0.0.1:31", "127.0.0.1:2"),
+            FLEET.replace("peer_addr = \"127.0.0.1:31\"\n", ""),
             FLEET.replace("addr = \"127.0.0.1:3\"", "addr = \"127.0.0.1:3\"\ngroup = 0"),
             format!("{FLEET}\n[shard_map]\nversion = 1\nrange = [{{ first = 0, last = 65535, group = 7 }}]\n"),
             format!("{FLEET}\n[shard_map]\nversion = 1\nrange = [{{ first = 0, last = 100, group = 1 }}]\n"),

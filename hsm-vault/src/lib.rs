@@ -18,4 +18,5 @@ pub mod replication;
 pub mod service;
 pub mod shard;
 pub mod store;
+pub mod tls;
 pub mod types;

@@ -12,16 +12,19 @@ use hsm_vault::backend::Replica;
 use hsm_vault::geo::{FleetFile, Geography};
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
-use hsm_vault::replication::network::{Network, NodeService, MAX_RAFT_MESSAGE};
+use hsm_vault::replication::network::{Channels, Network, NodeService, MAX_RAFT_MESSAGE};
 use hsm_vault::replication::operator::{OperatorService, MAX_HANDOVER_MESSAGE};
 use hsm_vault::replication::state_machine::StateMachine;
-use hsm_vault::service::{VaultService, MAX_MESSAGE_BYTES};
+use hsm_vault::service::{from_client, VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::shard::{GroupId, ShardMap};
 use hsm_vault::store::Store;
+use hsm_vault::tls::{load_certificate, load_identity, NodeTls, PeerCheck};
 use openraft::{BasicNode, Raft};
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
 use vault_proto::vault::node::v1::node_server::NodeServer;
 use vault_proto::vault::node::v1::operator_server::OperatorServer;
 use vault_proto::vault::v1::vault_server::VaultServer;
@@ -31,10 +34,40 @@ use zeroize::Zeroizing;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Address to listen on (port 0 picks a free port; the chosen address is
-    /// printed as `hsm-vault listening on ADDR`).
+    /// Address of the client API, served over TLS with --tls-cert (port 0
+    /// picks a free port; the chosen address is printed as `hsm-vault
+    /// listening on ADDR`).
     #[arg(long, env = "HSM_VAULT_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Address of the peer listener of a replica group member: the
+    /// node-to-node and operator APIs and client requests forwarded by other
+    /// nodes, over mutual TLS (callers need a client certificate of the
+    /// fleet CA). It is this node's address in --peers or its `peer_addr` in
+    /// the fleet file; printed as `hsm-vault peers listening on ADDR`.
+    #[arg(long, env = "HSM_VAULT_PEER_LISTEN")]
+    peer_listen: Option<SocketAddr>,
+    /// Serve and connect without TLS: development only. Without this flag
+    /// the node refuses to start unless it has its TLS material.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "tls_client_cert", "tls_client_key"])]
+    plaintext: bool,
+    /// The node's server certificate (PEM), for both listeners.
+    #[arg(long, env = "HSM_VAULT_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM).
+    #[arg(long, env = "HSM_VAULT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The fleet CA's certificate (PEM): the client certificates of callers
+    /// of the peer listener, and the server certificates of peers, must
+    /// chain to it. Needed by a member of a replica group.
+    #[arg(long, env = "HSM_VAULT_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's client certificate (PEM, naming `node-<id>`), presented
+    /// to its peers. Needed by a member of a replica group.
+    #[arg(long, env = "HSM_VAULT_TLS_CLIENT_CERT", requires = "tls_client_key")]
+    tls_client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "HSM_VAULT_TLS_CLIENT_KEY", requires = "tls_client_cert")]
+    tls_client_key: Option<PathBuf>,
     /// Directory of the sled record store.
     #[arg(long, env = "HSM_VAULT_DATA_DIR")]
     data_dir: PathBuf,
@@ -67,8 +100,9 @@ struct Args {
     /// This node's id (unique in the fleet; with --peers or --fleet-file).
     #[arg(long, env = "HSM_VAULT_NODE_ID")]
     node_id: Option<u64>,
-    /// The replica group, as `ID=HOST:PORT,...` (this node included, at its
-    /// --listen address). Without it the node runs alone.
+    /// The replica group, as `ID=HOST:PORT,...` of the members' peer
+    /// listeners (this node included, at its --peer-listen address).
+    /// Without it the node runs alone.
     #[arg(long, env = "HSM_VAULT_PEERS")]
     peers: Option<String>,
     /// Form this node's group from its members (on one node per group, on
@@ -164,21 +198,6 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     let auth_key = vault_proto::token::parse_verifying_key(&auth_key)
         .context("auth public key must be a hex SEC1 P-256 point")?;
 
-    let module = args.pkcs11_module.clone();
-    let label = args.token_label.clone();
-    let setup = if args.require_cloned_keys {
-        KeySetup::RequireExisting
-    } else {
-        KeySetup::GenerateIfMissing
-    };
-    let user_pin = Arc::new(pin);
-    let pin = Arc::clone(&user_pin);
-    let partition = tokio::task::spawn_blocking(move || {
-        Partition::open_in(&Module::load(&module)?, &label, &pin, setup)
-    })
-    .await?
-    .context("opening the PKCS#11 partition (a node of a group needs the domain keys from the cloning ceremony)")?;
-
     let fleet = args
         .fleet_file
         .as_deref()
@@ -198,21 +217,53 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
         (Some(p), _) => Some(parse_peers(p)?),
         (None, Some(f)) => Some(
             f.group_nodes(group)
-                .map(|n| (n.id, BasicNode::new(n.addr.clone())))
+                .map(|n| (n.id, BasicNode::new(n.peer_addr.clone())))
                 .collect(),
         ),
         (None, None) => None,
     };
+    let member = args.node_id.is_some() && peers.is_some();
+    if !member && args.peer_listen.is_some() {
+        bail!("--peer-listen is for a member of a replica group (with --node-id and --peers or --fleet-file)");
+    }
+    let tls = load_tls(&args, member)?;
+    let peer_check = if tls.is_some() {
+        PeerCheck::Certificates
+    } else {
+        tracing::warn!("serving and connecting WITHOUT TLS (--plaintext): development only");
+        PeerCheck::Off
+    };
+    let connector = tls
+        .as_ref()
+        .and_then(NodeTls::peer_connector)
+        .unwrap_or_default();
+
+    let module = args.pkcs11_module.clone();
+    let label = args.token_label.clone();
+    let setup = if args.require_cloned_keys {
+        KeySetup::RequireExisting
+    } else {
+        KeySetup::GenerateIfMissing
+    };
+    let user_pin = Arc::new(pin);
+    let pin = Arc::clone(&user_pin);
+    let partition = tokio::task::spawn_blocking(move || {
+        Partition::open_in(&Module::load(&module)?, &label, &pin, setup)
+    })
+    .await?
+    .context("opening the PKCS#11 partition (a node of a group needs the domain keys from the cloning ceremony)")?;
+
     let shard_map = fleet
         .as_ref()
         .map_or_else(|| ShardMap::even(1, &[group]), FleetFile::shard_map);
-    // Where the other groups' nodes are, for requests about their records.
+    // Where the other groups' nodes are (their peer listeners), for
+    // requests about their records.
     let mut directory: BTreeMap<GroupId, Vec<(u64, String)>> = BTreeMap::new();
     for n in fleet.iter().flat_map(|f| f.nodes.iter()) {
         directory
             .entry(n.group)
             .or_default()
-            .push((n.id, n.addr.clone()));
+            .push((n.id, n.peer_addr.clone()));
     }
     let mut node_service = None;
     let mut operator_service = None;
@@ -221,10 +272,15 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             let me = peers
                 .get(&id)
                 .with_context(|| format!("--peers does not name this node ({id})"))?;
-            if me.addr != args.listen.to_string() {
+            let peer_listen = args.peer_listen.with_context(|| {
+                format!(
+                    "a member of a replica group needs --peer-listen (its address in the group: {})",
+                    me.addr
+                )
+            })?;
+            if me.addr != peer_listen.to_string() {
                 bail!(
-                    "--listen {} differs from this node's address in --peers ({})",
-                    args.listen,
+                    "--peer-listen {peer_listen} differs from this node's address in the group ({})",
                     me.addr
                 );
             }
@@ -250,12 +306,14 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             let config = hsm_vault::replication::raft_config(args.snapshot_every)
                 .context("Raft configuration")?;
             let geo = Geography::new(id, fleet.clone(), args.faults_file.clone());
+            // Raft and forwarded requests share the connections to peers.
+            let channels = Channels::new(connector.clone());
             let network = Network {
                 id,
                 group,
                 partition: partition.clone(),
                 geo: geo.clone(),
-                channels: Default::default(),
+                channels: channels.clone(),
             };
             let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
                 .await
@@ -277,6 +335,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                         .context("operator public key must be a hex SEC1 P-256 point")?,
                     user_pin: Arc::clone(&user_pin),
                     so_pin_file: args.so_pin_file.clone(),
+                    peers: peer_check,
                 });
             }
             tokio::spawn(hsm_vault::replication::keep_map_adopted(
@@ -291,8 +350,16 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 raft: raft.clone(),
                 partition: partition.clone(),
                 resync_floor,
+                peers: peer_check,
             });
-            Backend::Replicated(Replica::new((id, group), raft, sm, geo, directory))
+            Backend::Replicated(Replica::new(
+                (id, group),
+                raft,
+                sm,
+                geo,
+                directory,
+                channels,
+            ))
         }
         (Some(_), None) => bail!("--node-id needs --peers or --fleet-file"),
         (None, Some(_)) if args.peers.is_some() => bail!("--peers needs --node-id"),
@@ -309,39 +376,140 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             .with_context(|| format!("publishing the public key to {}", path.display()))?;
     }
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let listener = bind(args.listen).await?;
     let addr = listener.local_addr()?;
+    let peer_listener = match args.peer_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    // Both listeners are bound before either line is printed: whoever waits
+    // for the client line may use both.
+    if let Some(l) = &peer_listener {
+        let peer_addr = l.local_addr()?;
+        tracing::info!(%peer_addr, "peer listener ready (node-to-node, operator, forwarded requests)");
+        println!("hsm-vault peers listening on {peer_addr}");
+    }
     tracing::info!(%addr, opaque_public_key = %public_hex, "vault node ready");
     println!("hsm-vault listening on {addr}");
 
-    tonic::transport::Server::builder()
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let mut client_api = Server::builder();
+    if let Some(tls) = &tls {
+        client_api = client_api
+            .tls_config(tls.client_listener())
+            .context("the TLS server certificate")?;
+    }
+    let client_api = client_api
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
-        .add_service(
-            VaultServer::new(service)
+        .add_service(InterceptedService::new(
+            VaultServer::new(service.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_optional_service(operator_service.map(|o| {
-            OperatorServer::new(o)
-                .max_decoding_message_size(MAX_HANDOVER_MESSAGE)
-                .max_encoding_message_size(MAX_HANDOVER_MESSAGE)
-        }))
-        .add_optional_service(node_service.map(|n| {
-            NodeServer::new(n)
-                .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                .max_encoding_message_size(MAX_RAFT_MESSAGE)
-        }))
+            from_client,
+        ))
         // Small request/answer messages: Nagle's algorithm would hold each
         // answer back until the peer's delayed ACK (~40 ms on Linux).
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown(),
-        )
-        .await?;
+            until_stopped(stopped.clone()),
+        );
+
+    let peer_api = async {
+        let Some(listener) = peer_listener else {
+            return Ok(());
+        };
+        let mut peer_api = Server::builder();
+        if let Some(tls) = &tls {
+            let config = tls
+                .peer_listener()
+                .context("the peer listener needs the fleet CA (--tls-ca)")?;
+            peer_api = peer_api
+                .tls_config(config)
+                .context("the TLS server certificate or the fleet CA")?;
+        }
+        peer_api
+            .timeout(Duration::from_secs(30))
+            .concurrency_limit_per_connection(256)
+            .add_service(
+                VaultServer::new(service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_optional_service(operator_service.map(|o| {
+                OperatorServer::new(o)
+                    .max_decoding_message_size(MAX_HANDOVER_MESSAGE)
+                    .max_encoding_message_size(MAX_HANDOVER_MESSAGE)
+            }))
+            .add_optional_service(node_service.map(|n| {
+                NodeServer::new(n)
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                    .max_encoding_message_size(MAX_RAFT_MESSAGE)
+            }))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                until_stopped(stopped.clone()),
+            )
+            .await
+            .context("serving the peer listener")
+    };
+    tokio::try_join!(
+        async { client_api.await.context("serving the client API") },
+        peer_api
+    )?;
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))
+}
+
+/// The node's TLS material, or `None` with --plaintext. A member of a
+/// replica group needs the fleet CA and its client certificate too.
+fn load_tls(args: &Args, member: bool) -> anyhow::Result<Option<NodeTls>> {
+    if args.plaintext {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        bail!(
+            "no TLS certificate: give --tls-cert and --tls-key (`fleet certs` issues them), \
+             or --plaintext to serve without TLS (development only)"
+        );
+    };
+    let tls = NodeTls::server(load_identity(cert, key)?);
+    if !member {
+        return Ok(Some(tls));
+    }
+    let (Some(ca), Some(client_cert), Some(client_key)) =
+        (&args.tls_ca, &args.tls_client_cert, &args.tls_client_key)
+    else {
+        bail!(
+            "a member of a replica group talks to its peers over mutual TLS: give --tls-ca, \
+             --tls-client-cert and --tls-client-key too (`fleet certs` issues them)"
+        );
+    };
+    let tls = tls.with_peers(
+        load_certificate(ca)?,
+        load_identity(client_cert, client_key)?,
+    );
+    // Parse the client certificate and key now rather than at the first
+    // Raft message.
+    if let Some(connector) = tls.peer_connector() {
+        connector
+            .endpoint(0, "127.0.0.1:1")
+            .context("the TLS client certificate or key, or the fleet CA")?;
+    }
+    Ok(Some(tls))
 }
 
 /// Resolves on SIGINT or SIGTERM (what systemd and container runtimes send).

@@ -44,6 +44,13 @@ const STRIPES: usize = 1024;
 /// ("group": to another group; "leader": to the group's leader).
 pub const FORWARDED: &str = "x-vault-forwarded";
 
+/// Interceptor of the client listener: drops a forwarding mark. Only the
+/// peer listener, which takes nothing but fleet certificates, honours it.
+pub fn from_client(mut request: Request<()>) -> Result<Request<()>, Status> {
+    request.metadata_mut().remove(FORWARDED);
+    Ok(request)
+}
+
 /// Length of a login id on the wire: the group serving the login (u64
 /// big-endian), then the secure core's 16-byte login id. The group lets any
 /// node route a RecoverFinish, which names no account.
@@ -482,5 +489,21 @@ impl Vault for VaultService {
             guesses_remaining,
             max_guesses,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_listener_drops_a_forwarding_mark() {
+        let mut request = Request::new(());
+        request.metadata_mut().insert(
+            FORWARDED,
+            tonic::metadata::MetadataValue::from_static("leader"),
+        );
+        let request = from_client(request).expect("passes on");
+        assert!(request.metadata().get(FORWARDED).is_none());
     }
 }

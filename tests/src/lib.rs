@@ -1,6 +1,11 @@
 //! Fixtures for end-to-end tests: a real `hsm-vault` process on its own
 //! SoftHSM2 token and sled directory, reached over loopback gRPC, and the
 //! real `vault` CLI.
+//!
+//! Nodes run in plaintext (`--plaintext`) unless a test asks for TLS
+//! ([`VaultNode::start_tls`], [`start_tls_fleet`]): most tests are about
+//! the vault, not its transport. TLS nodes use certificates issued by the
+//! real `fleet certs` ([`Certs`]).
 
 #![forbid(unsafe_code)]
 
@@ -15,7 +20,7 @@ use hsm_vault::core::SecureCore;
 use hsm_vault::partition::Partition;
 use hsm_vault::types::RecordId;
 use softhsm_test_harness::{module_path, TestToken};
-use vault_client::VaultClient;
+use vault_client::{Transport, VaultClient};
 
 /// How long a node may take to start before a test gives up.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -42,6 +47,86 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// Certificates issued by `fleet certs` into a directory (its layout).
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub dir: PathBuf,
+}
+
+impl Certs {
+    /// A new CA in `dir` (if there is none yet) and the certificates of
+    /// nodes `ids` and of the operator, issued by the `fleet` binary.
+    pub fn issue(dir: &Path, ids: &[u64]) -> Certs {
+        let mut cmd = Command::new(bin("fleet"));
+        cmd.arg("certs").arg("--out").arg(dir);
+        for id in ids {
+            cmd.arg(format!("--node-id={id}"));
+        }
+        let out = cmd.output().expect("fleet certs runs");
+        assert!(
+            out.status.success(),
+            "fleet certs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Certs {
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// The CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Node `id`'s server certificate and key.
+    pub fn server(&self, id: u64) -> (PathBuf, PathBuf) {
+        self.pair(&format!("node-{id}"), "server")
+    }
+
+    /// Node `id`'s client certificate and key.
+    pub fn client(&self, id: u64) -> (PathBuf, PathBuf) {
+        self.pair(&format!("node-{id}"), "client")
+    }
+
+    /// The operator's client certificate and key.
+    pub fn operator(&self) -> (PathBuf, PathBuf) {
+        self.pair("operator", "client")
+    }
+
+    fn pair(&self, holder: &str, kind: &str) -> (PathBuf, PathBuf) {
+        let d = self.dir.join(holder);
+        (d.join(format!("{kind}.pem")), d.join(format!("{kind}.key")))
+    }
+
+    /// The `hsm-vault` flags of node `id`: its server certificate, and for
+    /// a group member the CA and its client certificate.
+    fn node_args(&self, id: u64, member: bool) -> Vec<String> {
+        let (cert, key) = self.server(id);
+        let mut args = vec![
+            format!("--tls-cert={}", cert.display()),
+            format!("--tls-key={}", key.display()),
+        ];
+        if member {
+            let (cert, key) = self.client(id);
+            args.extend([
+                format!("--tls-ca={}", self.ca().display()),
+                format!("--tls-client-cert={}", cert.display()),
+                format!("--tls-client-key={}", key.display()),
+            ]);
+        }
+        args
+    }
+}
+
+/// A node's TLS: the certificates, its id in them, whether it is a group
+/// member (mutual TLS with peers).
+#[derive(Debug, Clone)]
+struct NodeTls {
+    certs: Certs,
+    id: u64,
+    member: bool,
+}
+
 /// One vault node and everything it owns, in a temporary directory.
 #[derive(Debug)]
 pub struct VaultNode {
@@ -53,6 +138,8 @@ pub struct VaultNode {
     pin_file: PathBuf,
     /// Fixed listen address (a group member), or port 0.
     listen: String,
+    /// TLS material, or `None` for a plaintext node (`--plaintext`).
+    tls: Option<NodeTls>,
     /// Flags added to every start (group membership, key setup).
     pub extra_args: Vec<String>,
     pub work: tempfile::TempDir,
@@ -99,6 +186,7 @@ impl VaultNode {
             label: label.to_owned(),
             pin_file,
             listen,
+            tls: None,
             extra_args,
             work,
             child: None,
@@ -142,7 +230,36 @@ impl VaultNode {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr.expect("node is running"))
+        self.endpoint_if_running().expect("node is running")
+    }
+
+    /// How clients reach this node: TLS with the test CA, or plaintext.
+    pub fn transport(&self) -> Transport {
+        match &self.tls {
+            Some(t) => Transport::Tls {
+                ca_pem: std::fs::read(t.certs.ca()).expect("CA certificate"),
+            },
+            None => Transport::Plaintext,
+        }
+    }
+
+    /// The certificates this node runs with (a TLS node).
+    pub fn certs(&self) -> Option<&Certs> {
+        self.tls.as_ref().map(|t| &t.certs)
+    }
+
+    /// A stand-alone node with TLS on its own new token: certificates from
+    /// a new test CA (`fleet certs`, in the node's work directory).
+    pub fn start_tls(label: &str) -> Self {
+        let mut node = Self::unstarted(label, Vec::new());
+        let certs = Certs::issue(&node.work.path().join("tls"), &[1]);
+        node.tls = Some(NodeTls {
+            certs,
+            id: 1,
+            member: false,
+        });
+        node.restart();
+        node
     }
 
     /// A stand-alone node on its own new token, not started, with extra
@@ -165,7 +282,8 @@ impl VaultNode {
 
     /// The endpoint, if the node is running.
     pub fn endpoint_if_running(&self) -> Option<String> {
-        self.addr.map(|a| format!("http://{a}"))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.addr.map(|a| format!("{scheme}://{a}"))
     }
 
     /// The faults file of this node's group (fault switches).
@@ -184,8 +302,8 @@ impl VaultNode {
         std::fs::rename(&tmp, &path).expect("replace faults");
     }
 
-    /// The `--peers` value this node was started with.
-    /// The fleet's nodes as a `--peers` value (`ID=HOST:PORT,...`).
+    /// The fleet's nodes as a `--peers` value (`ID=HOST:PORT,...` of their
+    /// peer listeners).
     pub fn peers_arg(&self) -> String {
         let path = self
             .extra_args
@@ -196,7 +314,7 @@ impl VaultNode {
         fleet
             .nodes
             .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
+            .map(|n| format!("{}={}", n.id, n.peer_addr))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -223,6 +341,10 @@ impl VaultNode {
             )
             .envs(self.extra_env.iter().cloned())
             .arg(format!("--listen={}", self.listen))
+            .args(match &self.tls {
+                Some(t) => t.certs.node_args(t.id, t.member),
+                None => vec!["--plaintext".to_owned()],
+            })
             .args(&self.extra_args)
             .arg(format!("--data-dir={}", self.data_dir().display()))
             .arg(format!("--pkcs11-module={}", module_path().display()))
@@ -309,16 +431,21 @@ impl VaultNode {
     }
 
     pub async fn client(&self) -> VaultClient {
-        VaultClient::connect(&self.endpoint(), self.pinned_key())
+        VaultClient::connect(&self.endpoint(), &self.transport(), self.pinned_key())
             .await
             .expect("client connects")
     }
 
-    /// The `vault` CLI, pointed at this node.
+    /// The `vault` CLI, pointed at this node (with the test CA, or
+    /// plaintext for a plaintext node).
     pub fn cli(&self) -> Command {
         let mut c = Command::new(bin("vault"));
         c.env("VAULT_ENDPOINT", self.endpoint())
             .env("VAULT_PUBLIC_KEY", self.public_key_path());
+        match &self.tls {
+            Some(t) => c.env("VAULT_CA_CERT", t.certs.ca()),
+            None => c.env("VAULT_PLAINTEXT", "true"),
+        };
         c
     }
 
@@ -438,8 +565,9 @@ impl Layout {
         }
     }
 
-    /// The fleet file text for nodes listening on `ports`.
-    fn fleet_file(&self, ports: &[u16]) -> String {
+    /// The fleet file text for nodes listening on `ports` (client API) and
+    /// `peer_ports` (peer listener).
+    fn fleet_file(&self, ports: &[u16], peer_ports: &[u16]) -> String {
         let mut fleet = format!(
             "[fleet]\nname = \"test\"\nintra_region_ms = {}\n\n",
             self.intra_region_ms
@@ -452,9 +580,15 @@ impl Layout {
                 "\n[[link]]\nbetween = [\"{a}\", \"{b}\"]\nms = {ms}\n"
             ));
         }
-        for (i, ((region, group), port)) in self.nodes.iter().zip(ports).enumerate() {
+        for (i, ((region, group), (port, peer))) in self
+            .nodes
+            .iter()
+            .zip(ports.iter().zip(peer_ports))
+            .enumerate()
+        {
             fleet.push_str(&format!(
-                "\n[[node]]\nid = {}\nregion = \"{region}\"\naddr = \"127.0.0.1:{port}\"\ngroup = {group}\n",
+                "\n[[node]]\nid = {}\nregion = \"{region}\"\naddr = \"127.0.0.1:{port}\"\n\
+                 peer_addr = \"127.0.0.1:{peer}\"\ngroup = {group}\n",
                 i + 1,
             ));
         }
@@ -468,10 +602,27 @@ pub fn prepare_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
     prepare_layout(&Layout::test_default(groups), prefix)
 }
 
+/// [`start_fleet`] over TLS: certificates from a new test CA, the client
+/// API over TLS, Raft and forwarded requests over mutual TLS.
+pub fn start_tls_fleet(groups: &[usize], prefix: &str) -> Vec<VaultNode> {
+    let mut nodes = prepare_layout_with(&Layout::test_default(groups), prefix, true);
+    for node in &mut nodes {
+        node.restart();
+    }
+    nodes
+}
+
 /// Prepares the fleet `layout` describes: one SoftHSM configuration with a
 /// token per node, domain keys generated in node 1's token and cloned into
-/// the others, a fleet file, and unstarted nodes on fixed loopback ports.
+/// the others, a fleet file, and unstarted plaintext nodes on fixed
+/// loopback ports.
 pub fn prepare_layout(layout: &Layout, prefix: &str) -> Vec<VaultNode> {
+    prepare_layout_with(layout, prefix, false)
+}
+
+/// [`prepare_layout`], with TLS if `tls` (certificates in the token
+/// directory's `tls/`).
+pub fn prepare_layout_with(layout: &Layout, prefix: &str, tls: bool) -> Vec<VaultNode> {
     let n = layout.nodes.len();
     let group_of: Vec<usize> = layout.nodes.iter().map(|(_, g)| *g).collect();
     use hsm_vault::partition::ceremony::Enrollment;
@@ -505,8 +656,11 @@ pub fn prepare_layout(layout: &Layout, prefix: &str) -> Vec<VaultNode> {
             enrollment.complete(&package).expect("complete");
         }
     }
-    let ports = free_ports(n);
-    let fleet = layout.fleet_file(&ports);
+    let all_ports = free_ports(2 * n);
+    let (ports, peer_ports) = all_ports.split_at(n);
+    let fleet = layout.fleet_file(ports, peer_ports);
+    let ids: Vec<u64> = (1..=n as u64).collect();
+    let certs = tls.then(|| Certs::issue(&token.dir().join("tls"), &ids));
     let fleet_file = token.dir().join("fleet.toml");
     std::fs::write(&fleet_file, fleet).expect("fleet file");
     let faults_file = token.dir().join("faults.json");
@@ -517,6 +671,7 @@ pub fn prepare_layout(layout: &Layout, prefix: &str) -> Vec<VaultNode> {
             format!("--node-id={}", i + 1),
             format!("--fleet-file={}", fleet_file.display()),
             format!("--faults-file={}", faults_file.display()),
+            format!("--peer-listen=127.0.0.1:{}", peer_ports[i]),
         ];
         if i == 0 || group_of[i] != group_of[i - 1] {
             args.push("--init".into());
@@ -526,6 +681,11 @@ pub fn prepare_layout(layout: &Layout, prefix: &str) -> Vec<VaultNode> {
         }
         let listen = format!("127.0.0.1:{}", ports[i]);
         let mut node = VaultNode::prepare(Arc::clone(&token), &label, pin_file, listen, args);
+        node.tls = certs.as_ref().map(|certs| NodeTls {
+            certs: certs.clone(),
+            id: i as u64 + 1,
+            member: true,
+        });
         if let Some(first) = nodes.first() {
             node.share_identity(first);
         }
@@ -621,4 +781,65 @@ pub fn all_bytes(dir: &Path) -> Vec<u8> {
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A connection to node `id`'s peer listener at `addr` (HOST:PORT), the
+/// node's certificate checked against `ca`, presenting `client` (a
+/// certificate and key) if given. Under TLS 1.3 a server that refuses the
+/// client certificate may only say so at the first call, so a refusal can
+/// show here or there.
+pub async fn peer_channel(
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    id: u64,
+    addr: &str,
+) -> Result<tonic::transport::Channel, String> {
+    use tonic::transport::{ClientTlsConfig, Endpoint};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(hsm_vault::tls::load_certificate(ca).map_err(|e| e.to_string())?)
+        .domain_name(hsm_vault::tls::node_name(id));
+    if let Some((cert, key)) = client {
+        tls = tls.identity(hsm_vault::tls::load_identity(cert, key).map_err(|e| e.to_string())?);
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| error_chain(&e))
+}
+
+/// An error and its causes, as one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Runs the `fleet` tool on the fleet in `dir`.
+pub fn fleet_tool(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin("fleet"))
+        .arg("--dir")
+        .arg(dir)
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("fleet runs")
+}
+
+/// Stops the fleet in its directory when dropped (`fleet down`).
+#[derive(Debug)]
+pub struct FleetDown(pub PathBuf);
+
+impl Drop for FleetDown {
+    fn drop(&mut self) {
+        let _ = fleet_tool(&self.0, &["down"]);
+    }
 }

@@ -192,14 +192,12 @@ fn backup_round_trips_50mib_with_the_64_digit_key_and_refuses_bad_keys() {
 #[test]
 fn unreachable_vault_gets_a_clear_message() {
     let node = VaultNode::start("cli-down");
-    let endpoint = node.endpoint();
     let key_file = node.public_key_path();
     let dir = tempfile::tempdir().expect("dir");
     std::fs::copy(&key_file, dir.path().join("vault.pub")).expect("copy key");
+    let mut c = node.cli();
     drop(node);
-    let mut c = Command::new(vault_e2e::bin("vault"));
-    c.env("VAULT_ENDPOINT", endpoint)
-        .env("VAULT_PUBLIC_KEY", dir.path().join("vault.pub"))
+    c.env("VAULT_PUBLIC_KEY", dir.path().join("vault.pub"))
         .args(["key", "recover", "--account", "x", "--password-stdin"]);
     let out = run(c, "pw\n");
     assert_eq!(out.status.code(), Some(5));

@@ -1,6 +1,8 @@
 //! The `fleet` operator tool end to end: `fleet up` builds a 5-node fleet in
-//! 3 regions (tokens, ceremony, processes), `status` reports it, and the
-//! fleet serves backups through any node while its leader is down.
+//! 3 regions (tokens, ceremony, certificates, processes), `status` reports
+//! it, and the fleet serves backups through any node while its leader is
+//! down. A fleet runs over TLS: clients use `https://` and the fleet CA,
+//! nodes talk to each other and the tool to the nodes over mutual TLS.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -11,13 +13,7 @@ use vault_e2e::{bin, free_ports};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn fleet(dir: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(bin("fleet"))
-        .arg("--dir")
-        .arg(dir)
-        .args(args)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .expect("fleet runs")
+    vault_e2e::fleet_tool(dir, args)
 }
 
 fn ok(out: Output) -> String {
@@ -42,6 +38,7 @@ fn vault(dir: &std::path::Path, endpoint: &str, args: &[&str], stdin: &str) -> O
     let mut cmd = Command::new(bin("vault"));
     cmd.env("VAULT_ENDPOINT", endpoint)
         .env("VAULT_PUBLIC_KEY", dir.join("vault.pub"))
+        .env("VAULT_CA_CERT", dir.join("tls/ca.pem"))
         .args(args);
     vault_e2e::run_with_stdin(cmd, stdin)
 }
@@ -90,13 +87,6 @@ fn recover_key(dir: &Path, endpoint: &str, account: &str, password: &str) -> Out
     )
 }
 
-struct Down<'a>(&'a std::path::Path);
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = fleet(self.0, &["down"]);
-    }
-}
-
 /// Writes a fleet file for 5 nodes (eu, eu, us, us, ap) on free ports, one
 /// replica group.
 fn fleet_file(work: &std::path::Path) -> (std::path::PathBuf, Vec<u16>) {
@@ -104,20 +94,24 @@ fn fleet_file(work: &std::path::Path) -> (std::path::PathBuf, Vec<u16>) {
 }
 
 /// Writes a fleet file: node i+1 in `regions[i]` and group `groups[i]`.
+/// Returns it and the client API ports; each node's peer listener is on
+/// another free port.
 fn fleet_file_with(
     work: &std::path::Path,
     regions: &[&str],
     groups: &[u64],
 ) -> (std::path::PathBuf, Vec<u16>) {
-    let ports = free_ports(regions.len());
+    let mut ports = free_ports(2 * regions.len());
+    let peer_ports = ports.split_off(regions.len());
     let mut file = String::from(
         "[fleet]\nname = \"t\"\nintra_region_ms = 1\n[[region]]\nname = \"eu\"\n[[region]]\nname = \"us\"\n\
          [[region]]\nname = \"ap\"\n[[link]]\nbetween = [\"eu\", \"us\"]\nms = 10\n\
          [[link]]\nbetween = [\"eu\", \"ap\"]\nms = 20\n[[link]]\nbetween = [\"us\", \"ap\"]\nms = 20\n",
     );
-    for (i, p) in ports.iter().enumerate() {
+    for (i, (p, peer)) in ports.iter().zip(&peer_ports).enumerate() {
         file.push_str(&format!(
-            "[[node]]\nid = {}\nregion = \"{}\"\naddr = \"127.0.0.1:{p}\"\ngroup = {}\n",
+            "[[node]]\nid = {}\nregion = \"{}\"\naddr = \"127.0.0.1:{p}\"\n\
+             peer_addr = \"127.0.0.1:{peer}\"\ngroup = {}\n",
             i + 1,
             regions[i],
             groups[i]
@@ -134,7 +128,7 @@ fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader
     let dir = work.path().join("fleet");
     let (fleet_file, ports) = fleet_file(work.path());
 
-    let _down = Down(&dir);
+    let _down = vault_e2e::FleetDown(dir.clone());
     let up = ok(fleet(
         &dir,
         &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
@@ -166,7 +160,7 @@ fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader
     let input = work.path().join("in.db");
     std::fs::write(&input, vec![42u8; 300_000]).expect("input");
     let enc = work.path().join("in.enc");
-    let endpoint = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
+    let endpoint = |id: u64| format!("https://127.0.0.1:{}", ports[id as usize - 1]);
     let create = vault(
         &dir,
         &endpoint(5),
@@ -262,13 +256,13 @@ fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
     let work = tempfile::tempdir().expect("dir");
     let dir = work.path().join("fleet");
     let (fleet_file, ports) = fleet_file(work.path());
-    let _down = Down(&dir);
+    let _down = vault_e2e::FleetDown(dir.clone());
     ok(fleet(
         &dir,
         &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
     ));
     let status = settled(&dir, 5);
-    let endpoint = |id: u64| format!("http://127.0.0.1:{}", ports[id as usize - 1]);
+    let endpoint = |id: u64| format!("https://127.0.0.1:{}", ports[id as usize - 1]);
 
     let register = register_key(&dir, work.path(), &endpoint(1), "kim");
     let key = String::from_utf8_lossy(&register).trim().to_owned();
@@ -322,17 +316,31 @@ fn operator_api_refuses_requests_not_signed_by_the_operator() {
 
     let work = tempfile::tempdir().expect("dir");
     let dir = work.path().join("fleet");
-    let (fleet_file, ports) = fleet_file(work.path());
-    let _down = Down(&dir);
+    let (fleet_file, _) = fleet_file(work.path());
+    let _down = vault_e2e::FleetDown(dir.clone());
     ok(fleet(
         &dir,
         &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
     ));
+    let peer_addr = hsm_vault::geo::FleetFile::load(&fleet_file)
+        .expect("fleet file")
+        .node(1)
+        .expect("node 1")
+        .peer_addr
+        .clone();
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let mut c = OperatorClient::connect(format!("http://127.0.0.1:{}", ports[0]))
-            .await
-            .expect("connect");
+        // The operator's certificate gets through TLS; the signature is
+        // checked on top of it.
+        let operator = (
+            dir.join("tls/operator/client.pem"),
+            dir.join("tls/operator/client.key"),
+        );
+        let channel =
+            vault_e2e::peer_channel(&dir.join("tls/ca.pem"), Some(&operator), 1, &peer_addr)
+                .await
+                .expect("connect");
+        let mut c = OperatorClient::new(channel);
         let stranger = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -386,7 +394,7 @@ fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
         &["eu", "eu", "us", "us", "ap", "ap"],
         &[1, 2, 1, 2, 1, 2],
     );
-    let _down = Down(&dir);
+    let _down = vault_e2e::FleetDown(dir.clone());
     let up = ok(fleet(
         &dir,
         &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
@@ -411,7 +419,7 @@ fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
             "{status}"
         );
     }
-    let endpoint = |id: usize| format!("http://127.0.0.1:{}", ports[id - 1]);
+    let endpoint = |id: usize| format!("https://127.0.0.1:{}", ports[id - 1]);
     let mut keys = Vec::new();
     for i in 0..4 {
         let account = format!("acct-{i}");

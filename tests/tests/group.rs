@@ -16,7 +16,7 @@ const PASSWORD: &[u8] = b"group password";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 async fn client(node: &VaultNode) -> VaultClient {
-    VaultClient::connect(&node.endpoint(), node.pinned_key())
+    VaultClient::connect(&node.endpoint(), &node.transport(), node.pinned_key())
         .await
         .expect("connect")
 }
@@ -43,7 +43,7 @@ where
 
 /// Sends one recovery start with a wrong password; true if a KE2 came back.
 async fn wrong_guess_released(endpoint: &str, pinned: [u8; 33], account: &[u8]) -> bool {
-    let Ok(mut c) = VaultClient::connect(endpoint, pinned).await else {
+    let Ok(mut c) = VaultClient::connect_plaintext(endpoint, pinned).await else {
         return false;
     };
     let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
@@ -211,15 +211,19 @@ async fn node_without_the_ceremony_cannot_join_or_decrypt() {
 
     // A process with keys of its own claims membership and tries to form a
     // group with the real nodes: they refuse every message it sends.
-    let port = vault_e2e::free_ports(1)[0];
-    let listen = format!("127.0.0.1:{port}");
-    let peers = format!("{},9={listen}", nodes[0].peers_arg());
+    let ports = vault_e2e::free_ports(2);
+    let (listen, peer) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+    );
+    let peers = format!("{},9={peer}", nodes[0].peers_arg());
     let mut rogue = VaultNode::unstarted_at(
         "rogue-9",
         &listen,
         vec![
             "--node-id=9".into(),
             format!("--peers={peers}"),
+            format!("--peer-listen={peer}"),
             "--init".into(),
         ],
     );
@@ -507,7 +511,7 @@ async fn invariant8_leader_killed_during_a_stream_loses_no_acknowledged_write_an
                 }
                 let (endpoint, pinned) = &endpoints[i % endpoints.len()];
                 let key = BackupKey::generate();
-                if let Ok(mut c) = VaultClient::connect(endpoint, *pinned).await {
+                if let Ok(mut c) = VaultClient::connect_plaintext(endpoint, *pinned).await {
                     let account = format!("user-{i}");
                     if c.register_key(account.as_bytes(), bearer, PASSWORD, &key, 0)
                         .await

@@ -260,7 +260,8 @@ async fn pinned_client_refuses_a_vault_with_another_key() {
         b.pinned_key(),
         "each token has its own OPAQUE key"
     );
-    let refused = vault_client::VaultClient::connect(&b.endpoint(), a.pinned_key()).await;
+    let refused =
+        vault_client::VaultClient::connect(&b.endpoint(), &b.transport(), a.pinned_key()).await;
     assert!(
         matches!(refused, Err(ClientError::KeyMismatch)),
         "{refused:?}"

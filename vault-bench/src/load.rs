@@ -68,7 +68,7 @@ struct Account {
 const PASSWORD: &[u8] = b"correct horse battery staple";
 
 async fn connect(endpoint: &str, pinned: [u8; 33]) -> Result<VaultClient> {
-    Ok(VaultClient::connect(endpoint, pinned)
+    Ok(VaultClient::connect_plaintext(endpoint, pinned)
         .await
         .with_context(|| format!("connecting to {endpoint}"))?
         .with_key_stretching(KeyStretching::MinimalForBenchmarks))

@@ -4,7 +4,10 @@
 //!   The secret the vault stores is the backup key wrapped under the OPAQUE
 //!   export key, so the vault never holds the plaintext backup key, and the
 //!   client refuses a vault whose OPAQUE public key differs from the pinned
-//!   one.
+//!   one. It talks to the vault over TLS ([`VaultClient::connect_tls`],
+//!   `https://`, the vault's certificate checked against the fleet CA);
+//!   plaintext (`http://`) only when asked for by name
+//!   ([`VaultClient::connect_plaintext`], development vaults).
 //! - [`backup`] encrypts and decrypts backup files.
 
 #![forbid(unsafe_code)]
@@ -17,7 +20,7 @@ use opaque_ke::{
 };
 use rand::rngs::OsRng;
 use rand::RngCore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request};
 use vault_proto::suite::{
     benchmark_ksf, client_ksf, open_with, seal_with, Suite, RELEASE_AAD, RELEASE_INFO, SUITE_NAME,
@@ -34,6 +37,8 @@ pub use backup::BackupKey;
 pub enum ClientError {
     #[error("vault unreachable at {endpoint}: {detail}")]
     Unreachable { endpoint: String, detail: String },
+    #[error("{0}")]
+    BadEndpoint(String),
     #[error("wrong password: {guesses_remaining} guesses left before the key is destroyed")]
     WrongPassword { guesses_remaining: u32 },
     #[error("locked: too many wrong passwords, the key has been destroyed for good")]
@@ -93,6 +98,66 @@ fn bearer<T>(message: T, token: &str) -> Result<Request<T>, ClientError> {
     Ok(req)
 }
 
+/// How the client reaches the vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS (`https://` endpoints): the vault's server certificate must chain
+    /// to this CA certificate (PEM) and name the endpoint's host.
+    Tls { ca_pem: Vec<u8> },
+    /// Plaintext (`http://` endpoints): development vaults only.
+    Plaintext,
+}
+
+impl Transport {
+    /// A gRPC channel to `endpoint`, whose scheme must match the transport.
+    pub async fn channel(&self, endpoint: &str) -> Result<Channel, ClientError> {
+        let unreachable = |detail: String| ClientError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            detail,
+        };
+        let e = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| ClientError::BadEndpoint(format!("{endpoint:?}: {e}")))?;
+        let e = match (self, e.uri().scheme_str()) {
+            (Transport::Tls { ca_pem }, Some("https")) => e
+                .tls_config(
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem.clone())),
+                )
+                .map_err(|e| unreachable(error_chain(&e)))?,
+            (Transport::Plaintext, Some("http")) => e,
+            (Transport::Tls { .. }, _) => {
+                return Err(ClientError::BadEndpoint(format!(
+                    "{endpoint} is not an https:// endpoint: TLS needs one"
+                )))
+            }
+            (Transport::Plaintext, _) => {
+                return Err(ClientError::BadEndpoint(format!(
+                    "{endpoint} is not an http:// endpoint: plaintext needs one"
+                )))
+            }
+        };
+        e.connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))
+    }
+}
+
+/// An error and its causes, as one line ("transport error" alone does not
+/// say that a certificate was refused).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
 /// A connection to one vault, pinned to its OPAQUE public key.
 #[derive(Debug, Clone)]
 pub struct VaultClient {
@@ -131,23 +196,41 @@ struct Login {
 }
 
 impl VaultClient {
-    /// Connects and checks the vault's suite and public key against the pin.
-    pub async fn connect(endpoint: &str, pinned: [u8; 33]) -> Result<Self, ClientError> {
-        let unreachable = |detail: String| ClientError::Unreachable {
-            endpoint: endpoint.to_owned(),
-            detail,
+    /// Connects over TLS to an `https://` endpoint whose certificate chains
+    /// to `ca_pem` (the fleet CA, PEM), and checks the vault's suite and
+    /// public key against the pin.
+    pub async fn connect_tls(
+        endpoint: &str,
+        ca_pem: &[u8],
+        pinned: [u8; 33],
+    ) -> Result<Self, ClientError> {
+        let transport = Transport::Tls {
+            ca_pem: ca_pem.to_vec(),
         };
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| unreachable(e.to_string()))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .connect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let mut rpc = PbClient::new(channel);
+        Self::connect(endpoint, &transport, pinned).await
+    }
+
+    /// Connects without TLS to an `http://` endpoint: development vaults
+    /// only (bearer tokens and OPAQUE messages travel in the clear).
+    pub async fn connect_plaintext(endpoint: &str, pinned: [u8; 33]) -> Result<Self, ClientError> {
+        Self::connect(endpoint, &Transport::Plaintext, pinned).await
+    }
+
+    /// Connects with `transport` and checks the vault's suite and public
+    /// key against the pin.
+    pub async fn connect(
+        endpoint: &str,
+        transport: &Transport,
+        pinned: [u8; 33],
+    ) -> Result<Self, ClientError> {
+        let mut rpc = PbClient::new(transport.channel(endpoint).await?);
         let info = rpc
             .get_info(pb::GetInfoRequest {})
             .await
-            .map_err(|e| unreachable(e.message().to_owned()))?
+            .map_err(|e| ClientError::Unreachable {
+                endpoint: endpoint.to_owned(),
+                detail: e.message().to_owned(),
+            })?
             .into_inner();
         if info.cipher_suite != SUITE_NAME {
             return Err(ClientError::WrongSuite(info.cipher_suite));

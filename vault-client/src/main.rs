@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, Context};
 use clap::{Args, Parser, Subcommand};
 use vault_client::backup::{self, BackupKey};
-use vault_client::{parse_pinned_key, ClientError, RecordStatus, VaultClient};
+use vault_client::{parse_pinned_key, ClientError, RecordStatus, Transport, VaultClient};
 use zeroize::Zeroizing;
 
 #[derive(Debug, Parser)]
@@ -24,9 +24,18 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct VaultArgs {
-    /// The vault's gRPC endpoint.
-    #[arg(long, env = "VAULT_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    /// The vault's gRPC endpoint: `https://HOST:PORT` (or `http://` with
+    /// --plaintext).
+    #[arg(long, env = "VAULT_ENDPOINT", default_value = "https://127.0.0.1:7700")]
     endpoint: String,
+    /// The CA certificate (PEM) the vault's TLS certificate must chain to
+    /// (a local fleet's: FLEET_DIR/tls/ca.pem).
+    #[arg(long, env = "VAULT_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Talk to an `http://` endpoint without TLS: development vaults only
+    /// (the bearer token and the OPAQUE messages cross in the clear).
+    #[arg(long, env = "VAULT_PLAINTEXT", conflicts_with = "ca_cert")]
+    plaintext: bool,
     /// The vault's published OPAQUE public key (hex); the client refuses any
     /// other vault.
     #[arg(long, env = "VAULT_PUBLIC_KEY")]
@@ -253,7 +262,34 @@ async fn connect(vault: &VaultArgs) -> anyhow::Result<VaultClient> {
         .ok_or_else(|| anyhow!("--vault-key (or VAULT_PUBLIC_KEY) is needed"))?;
     let pinned = std::fs::read_to_string(path)
         .with_context(|| format!("reading vault public key {}", path.display()))?;
-    Ok(VaultClient::connect(&vault.endpoint, parse_pinned_key(&pinned)?).await?)
+    let pinned = parse_pinned_key(&pinned)?;
+    let plaintext_endpoint = vault.endpoint.starts_with("http://");
+    let transport = match (&vault.ca_cert, vault.plaintext) {
+        (_, true) if plaintext_endpoint => Transport::Plaintext,
+        (_, true) => {
+            return Err(anyhow!(
+                "--plaintext needs an http:// endpoint, not {}",
+                vault.endpoint
+            ))
+        }
+        (_, false) if plaintext_endpoint => {
+            return Err(anyhow!(
+                "refusing to talk to {} without TLS: use an https:// endpoint with --ca-cert, \
+                 or --plaintext for a development vault",
+                vault.endpoint
+            ))
+        }
+        (Some(ca), false) => Transport::Tls {
+            ca_pem: std::fs::read(ca)
+                .with_context(|| format!("reading CA certificate {}", ca.display()))?,
+        },
+        (None, false) => {
+            return Err(anyhow!(
+                "--ca-cert (or VAULT_CA_CERT) is needed to check the vault's TLS certificate"
+            ))
+        }
+    };
+    Ok(VaultClient::connect(&vault.endpoint, &transport, pinned).await?)
 }
 
 /// Writes to `path` through a temporary file renamed into place on success,

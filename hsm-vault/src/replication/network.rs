@@ -4,7 +4,10 @@
 //! The MAC key is a domain key (the record-id key, under its own label), so
 //! only tokens that went through the cloning ceremony can produce or check
 //! it: a process that is not a member cannot vote, append or install
-//! snapshots, and cannot forge an answer.
+//! snapshots, and cannot forge an answer. Underneath, the messages travel
+//! over mutual TLS between the nodes' peer listeners ([`crate::tls`]): a
+//! message is taken only from the certificate of the node it names as its
+//! sender.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +34,7 @@ use super::{NodeId, TypeConfig};
 use crate::geo::{Geography, Route};
 use crate::partition::{MacKey, Partition, PartitionError};
 use crate::shard::GroupId;
+use crate::tls::{node_name, PeerCheck, PeerConnector};
 
 const REQUEST_LABEL: &[u8] = b"hsm-vault/v1/peer-request";
 const RESPONSE_LABEL: &[u8] = b"hsm-vault/v1/peer-response";
@@ -102,22 +106,37 @@ pub struct Network {
     pub channels: Channels,
 }
 
-/// Connections to peers, by address.
+/// Connections to peers' peer listeners (mutual TLS unless the node runs
+/// in plaintext), by node id and address.
 #[derive(Clone, Debug, Default)]
-pub struct Channels(Arc<std::sync::Mutex<std::collections::HashMap<String, Channel>>>);
+pub struct Channels {
+    connector: PeerConnector,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<(NodeId, String), Channel>>>,
+}
 
 impl Channels {
-    /// The connection to `addr`, made (lazily: it connects on first use,
-    /// and reconnects by itself after a failure) if there is none yet.
-    fn get(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        let mut channels = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
+    pub fn new(connector: PeerConnector) -> Self {
+        Channels {
+            connector,
+            open: Default::default(),
+        }
+    }
+
+    /// The connection to node `id` at `addr`, made (lazily: it connects on
+    /// first use, and reconnects by itself after a failure) if there is
+    /// none yet.
+    pub fn get(&self, id: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (id, addr.to_owned());
+        if let Some(c) = open.get(&key) {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())?
+        let channel = self
+            .connector
+            .endpoint(id, addr)?
             .connect_timeout(Duration::from_secs(1))
             .connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
+        open.insert(key, channel.clone());
         Ok(channel)
     }
 }
@@ -132,7 +151,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 from: self.id,
                 to: target,
             },
-            addr: format!("http://{}", node.addr),
+            addr: node.addr.clone(),
             partition: Arc::clone(&self.partition),
             geo: self.geo.clone(),
             channels: self.channels.clone(),
@@ -145,6 +164,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 #[derive(Debug)]
 pub struct PeerClient {
     hop: Hop,
+    /// The peer's peer listener (HOST:PORT).
     addr: String,
     partition: Arc<Partition>,
     geo: Geography,
@@ -207,7 +227,10 @@ impl PeerClient {
         )
         .map_err(|e| network(&e))?;
         if self.client.is_none() {
-            let channel = self.channels.get(&self.addr).map_err(|e| unreachable(&e))?;
+            let channel = self
+                .channels
+                .get(self.hop.to, &self.addr)
+                .map_err(|e| unreachable(&e))?;
             self.client = Some(
                 NodeClient::new(channel)
                     .max_decoding_message_size(MAX_RAFT_MESSAGE)
@@ -297,6 +320,9 @@ pub struct NodeService {
     /// While resyncing after a rollback: the log index to reach before this
     /// node votes again (its old votes were cast on a log it no longer has).
     pub resync_floor: Option<u64>,
+    /// Under mutual TLS: a message must come from the certificate of the
+    /// node it names as its sender.
+    pub peers: PeerCheck,
 }
 
 impl NodeService {
@@ -335,6 +361,8 @@ impl Node for NodeService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftResponse>, Status> {
+        let from = request.get_ref().from;
+        self.peers.require(&request, &node_name(from))?;
         let req = request.into_inner();
         if req.to != self.id {
             return Err(Status::failed_precondition(

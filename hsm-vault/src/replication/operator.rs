@@ -1,6 +1,9 @@
 //! The operator's API on a node: the source side of a cloning ceremony,
-//! membership changes, and the steps of moving slots between groups. Every request is signed by the operator's key and
-//! fresh (`vault_proto::operator`); nothing here reveals a secret.
+//! membership changes, and the steps of moving slots between groups. It is
+//! served on the peer listener: under mutual TLS only the operator's client
+//! certificate reaches it ([`crate::tls`]), and every request is also
+//! signed by the operator's key and fresh (`vault_proto::operator`);
+//! nothing here reveals a secret.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -20,6 +23,7 @@ use super::state_machine::StateMachine;
 use super::{Applied, Command, ExportedRecord, NodeId, TypeConfig};
 use crate::partition::{MacKey, Partition};
 use crate::shard::{GroupId, ShardMap};
+use crate::tls::{PeerCheck, OPERATOR_NAME};
 
 /// Body of `ExportKeys`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -109,6 +113,8 @@ pub struct OperatorService {
     /// The token's SO PIN file; without it this node cannot be a ceremony
     /// source.
     pub so_pin_file: Option<PathBuf>,
+    /// Under mutual TLS: only the operator's certificate may call.
+    pub peers: PeerCheck,
 }
 
 impl std::fmt::Debug for OperatorService {
@@ -118,11 +124,15 @@ impl std::fmt::Debug for OperatorService {
 }
 
 impl OperatorService {
+    /// The caller's certificate must be the operator's, then the request
+    /// must carry the operator's fresh signature.
     fn check<T: for<'de> Deserialize<'de>>(
         &self,
         kind: &str,
-        req: &pb::OperatorRequest,
+        request: &Request<pb::OperatorRequest>,
     ) -> Result<T, Status> {
+        self.peers.require(request, OPERATOR_NAME)?;
+        let req = request.get_ref();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -188,7 +198,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::OperatorReply>, Status> {
-        let body: ExportKeys = self.check("ExportKeys", request.get_ref())?;
+        let body: ExportKeys = self.check("ExportKeys", &request)?;
         let transport = hex::decode(&body.transport)
             .map_err(|_| Status::invalid_argument("transport key is not hex"))?;
         let so_pin_file = self.so_pin_file.clone().ok_or_else(|| {
@@ -214,7 +224,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::OperatorReply>, Status> {
-        let body: AddLearner = self.check("AddLearner", request.get_ref())?;
+        let body: AddLearner = self.check("AddLearner", &request)?;
         self.raft
             .add_learner(body.id, BasicNode::new(body.addr), true)
             .await
@@ -227,7 +237,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::OperatorReply>, Status> {
-        let body: ChangeMembership = self.check("ChangeMembership", request.get_ref())?;
+        let body: ChangeMembership = self.check("ChangeMembership", &request)?;
         if body.voters.is_empty() {
             return Err(Status::invalid_argument("a group needs at least one voter"));
         }
@@ -243,7 +253,7 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::OperatorReply>, Status> {
-        let step: Reshard = self.check("Reshard", request.get_ref())?;
+        let step: Reshard = self.check("Reshard", &request)?;
         match step {
             Reshard::Show => {
                 self.settled().await?;

@@ -1,0 +1,463 @@
+//! TLS on the wire: the client API over TLS (the node's certificate checked
+//! against the fleet CA), the peer listener — node-to-node API, operator API,
+//! forwarded requests — over mutual TLS, where only certificates of the
+//! fleet CA get through the handshake and each API takes only the
+//! certificate of its caller (`operator`, `node-<id>`). Plaintext only when
+//! asked for by name.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use vault_client::backup::BackupKey;
+use vault_client::{ClientError, VaultClient};
+use vault_e2e::{bin, fleet_tool, free_ports, peer_channel, Certs, FleetDown, VaultNode};
+use vault_proto::vault::node::v1 as node_pb;
+use vault_proto::vault::node::v1::node_client::NodeClient;
+use vault_proto::vault::node::v1::operator_client::OperatorClient;
+
+const PASSWORD: &[u8] = b"correct horse battery staple";
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn ca_pem(node: &VaultNode) -> Vec<u8> {
+    std::fs::read(node.certs().expect("a TLS node").ca()).expect("CA")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn tls_client_registers_and_recovers_a_key_over_tls() {
+    let node = VaultNode::start_tls("tls-one");
+    assert!(node.endpoint().starts_with("https://"));
+    let key = BackupKey::generate();
+    let mut client = VaultClient::connect_tls(&node.endpoint(), &ca_pem(&node), node.pinned_key())
+        .await
+        .expect("TLS client connects");
+    client
+        .register_key(b"tess", &node.bearer("tess"), PASSWORD, &key, 0)
+        .await
+        .expect("register over TLS");
+    match client.recover_key(b"tess", b"wrong").await {
+        Err(ClientError::WrongPassword { guesses_remaining }) => assert_eq!(guesses_remaining, 9),
+        other => panic!("a wrong guess is charged over TLS too: {other:?}"),
+    }
+    let got = client
+        .recover_key(b"tess", PASSWORD)
+        .await
+        .expect("recover over TLS");
+    assert_eq!(got.0, key.0);
+
+    // The CLI over TLS, with the CA from VAULT_CA_CERT.
+    let mut recover = node.cli();
+    recover.args(["key", "recover", "--account", "tess", "--password-stdin"]);
+    let out = vault_e2e::run_with_stdin(recover, "correct horse battery staple\n");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        key.to_hex().as_str()
+    );
+
+    // The server's private key never shows in the node's log.
+    let log = std::fs::read_to_string(node.log_path()).expect("log");
+    let key_pem = std::fs::read_to_string(node.certs().expect("certs").server(1).1).expect("key");
+    let body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    assert!(!log.contains(&body[..32]), "TLS key material in the log");
+}
+
+#[tokio::test]
+async fn tls_client_without_the_fleet_ca_or_over_plaintext_is_refused() {
+    let node = VaultNode::start_tls("tls-refuse");
+    let endpoint = node.endpoint();
+    let other = tempfile::tempdir().expect("dir");
+    let other_ca = Certs::issue(&other.path().join("tls"), &[1]);
+
+    // A CA that did not issue the node's certificate.
+    let pem = std::fs::read(other_ca.ca()).expect("CA");
+    match VaultClient::connect_tls(&endpoint, &pem, node.pinned_key()).await {
+        Err(ClientError::Unreachable { detail, .. }) => {
+            assert!(detail.contains("certificate"), "{detail}")
+        }
+        other => panic!("a vault certificate from an unknown CA is refused: {other:?}"),
+    }
+    // Plaintext to the TLS port gets no answer.
+    let plain = endpoint.replace("https://", "http://");
+    assert!(matches!(
+        VaultClient::connect_plaintext(&plain, node.pinned_key()).await,
+        Err(ClientError::Unreachable { .. })
+    ));
+    // TLS is never downgraded to an http:// endpoint.
+    assert!(matches!(
+        VaultClient::connect_tls(&plain, &ca_pem(&node), node.pinned_key()).await,
+        Err(ClientError::BadEndpoint(_))
+    ));
+
+    // The CLI: an http:// endpoint without --plaintext, https without a CA,
+    // and the wrong CA.
+    let recover = |endpoint: &str, ca: Option<&Path>| {
+        let mut c = Command::new(bin("vault"));
+        c.env("VAULT_ENDPOINT", endpoint)
+            .env("VAULT_PUBLIC_KEY", node.public_key_path())
+            .args(["key", "recover", "--account", "x", "--password-stdin"]);
+        if let Some(ca) = ca {
+            c.env("VAULT_CA_CERT", ca);
+        }
+        vault_e2e::run_with_stdin(c, "pw\n")
+    };
+    let out = recover(&plain, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("without TLS"), "{}", stderr(&out));
+    let out = recover(&endpoint, None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--ca-cert"), "{}", stderr(&out));
+    let out = recover(&endpoint, Some(&other_ca.ca()));
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("vault unreachable"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Starts `hsm-vault` with `args` on a throwaway identity key and PIN and
+/// returns its output once it exits (it must refuse to start).
+fn refused_start(args: &[String]) -> String {
+    let work = tempfile::tempdir().expect("dir");
+    let identity = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    let public = hex::encode(identity.verifying_key().to_encoded_point(true).as_bytes());
+    std::fs::write(work.path().join("identity.pub"), public).expect("identity");
+    let mut child = Command::new(bin("hsm-vault"))
+        .env("HSM_VAULT_PIN", "0000")
+        .arg("--listen=127.0.0.1:0")
+        .arg(format!("--data-dir={}", work.path().join("data").display()))
+        .arg("--token-label=none")
+        .arg(format!(
+            "--auth-public-key={}",
+            work.path().join("identity.pub").display()
+        ))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let start = Instant::now();
+    while child.try_wait().expect("poll").is_none() {
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            panic!("the node started without its TLS material");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(!out.status.success());
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening on"),
+        "it must not listen"
+    );
+    stderr(&out)
+}
+
+#[test]
+fn tls_node_refuses_to_start_without_certificates_unless_plaintext() {
+    let err = refused_start(&[]);
+    assert!(
+        err.contains("no TLS certificate") && err.contains("--plaintext"),
+        "{err}"
+    );
+    // A group member also needs the fleet CA and its client certificate.
+    let certs_dir = tempfile::tempdir().expect("dir");
+    let certs = Certs::issue(certs_dir.path(), &[1]);
+    let (cert, key) = certs.server(1);
+    let err = refused_start(&[
+        "--node-id=1".into(),
+        "--peers=1=127.0.0.1:1".into(),
+        "--peer-listen=127.0.0.1:1".into(),
+        format!("--tls-cert={}", cert.display()),
+        format!("--tls-key={}", key.display()),
+    ]);
+    assert!(err.contains("mutual TLS"), "{err}");
+    // --plaintext and TLS material do not mix.
+    let err = refused_start(&[
+        "--plaintext".into(),
+        format!("--tls-cert={}", cert.display()),
+    ]);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+/// A one-node fleet made by `fleet up` (TLS, operator API enabled).
+struct OneNode {
+    /// Dropped first (fields drop in order): `fleet down` needs the
+    /// directory's state.
+    _down: FleetDown,
+    dir: PathBuf,
+    peer_addr: String,
+    _work: tempfile::TempDir,
+}
+
+impl OneNode {
+    fn up() -> OneNode {
+        let work = tempfile::tempdir().expect("dir");
+        let dir = work.path().join("fleet");
+        let ports = free_ports(2);
+        let fleet_file = work.path().join("fleet.toml");
+        let peer_addr = format!("127.0.0.1:{}", ports[1]);
+        std::fs::write(
+            &fleet_file,
+            format!(
+                "[fleet]\nname = \"t\"\n[[region]]\nname = \"eu\"\n[[node]]\nid = 1\nregion = \"eu\"\n\
+                 addr = \"127.0.0.1:{}\"\npeer_addr = \"{peer_addr}\"\n",
+                ports[0]
+            ),
+        )
+        .expect("fleet file");
+        let down = FleetDown(dir.clone());
+        let up = fleet_tool(
+            &dir,
+            &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+        );
+        assert!(up.status.success(), "{}", stderr(&up));
+        OneNode {
+            _down: down,
+            dir,
+            peer_addr,
+            _work: work,
+        }
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.join("tls/ca.pem")
+    }
+
+    fn operator_cert(&self) -> (PathBuf, PathBuf) {
+        let d = self.dir.join("tls/operator");
+        (d.join("client.pem"), d.join("client.key"))
+    }
+
+    fn node_cert(&self) -> (PathBuf, PathBuf) {
+        let d = self.dir.join("tls/node-1");
+        (d.join("client.pem"), d.join("client.key"))
+    }
+
+    /// `Reshard::Show`, signed by the operator's key: a valid request.
+    fn signed_show(&self) -> node_pb::OperatorRequest {
+        let text = std::fs::read_to_string(self.dir.join("operator/operator.key")).expect("key");
+        let key = vault_proto::token::parse_signing_key(&text).expect("operator key");
+        let issued_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let body = br#""Show""#.to_vec();
+        node_pb::OperatorRequest {
+            issued_at,
+            signature: vault_proto::operator::sign(&key, "Reshard", issued_at, &body),
+            body,
+        }
+    }
+
+    /// The operator API's answer to a valid signed request, reached with
+    /// `client` (certificate and key) or none; retried while the group
+    /// elects itself.
+    async fn operator_call(&self, client: Option<&(PathBuf, PathBuf)>) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let result = async {
+                let channel = peer_channel(&self.ca(), client, 1, &self.peer_addr).await?;
+                OperatorClient::new(channel)
+                    .reshard(self.signed_show())
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+            }
+            .await;
+            match result {
+                Err(e) if e.contains("not the group's leader") && start.elapsed() < DEADLINE => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A Raft message from node `from` (with a MAC that cannot verify),
+    /// sent with `client` (certificate and key) or none.
+    /// With node 1's own certificate, a Raft message from node 1 goes
+    /// through TLS and the certificate check to the token MAC check, which
+    /// refuses its made-up MAC.
+    async fn node_api_reachable_with_the_node_certificate(&self) {
+        let (code, e) = self
+            .raft_call(Some(&self.node_cert()), 1)
+            .await
+            .expect_err("a made-up MAC");
+        assert_eq!(code, Some(Code::Unauthenticated), "{e}");
+        assert!(e.contains("MAC does not verify"), "{e}");
+    }
+
+    async fn raft_call(
+        &self,
+        client: Option<&(PathBuf, PathBuf)>,
+        from: u64,
+    ) -> Result<(), (Option<Code>, String)> {
+        let channel = peer_channel(&self.ca(), client, 1, &self.peer_addr)
+            .await
+            .map_err(|e| (None, e))?;
+        NodeClient::new(channel)
+            .raft(node_pb::RaftRequest {
+                kind: "vote".into(),
+                group: 1,
+                from,
+                to: 1,
+                payload: b"{}".to_vec(),
+                mac: vec![0; 32],
+                nonce: vec![0; 16],
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| (Some(s.code()), s.message().to_owned()))
+    }
+}
+
+/// A refusal in the TLS handshake: the call never reached a service (so no
+/// status a service sends). Each test first shows that the same call with
+/// a valid certificate does reach it, so the refusal is the certificate's.
+fn refused_in_handshake(e: &str) {
+    for service_word in ["PermissionDenied", "Unauthenticated", "signature", "leader"] {
+        assert!(!e.contains(service_word), "reached the service: {e}");
+    }
+}
+
+#[tokio::test]
+async fn tls_operator_api_refuses_a_client_without_a_certificate() {
+    let fleet = OneNode::up();
+    // The same signed request works with the operator's certificate...
+    fleet
+        .operator_call(Some(&fleet.operator_cert()))
+        .await
+        .expect("the operator's certificate is accepted");
+    // ...and never gets through without one.
+    let e = fleet
+        .operator_call(None)
+        .await
+        .expect_err("no client certificate, no operator API");
+    refused_in_handshake(&e);
+}
+
+#[tokio::test]
+async fn tls_operator_api_refuses_a_certificate_from_another_ca() {
+    let fleet = OneNode::up();
+    fleet
+        .operator_call(Some(&fleet.operator_cert()))
+        .await
+        .expect("the operator's certificate is accepted");
+    let other = tempfile::tempdir().expect("dir");
+    let stranger = Certs::issue(&other.path().join("tls"), &[1]);
+    for cert in [stranger.operator(), stranger.client(1)] {
+        let e = fleet
+            .operator_call(Some(&cert))
+            .await
+            .expect_err("a certificate of another CA is refused");
+        refused_in_handshake(&e);
+    }
+}
+
+#[tokio::test]
+async fn tls_operator_api_accepts_only_the_operator_certificate() {
+    let fleet = OneNode::up();
+    let e = fleet
+        .operator_call(Some(&fleet.node_cert()))
+        .await
+        .expect_err("a node's certificate is not the operator's");
+    assert!(e.starts_with("PermissionDenied"), "{e}");
+    fleet
+        .operator_call(Some(&fleet.operator_cert()))
+        .await
+        .expect("the operator's certificate is accepted");
+}
+
+#[tokio::test]
+async fn tls_node_api_refuses_a_client_without_a_certificate() {
+    let fleet = OneNode::up();
+    fleet.node_api_reachable_with_the_node_certificate().await;
+    let (code, e) = fleet
+        .raft_call(None, 1)
+        .await
+        .expect_err("no client certificate, no node API");
+    assert_ne!(code, Some(Code::Unauthenticated), "{e}");
+    refused_in_handshake(&e);
+    assert!(!e.contains("MAC"), "reached the service: {e}");
+}
+
+#[tokio::test]
+async fn tls_node_api_refuses_a_certificate_from_another_ca() {
+    let fleet = OneNode::up();
+    fleet.node_api_reachable_with_the_node_certificate().await;
+    let other = tempfile::tempdir().expect("dir");
+    let stranger = Certs::issue(&other.path().join("tls"), &[1]);
+    let (_, e) = fleet
+        .raft_call(Some(&stranger.client(1)), 1)
+        .await
+        .expect_err("a node certificate of another CA is refused");
+    refused_in_handshake(&e);
+    assert!(!e.contains("MAC"), "reached the service: {e}");
+}
+
+#[tokio::test]
+async fn tls_node_api_accepts_only_the_certificate_of_the_sending_node() {
+    let fleet = OneNode::up();
+    // node-1's certificate, a message from node 1: through TLS and the
+    // certificate check, then refused by the token MAC check (the MAC is
+    // made up) — the two layers stand on their own.
+    fleet.node_api_reachable_with_the_node_certificate().await;
+    // node-1's certificate claiming to be node 2, or the operator's.
+    for (cert, from) in [(fleet.node_cert(), 2), (fleet.operator_cert(), 1)] {
+        let (code, e) = fleet
+            .raft_call(Some(&cert), from)
+            .await
+            .expect_err("not this sender's certificate");
+        assert_eq!(code, Some(Code::PermissionDenied), "{e}");
+    }
+}
+
+/// A replica group over mutual TLS (fixtures): registrations through every
+/// node, each forwarded to the leader over the peer listeners, recovered
+/// through another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_replica_group_replicates_and_forwards_over_mutual_tls() {
+    let nodes = vault_e2e::start_tls_fleet(&[3], "tls-group");
+    for (i, node) in nodes.iter().enumerate() {
+        assert!(node.endpoint().starts_with("https://"));
+        let account = format!("acct-{i}");
+        let key = BackupKey::generate();
+        let token = node.bearer(&account);
+        let start = Instant::now();
+        loop {
+            let done = async {
+                node.client()
+                    .await
+                    .register_key(account.as_bytes(), &token, PASSWORD, &key, 0)
+                    .await
+            }
+            .await;
+            match done {
+                Ok(_) => break,
+                Err(e) if start.elapsed() < DEADLINE => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("register through node {}: {e}", i + 1),
+            }
+        }
+        let other = &nodes[(i + 1) % nodes.len()];
+        let got = other
+            .client()
+            .await
+            .recover_key(account.as_bytes(), PASSWORD)
+            .await
+            .expect("recover through another node");
+        assert_eq!(got.0, key.0);
+    }
+}
