@@ -13,6 +13,7 @@ use hsm_vault::backend::{Backend, Replica};
 use hsm_vault::geo::Geography;
 use hsm_vault::partition::Partition;
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
+use hsm_vault::replication::network::Channels;
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::replication::{raft_config, Flush, NodeId, TypeConfig};
 use hsm_vault::service::VaultService;
@@ -431,6 +432,7 @@ impl<'a> World<'a> {
                 sm.clone(),
                 Geography::new(id, None, None),
                 BTreeMap::new(),
+                Channels::default(),
             )
         };
         let service = VaultService::new(
