@@ -161,6 +161,15 @@ enum Cmd {
     },
     /// Stop every node of the fleet (SIGTERM).
     Down,
+    /// Verify and export the nodes' audit trails (security events chained
+    /// by token MACs): JSON lines, each with its node, or a table.
+    Audit {
+        /// Only this node (default: every node).
+        #[arg(long)]
+        node: Option<u64>,
+        #[arg(long)]
+        table: bool,
+    },
 }
 
 /// What `fleet up` knows about the fleet, kept in `DIR/state.json`.
@@ -1171,5 +1180,49 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::StopNode { id, kill } => down(&cli.dir, Some(id), kill),
         Cmd::Down => down(&cli.dir, None, false),
+        Cmd::Audit { node, table } => audit(&cli.dir, node, table),
     }
+}
+
+/// Runs `vault-audit` (beside this binary) on each node's trail with that
+/// node's token; fails if any chain does not verify.
+fn audit(dir: &Path, only: Option<u64>, table: bool) -> anyhow::Result<()> {
+    let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
+    let tool = std::env::current_exe()?
+        .parent()
+        .context("no directory for this binary")?
+        .join("vault-audit");
+    let mut broken = Vec::new();
+    for (id, node) in &state.nodes {
+        if only.is_some_and(|o| o != *id) {
+            continue;
+        }
+        let node_dir = dir.join(format!("node-{id}"));
+        let mut cmd = std::process::Command::new(&tool);
+        cmd.env("SOFTHSM2_CONF", &state.softhsm_conf)
+            .arg("--log")
+            .arg(node_dir.join("data/audit.log"))
+            .arg("--token-label")
+            .arg(&node.label)
+            .arg("--pin-file")
+            .arg(node_dir.join("user.pin"));
+        if table {
+            cmd.arg("--table");
+        }
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", tool.display()))?;
+        println!(
+            "# node {id}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            broken.push(*id);
+        }
+    }
+    if !broken.is_empty() {
+        bail!("the audit trail of node(s) {broken:?} does not verify");
+    }
+    Ok(())
 }

@@ -9,10 +9,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod core;
 pub mod geo;
+pub mod limits;
 pub mod partition;
 pub mod replication;
 pub mod service;

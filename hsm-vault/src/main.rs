@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use hsm_vault::audit::AuditLog;
 use hsm_vault::auth::Authorizer;
 use hsm_vault::backend::Backend;
 use hsm_vault::backend::Replica;
 use hsm_vault::geo::{FleetFile, Geography};
+use hsm_vault::limits::{Limits, Rate};
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::{Channels, Network, NodeService, MAX_RAFT_MESSAGE};
@@ -133,6 +135,55 @@ struct Args {
     /// snapshot.
     #[arg(long, env = "HSM_VAULT_SNAPSHOT_EVERY", default_value_t = 5000)]
     snapshot_every: u64,
+    /// The audit trail: security events, chained by token MACs (default:
+    /// `audit.log` in --data-dir). `vault-audit` verifies and exports it.
+    #[arg(long, env = "HSM_VAULT_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Recovery starts allowed per account: `BURST/PER_MINUTE` (a burst,
+    /// then a steady rate), or `off`. Over it: RESOURCE_EXHAUSTED with a
+    /// retry hint.
+    #[arg(
+        long,
+        env = "HSM_VAULT_RECOVERY_LIMIT_ACCOUNT",
+        default_value = "20/10"
+    )]
+    recovery_limit_account: RateArg,
+    /// Recovery starts allowed per client address: `BURST/PER_MINUTE`, or
+    /// `off`.
+    #[arg(
+        long,
+        env = "HSM_VAULT_RECOVERY_LIMIT_ADDRESS",
+        default_value = "2000/1200"
+    )]
+    recovery_limit_address: RateArg,
+}
+
+/// A rate limit on the command line: `BURST/PER_MINUTE` or `off`.
+#[derive(Clone, Copy, Debug)]
+struct RateArg(Option<Rate>);
+
+impl std::str::FromStr for RateArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(RateArg(None));
+        }
+        let (burst, per_minute) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected BURST/PER_MINUTE or off, got {s:?}"))?;
+        let number = |t: &str| {
+            t.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| format!("{t:?} is not a positive whole number"))
+        };
+        Ok(RateArg(Some(Rate {
+            burst: number(burst)?,
+            per_minute: number(per_minute)?,
+        })))
+    }
 }
 
 /// Parses `ID=HOST:PORT,...`.
@@ -252,6 +303,17 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     })
     .await?
     .context("opening the PKCS#11 partition (a node of a group needs the domain keys from the cloning ceremony)")?;
+    let audit_path = args
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("audit.log"));
+    if let Some(dir) = audit_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let audit = Arc::new(
+        AuditLog::open(&audit_path, args.node_id.unwrap_or(0), partition.clone())
+            .with_context(|| format!("opening the audit trail {}", audit_path.display()))?,
+    );
 
     let shard_map = fleet
         .as_ref()
@@ -335,6 +397,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                         .context("operator public key must be a hex SEC1 P-256 point")?,
                     user_pin: Arc::clone(&user_pin),
                     so_pin_file: args.so_pin_file.clone(),
+                    audit: Some(Arc::clone(&audit)),
                     peers: peer_check,
                 });
             }
@@ -369,7 +432,12 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     };
     // The PIN stays in memory only for a node that may be a ceremony source.
     drop(user_pin);
-    let service = VaultService::new(partition, backend, Authorizer::new(auth_key))?;
+    let service = VaultService::new(partition, backend, Authorizer::new(auth_key))?
+        .with_limits(Limits {
+            per_account: args.recovery_limit_account.0,
+            per_address: args.recovery_limit_address.0,
+        })
+        .with_audit(audit);
     let public_hex = hex::encode(service.server_public_key());
     if let Some(path) = &args.publish_key {
         std::fs::write(path, format!("{public_hex}\n"))

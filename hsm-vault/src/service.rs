@@ -18,10 +18,12 @@ use vault_proto::suite::{
 use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_server::Vault;
 
+use crate::audit::{AuditLog, Event};
 use crate::auth::Authorizer;
 use crate::backend::{Backend, Hop};
 use crate::core::record::Stored;
 use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
+use crate::limits::{Limits, RecoveryLimits, Throttled};
 use crate::partition::{Partition, PartitionSession};
 use crate::shard::GroupId;
 use crate::store::Write;
@@ -109,6 +111,8 @@ struct Inner {
     backend: Backend,
     auth: Authorizer,
     stripes: Vec<Mutex<()>>,
+    limits: RecoveryLimits,
+    audit: Option<Arc<AuditLog>>,
 }
 
 /// The client API service.
@@ -166,8 +170,34 @@ impl VaultService {
                 backend,
                 auth,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                limits: RecoveryLimits::new(Limits::default()),
+                audit: None,
             }),
         })
+    }
+
+    /// Rate limits on recovery starts (the defaults otherwise). Call before
+    /// the service is cloned.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.limits = RecoveryLimits::new(limits);
+        }
+        self
+    }
+
+    /// Records security events in `audit`. Call before the service is
+    /// cloned.
+    pub fn with_audit(mut self, audit: Arc<AuditLog>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.audit = Some(audit);
+        }
+        self
+    }
+
+    fn audit(&self, event: Event) {
+        if let Some(log) = &self.inner.audit {
+            log.record(event);
+        }
     }
 
     pub fn server_public_key(&self) -> [u8; 33] {
@@ -265,8 +295,34 @@ impl VaultService {
             Finish::WrongPassword { .. } | Finish::Locked => {}
         }
         tracing::info!(record = %id, outcome = finish_name(&outcome), "login finished");
+        let record = Event::record(&id);
+        match &outcome {
+            Finish::Recovered { .. } => self.audit(Event::Recovered { record }),
+            Finish::Delete => self.audit(Event::Deleted { record }),
+            Finish::Lock { .. } => self.audit(Event::Locked { record }),
+            Finish::WrongPassword { guesses_remaining } => self.audit(Event::WrongPassword {
+                record,
+                guesses_remaining: *guesses_remaining,
+            }),
+            Finish::Locked => {}
+        }
         Ok(outcome)
     }
+}
+
+/// RESOURCE_EXHAUSTED with a retry hint: in the message, and in seconds in
+/// the `retry-after` metadata entry.
+fn throttled(t: Throttled) -> Status {
+    let secs = t.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    tracing::debug!(scope = t.scope, secs, "recovery start throttled");
+    let mut status = Status::resource_exhausted(format!(
+        "too many recovery attempts for this {}; retry in {secs} s",
+        t.scope
+    ));
+    status
+        .metadata_mut()
+        .insert("retry-after", tonic::metadata::MetadataValue::from(secs));
+    status
 }
 
 fn finish_name(f: &Finish) -> &'static str {
@@ -346,6 +402,10 @@ impl Vault for VaultService {
         self.commit(seq, Write::Put(id, sealed), stored.index)
             .await?;
         tracing::info!(record = %id, max_guesses, "registered");
+        self.audit(Event::Registered {
+            record: Event::record(&id),
+            max_guesses,
+        });
         Ok(Response::new(pb::RegisterFinishResponse {
             max_guesses: u32::from(max_guesses),
         }))
@@ -355,10 +415,18 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RecoverStartRequest>,
     ) -> Result<Response<pb::RecoverStartResponse>, Status> {
+        if request.metadata().get(FORWARDED).is_none() {
+            // Straight from a client (the client listener drops the mark).
+            let ip = request.remote_addr().map(|a| a.ip());
+            self.inner.limits.address(ip).map_err(throttled)?;
+        }
         let (id, group) = self.locate(&request.get_ref().account_id).await?;
         route!(self, request, group, recover_start);
         let req = request.into_inner();
         check_opaque("ke1", &req.ke1)?;
+        // On the node serving the record: before anything is read or
+        // charged, so a refused start costs no guess.
+        self.inner.limits.account(&id.0).map_err(throttled)?;
         let _guard = self.stripe(&id).lock().await;
         let stored = self.stored(&id)?;
         let seq = self.reserve(&stored);
@@ -375,6 +443,10 @@ impl Vault for VaultService {
                 let challenge = self
                     .with_token(move |core, t| core.evaluate(t, ticket, &write, Instant::now()))?;
                 tracing::info!(record = %id, remaining = challenge.guesses_remaining, "guess charged");
+                self.audit(Event::GuessCharged {
+                    record: Event::record(&id),
+                    guesses_remaining: challenge.guesses_remaining,
+                });
                 pb::recover_start_response::Outcome::Challenge(pb::Challenge {
                     login_id: wire_login(group, &challenge.login_id),
                     ke2: challenge.ke2,
@@ -384,6 +456,9 @@ impl Vault for VaultService {
             Charge::Lock { write } => {
                 self.commit(seq, Write::Put(id, write), expect).await?;
                 tracing::info!(record = %id, "guess limit reached: record locked");
+                self.audit(Event::Locked {
+                    record: Event::record(&id),
+                });
                 pb::recover_start_response::Outcome::Locked(locked())
             }
             Charge::Locked => {

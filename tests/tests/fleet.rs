@@ -305,6 +305,30 @@ fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
     assert!(out.contains("voters are now {1, 2, 3}"), "{out}");
     settled(&dir, 3);
     recover_through(3);
+
+    // The enrolment and the membership changes are in the audit trails
+    // (every trail verifies in its node's token), and no account id is.
+    let out = fleet(&dir, &["audit"]);
+    let audit = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{audit}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for event in [
+        "node_enrolled",
+        "learner_added",
+        "membership_changed",
+        "registered",
+        "guess_charged",
+        "recovered",
+    ] {
+        assert!(
+            audit.contains(&format!("\"event\":\"{event}\"")),
+            "no {event} in the trails:\n{audit}"
+        );
+    }
+    assert!(!audit.contains("kim"), "{audit}");
 }
 
 /// Operator requests must carry the operator's signature: a forged one is

@@ -123,6 +123,16 @@ impl RunArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The load generator is one address recovering a few thousand accounts
+    // as fast as it can: exactly what the vault's rate limits refuse. The
+    // nodes it starts inherit this and run without them (the benchmark
+    // measures the vault's work, not its throttling).
+    for limit in [
+        "HSM_VAULT_RECOVERY_LIMIT_ACCOUNT",
+        "HSM_VAULT_RECOVERY_LIMIT_ADDRESS",
+    ] {
+        std::env::set_var(limit, "off");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

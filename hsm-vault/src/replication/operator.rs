@@ -5,6 +5,7 @@
 //! signed by the operator's key and fresh (`vault_proto::operator`);
 //! nothing here reveals a secret.
 
+use crate::audit::Event;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -115,6 +116,8 @@ pub struct OperatorService {
     pub so_pin_file: Option<PathBuf>,
     /// Under mutual TLS: only the operator's certificate may call.
     pub peers: PeerCheck,
+    /// Where enrolments, membership changes and slot moves are recorded.
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl std::fmt::Debug for OperatorService {
@@ -152,6 +155,12 @@ impl OperatorService {
 }
 
 impl OperatorService {
+    fn audit(&self, event: Event) {
+        if let Some(log) = &self.audit {
+            log.record(event);
+        }
+    }
+
     /// Commits `command` through this node, which must lead its group.
     async fn propose(&self, command: Command) -> Result<(), Status> {
         match self.raft.client_write(command).await {
@@ -201,6 +210,7 @@ impl Operator for OperatorService {
         let body: ExportKeys = self.check("ExportKeys", &request)?;
         let transport = hex::decode(&body.transport)
             .map_err(|_| Status::invalid_argument("transport key is not hex"))?;
+        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&transport));
         let so_pin_file = self.so_pin_file.clone().ok_or_else(|| {
             Status::failed_precondition("this node has no SO PIN: it cannot be a ceremony source")
         })?;
@@ -217,6 +227,9 @@ impl Operator for OperatorService {
         .map_err(|_| Status::internal("worker failed"))?
         .map_err(|e| Status::failed_precondition(format!("ceremony failed: {e}")))?;
         tracing::info!("domain keys exported for an operator-vouched transport key");
+        self.audit(Event::NodeEnrolled {
+            transport_key_sha256: fingerprint,
+        });
         reply(&package)
     }
 
@@ -230,6 +243,7 @@ impl Operator for OperatorService {
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         tracing::info!(node = body.id, "learner added");
+        self.audit(Event::LearnerAdded { learner: body.id });
         reply(&"ok")
     }
 
@@ -246,6 +260,9 @@ impl Operator for OperatorService {
             .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         tracing::info!(voters = ?body.voters, "membership changed");
+        self.audit(Event::MembershipChanged {
+            voters: body.voters.iter().copied().collect(),
+        });
         reply(&"ok")
     }
 
@@ -269,6 +286,9 @@ impl Operator for OperatorService {
                     version = map.version,
                     "slots frozen for a move out of this group"
                 );
+                self.audit(Event::SlotsMoved {
+                    step: format!("frozen for map version {}", map.version),
+                });
                 reply(&"ok")
             }
             Reshard::Export { map } => {
@@ -320,11 +340,17 @@ impl Operator for OperatorService {
                     .await?;
                 }
                 tracing::info!(version = map.version, records = count, "slots imported");
+                self.audit(Event::SlotsMoved {
+                    step: format!("{count} records imported for map version {}", map.version),
+                });
                 reply(&"ok")
             }
             Reshard::Adopt { map } => {
                 self.propose(Command::AdoptMap { map: map.clone() }).await?;
                 tracing::info!(version = map.version, "shard map adopted");
+                self.audit(Event::SlotsMoved {
+                    step: format!("map version {} adopted", map.version),
+                });
                 reply(&"ok")
             }
         }
