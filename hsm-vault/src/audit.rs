@@ -11,9 +11,10 @@
 //! computed inside the token. Whoever holds the file but not the token can
 //! neither change nor remove an entry in the middle, nor insert one, without
 //! the chain failing to verify ([`verify`]; `vault-audit` runs it). Entries
-//! cut off the end are not detectable from the file alone: the export shows
-//! the last sequence number, which the operator compares with what the
-//! node reports.
+//! cut off the end, or the whole file deleted (the node then starts a new
+//! chain at 1), are not detectable from the file alone: the export shows
+//! the last sequence number, which the operator compares with the previous
+//! export.
 
 use std::io::{BufRead, Write as _};
 use std::path::{Path, PathBuf};

@@ -3,8 +3,10 @@
 //!
 //! They come before anything is read or charged, so a refused start costs
 //! no guess. The attempt limit (invariant 2) does not depend on them: they
-//! slow down guessing across many accounts, lockout griefing and load from
-//! one address. Each node keeps its own buckets (in memory): the account
+//! slow down guessing across many accounts and load from one address. They
+//! do not stop someone who knows an account id from spending its guesses
+//! (the per-account burst is above the guess limit, so a real user's
+//! retries are never throttled first). Each node keeps its own buckets (in memory): the account
 //! buckets live on the node serving the record (its group's leader), the
 //! address buckets on the node the client connected to.
 
