@@ -462,10 +462,17 @@ impl Vault for VaultService {
                 pb::recover_start_response::Outcome::Locked(locked())
             }
             Charge::Locked => {
-                // No write backs this answer: make sure the lock is current
-                // (not a deposed leader's view of a record since
-                // re-registered).
+                // No write backs this answer: make sure the lock is current.
+                // The record was read before this node confirmed that it
+                // leads and has applied everything committed; a new leader
+                // may have read it before applying a registration that
+                // replaced the lock. So read it again after confirming.
                 self.inner.backend.confirm().await?;
+                if self.stored(&id)?.index != expect {
+                    return Err(Status::aborted(
+                        "the record changed while this request ran; retry",
+                    ));
+                }
                 pb::recover_start_response::Outcome::Locked(locked())
             }
         };

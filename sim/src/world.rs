@@ -765,28 +765,58 @@ impl<'a> World<'a> {
                 }
             }
         }
-        let mut rng = StdRng::seed_from_u64(0);
         for account in 0..self.opts.accounts {
-            let Some(target) = self.shared.target(&mut rng) else {
-                break;
-            };
+            // The leader may still move after converging: ask it, and again
+            // (for up to 5 s) while the answer is "unavailable".
             let token = bearer(&self.fx.issuer, account);
-            match act(&target, account, Action::Status, &token, false).await {
-                Ok(seen) => {
+            let mut last = None;
+            for _ in 0..20 {
+                let Some(target) = self.leader_target() else {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                };
+                match act(&target, account, Action::Status, &token, false).await {
+                    Ok(seen) if seen.iter().all(|(_, s)| *s == Seen::Unknown) => {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    other => {
+                        last = Some(other);
+                        break;
+                    }
+                }
+            }
+            match last {
+                Some(Ok(seen)) => {
                     for (op, s) in seen {
-                        if s == Seen::Unknown {
-                            self.shared.fail(format!(
-                                "account {account}: no status from the healed group"
-                            ));
-                        }
                         self.shared.check(account, op, s);
                     }
                 }
-                Err(e) => self
+                Some(Err(e)) => self
                     .shared
                     .fail(format!("account {account}: final status: {e}")),
+                None => self.shared.fail(format!(
+                    "account {account}: no status from the healed group in 5 s"
+                )),
             }
         }
+    }
+
+    /// The node that leads now (the highest term among those that say so).
+    fn leader_target(&self) -> Option<Target> {
+        let leader = self
+            .nodes
+            .iter()
+            .filter_map(|(id, p)| match p {
+                Place::Up(n) => {
+                    let m = n.raft.metrics().borrow().clone();
+                    (m.state == ServerState::Leader).then_some((m.current_term, *id))
+                }
+                Place::Down(_) => None,
+            })
+            .max()?;
+        lock(&self.shared.targets)
+            .get(&leader.1)
+            .map(|(t, _)| t.clone())
     }
 
     async fn run(&mut self) {
