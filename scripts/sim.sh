@@ -24,7 +24,7 @@ for ((j = 0; j < jobs; j++)); do
   n=$per
   if (( first + n - 1 > seeds )); then n=$(( seeds - first + 1 )); fi
   (( n > 0 )) || continue
-  ./target/release/vault-sim --first "$first" --seeds "$n" --sum-lines \
+  ./target/release/vault-sim --first "$first" --seeds "$n" --sum-lines --keep-going \
     > "$out/shard-$j.txt" 2> "$out/shard-$j.progress" &
   pids+=($!)
 done

@@ -28,6 +28,10 @@ struct Args {
     /// Print every event of every seed.
     #[arg(long)]
     trace: bool,
+    /// Run every seed even after a failure, and list the failing ones at
+    /// the end (the long run), instead of stopping at the first.
+    #[arg(long)]
+    keep_going: bool,
     /// Also print the figures as `sum KEY VALUE` lines (for adding up the
     /// shards of a long run).
     #[arg(long)]
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut total = Figures::default();
+    let mut failed = Vec::new();
     for seed in args.first..args.first.saturating_add(args.seeds) {
         let outcome = run_seed(&fixture, seed, &opts);
         total.add(&outcome.figures);
@@ -115,11 +120,10 @@ fn main() -> ExitCode {
                 "replay: cargo run --release -p vault-sim -- --first {seed} --seeds 1 --trace{}",
                 if args.broken { " --broken" } else { "" }
             );
-            print_figures(&total, started.elapsed());
-            if args.sum_lines {
-                print_sum_lines(&total);
+            failed.push(seed);
+            if !args.keep_going {
+                break;
             }
-            return ExitCode::FAILURE;
         }
         if last_report.elapsed() > Duration::from_secs(10) {
             last_report = Instant::now();
@@ -131,10 +135,19 @@ fn main() -> ExitCode {
             );
         }
     }
-    println!("PASSED: no invariant broken");
+    if failed.is_empty() {
+        println!("PASSED: no invariant broken");
+    } else {
+        println!("FAILED seeds: {failed:?}");
+    }
     print_figures(&total, started.elapsed());
     if args.sum_lines {
         print_sum_lines(&total);
+        println!("sum failed_seeds {}", failed.len());
     }
-    ExitCode::SUCCESS
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
