@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binaries: build them all first (cargo
 # only builds a package's binaries for its own integration tests).

@@ -187,7 +187,7 @@ fn register_finish(m: &pb::RegisterFinishRequest) {
                 n => u8::try_from(n).expect("accepted limits fit a byte"),
             };
             assert_eq!(max, expected);
-            assert!(max >= 1 && max <= MAX_GUESSES_LIMIT);
+            assert!((1..=MAX_GUESSES_LIMIT).contains(&max));
             assert_eq!(sealed.as_bytes().len(), SEALED_LEN);
             let stored = Stored {
                 record: Some(sealed),
