@@ -305,6 +305,15 @@ fn adoptable(
         return next.validate();
     }
     let current = newer(current, next)?;
+    // While slots are frozen for a move out, a map as new as the move's
+    // would leave the move's own map "not newer" for ever: its slots would
+    // stay frozen (refusing every write) with no way to finish.
+    if let Some(f) = frozen.filter(|f| *f != next && next.version >= f.version) {
+        return Err(format!(
+            "a move out of this group to shard map version {} is under way: adopt that map first",
+            f.version
+        ));
+    }
     let moved = changes(current, next);
     if moved.iter().any(|(_, _, to)| *to == Some(me)) {
         return Err(format!(
