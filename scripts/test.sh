@@ -14,5 +14,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast
 # Every fuzz target briefly (fuzz/, see scripts/fuzz.sh): about 4–5 min to
-# build on 2 cores, then FUZZ_SECONDS per target (12 targets).
+# build on 2 cores, then FUZZ_SECONDS per target (13 targets).
 scripts/fuzz.sh "${FUZZ_SECONDS:-12}"

@@ -61,6 +61,7 @@ pub fn init(target: &str) {
         "fleet_file" => fleet_file(),
         "faults_file" => faults_file(),
         "backup_file" => backup_file(),
+        "state_machine" => state_machine(),
         other => panic!("no seeds for {other}"),
     };
     std::fs::create_dir_all(&dir).expect("seed directory");
@@ -810,5 +811,45 @@ fn backup_file() -> Seeds {
                 "5555-5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555",
             ),
         ),
+    ]
+}
+
+fn state_machine() -> Seeds {
+    let (one, two) = maps();
+    let mut bump = one.clone();
+    bump.version = 3;
+    let f = fixture();
+    let sealed = f
+        .stored
+        .record
+        .as_ref()
+        .expect("registered")
+        .as_bytes()
+        .to_vec();
+    let mut low_id = [0u8; 32];
+    low_id[1] = 5;
+    let put = |id: [u8; 32], expect: Option<u64>, seq: u64| Command::Put {
+        id,
+        expect,
+        seq,
+        sealed: sealed.clone(),
+    };
+    let handover = vec![
+        put(low_id, None, 1),
+        put(f.id.0, None, 2),
+        Command::Freeze { map: two.clone() },
+        put(low_id, Some(1), 3),
+        Command::AdoptMap { map: two.clone() },
+    ];
+    let concurrent = vec![
+        Command::Freeze { map: two.clone() },
+        Command::AdoptMap { map: bump },
+        Command::AdoptMap { map: two },
+    ];
+    vec![
+        ("snapshot".into(), sel(0, snapshot_data())),
+        ("commands".into(), sel(1, json(&commands()))),
+        ("handover".into(), sel(1, json(&handover))),
+        ("adopt_while_frozen".into(), sel(1, json(&concurrent))),
     ]
 }
