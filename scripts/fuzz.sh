@@ -5,7 +5,7 @@
 # (panic, failed assertion, sanitizer report), runs longer than the timeout on
 # one input, or goes over the memory limits.
 #
-#   scripts/fuzz.sh             20 s per target (what CI runs)
+#   scripts/fuzz.sh             20 s per target (the gate runs 12 s)
 #   scripts/fuzz.sh 600         10 minutes per target
 #   scripts/fuzz.sh 60 record   one target (or several)
 #
@@ -108,6 +108,6 @@ printf '%s\n' "${summary[@]}"
 echo "fuzz: $passed passed, $failed failed"
 if [ "$failed" -ne 0 ]; then
     echo "FAILED: a failing input is in fuzz/artifacts/<target>/; replay it with"
-    echo "  RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/artifacts/<target>/<file>  (in fuzz/)"
+    echo "  RUSTC_BOOTSTRAP=1 cargo fuzz run --codegen-units 16 <target> artifacts/<target>/<file>  (in fuzz/)"
     exit 1
 fi
