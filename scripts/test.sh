@@ -7,8 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh
 cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The end-to-end tests start the real binaries: build them all first (cargo
 # only builds a package's binaries for its own integration tests).
 cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast
+# Every fuzz target briefly (fuzz/, see scripts/fuzz.sh): about 4–5 min to
+# build on 2 cores, then FUZZ_SECONDS per target (13 targets).
+scripts/fuzz.sh "${FUZZ_SECONDS:-12}"

@@ -45,19 +45,22 @@ pub fn slot(id: &[u8; 32]) -> u16 {
 }
 
 impl ShardMap {
-    /// Version `version`, the slots split evenly over `groups` in order.
+    /// Version `version`, the slots split evenly over `groups` in order
+    /// (with more groups than slots, some groups get none).
     pub fn even(version: u64, groups: &[GroupId]) -> Self {
-        let n = groups.len().max(1) as u32;
+        let n = groups.len().max(1) as u64;
+        let slots = u64::from(SLOTS);
         let ranges = groups
             .iter()
             .enumerate()
-            .map(|(i, g)| {
-                let i = i as u32;
-                SlotRange {
-                    first: (i * SLOTS / n) as u16,
-                    last: ((i + 1) * SLOTS / n - 1) as u16,
+            .filter_map(|(i, g)| {
+                let i = i as u64;
+                let (first, end) = (i * slots / n, (i + 1) * slots / n);
+                (end > first).then(|| SlotRange {
+                    first: first as u16,
+                    last: (end - 1) as u16,
                     group: *g,
-                }
+                })
             })
             .collect();
         ShardMap { version, ranges }
@@ -161,6 +164,18 @@ mod tests {
             assert_eq!(map.group_of_slot(0), Some(1));
             assert_eq!(map.group_of_slot(u16::MAX), Some(n));
         }
+    }
+
+    #[test]
+    fn even_maps_over_more_groups_than_slots_stay_valid() {
+        // A fleet file naming more groups than there are slots once made
+        // the split underflow (a panic in debug builds).
+        let groups: Vec<GroupId> = (1..=u64::from(SLOTS) + 5).collect();
+        let map = ShardMap::even(1, &groups);
+        map.validate().expect("valid");
+        assert_eq!(map.ranges.len(), SLOTS as usize);
+        let total: u32 = map.groups().iter().map(|g| map.slots_of(*g)).sum();
+        assert_eq!(total, SLOTS);
     }
 
     #[test]

@@ -320,3 +320,55 @@ fn invariant2_slots_move_between_groups_only_through_freeze_and_import() {
         assert_eq!(old.shard_map().expect("map"), Some(v2));
     });
 }
+
+/// A group that froze slots for a move out adopts no map as new as the
+/// move's before the move's own: that map would then be "not newer" for
+/// ever, and the frozen slots would refuse every write with no way out.
+/// (Found by the `state_machine` fuzz target.)
+#[test]
+fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
+    use hsm_vault::replication::{Applied, Command};
+    use hsm_vault::shard::ShardMap;
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let mut sm = StateMachine::open(&db, "g1").expect("open").in_group(1);
+        let v1 = ShardMap::even(1, &[1, 2]);
+        let v2 = v1.reassign(0, 99, 2, 2);
+        let mut same_owners_v3 = v1.clone();
+        same_owners_v3.version = 3;
+        let mut after_v3 = v2.clone();
+        after_v3.version = 3;
+        let commands = [
+            Command::AdoptMap { map: v1 },
+            Command::Freeze { map: v2.clone() },
+            Command::AdoptMap {
+                map: same_owners_v3,
+            },
+            Command::AdoptMap { map: v2.clone() },
+            Command::AdoptMap {
+                map: after_v3.clone(),
+            },
+        ];
+        let entries = commands
+            .into_iter()
+            .zip(1..)
+            .map(|(c, i)| Entry::<TypeConfig> {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+                payload: EntryPayload::Normal(c),
+            });
+        let applied = sm.apply(entries).await.expect("apply");
+        assert_eq!(applied[..2], [Applied::Done, Applied::Done]);
+        match &applied[2] {
+            Applied::Refused(reason) => assert!(reason.contains("under way"), "{reason}"),
+            other => panic!("a newer map mid-move must be refused, got {other:?}"),
+        }
+        assert_eq!(applied[3..], [Applied::Done, Applied::Done]);
+        assert_eq!(sm.frozen_map().expect("frozen"), None);
+        assert_eq!(sm.shard_map().expect("map"), Some(after_v3));
+    });
+}

@@ -50,7 +50,8 @@ pub struct Claims {
     pub expires_at: u64,
 }
 
-fn encode_payload(claims: &Claims) -> Result<Vec<u8>, TokenError> {
+/// The signed payload of a token for `claims`.
+pub fn encode_payload(claims: &Claims) -> Result<Vec<u8>, TokenError> {
     if claims.account_id.is_empty() || claims.account_id.len() > MAX_ACCOUNT_ID_LEN {
         return Err(TokenError::Malformed);
     }
@@ -63,7 +64,8 @@ fn encode_payload(claims: &Claims) -> Result<Vec<u8>, TokenError> {
     Ok(p)
 }
 
-fn decode_payload(p: &[u8]) -> Result<Claims, TokenError> {
+/// Parses a token's payload (after its signature verified).
+pub fn decode_payload(p: &[u8]) -> Result<Claims, TokenError> {
     let [version, rest @ ..] = p else {
         return Err(TokenError::Malformed);
     };

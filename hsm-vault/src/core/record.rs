@@ -33,7 +33,8 @@ use crate::types::{RecordId, Seq};
 /// Length of a serialized `ServerRegistration` for P256-SHA256: client public
 /// key (33) + masking key (32) + envelope nonce (32) + envelope MAC (32).
 pub const PASSWORD_FILE_LEN: usize = 129;
-const PLAINTEXT_LEN: usize = 4 + 16 + 1 + MAX_SECRET_LEN + PASSWORD_FILE_LEN;
+/// Size of a record's plaintext layout (before sealing).
+pub const PLAINTEXT_LEN: usize = 4 + 16 + 1 + MAX_SECRET_LEN + PASSWORD_FILE_LEN;
 const TAG_LEN: usize = 16;
 const IV_LEN: usize = 12;
 /// Size of every sealed record.
@@ -161,7 +162,8 @@ fn aad(id: &RecordId, seq: Seq) -> Vec<u8> {
     aad
 }
 
-fn encode(r: &Record) -> Zeroizing<Vec<u8>> {
+/// The plaintext layout of `r` ([`PLAINTEXT_LEN`] bytes).
+pub fn encode(r: &Record) -> Zeroizing<Vec<u8>> {
     let mut p = Zeroizing::new(vec![0u8; PLAINTEXT_LEN]);
     p[0] = FORMAT;
     p[2] = r.max_guesses;
@@ -184,7 +186,8 @@ fn encode(r: &Record) -> Zeroizing<Vec<u8>> {
     p
 }
 
-fn decode(p: &[u8]) -> Option<Record> {
+/// Parses the plaintext layout of an unsealed record; `None` if malformed.
+pub fn decode(p: &[u8]) -> Option<Record> {
     if p.len() != PLAINTEXT_LEN || p[0] != FORMAT {
         return None;
     }

@@ -34,7 +34,7 @@ const LAST_PURGED: &[u8] = b"last_purged";
 
 /// What the token keeps for one replica's log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-struct TokenLogState {
+pub struct TokenLogState {
     vote: Option<Vote<NodeId>>,
     committed: Option<LogId<NodeId>>,
     /// The last entry this replica stored and acknowledged: a leader may have

@@ -77,7 +77,7 @@ fn verify(partition: &Arc<Partition>, input: &[u8], tag: &[u8]) -> bool {
 /// A snapshot chunk on the wire: the request without its data as JSON
 /// (length-prefixed, u32 big-endian), then the data as is. In JSON the
 /// data would be an array of numbers, three to four times its size.
-fn frame_snapshot_chunk(head: &[u8], data: &[u8]) -> Vec<u8> {
+pub fn frame_snapshot_chunk(head: &[u8], data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + head.len() + data.len());
     out.extend_from_slice(&(head.len() as u32).to_be_bytes());
     out.extend_from_slice(head);
@@ -85,7 +85,8 @@ fn frame_snapshot_chunk(head: &[u8], data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn unframe_snapshot_chunk(payload: &[u8]) -> Option<(&[u8], &[u8])> {
+/// Splits a framed snapshot chunk into its JSON head and its data.
+pub fn unframe_snapshot_chunk(payload: &[u8]) -> Option<(&[u8], &[u8])> {
     let (len, rest) = payload.split_at_checked(4)?;
     let len = u32::from_be_bytes(len.try_into().ok()?) as usize;
     rest.split_at_checked(len)

@@ -31,8 +31,8 @@ const FROZEN: &[u8] = b"frozen-map";
 type Membership = StoredMembership<NodeId, openraft::BasicNode>;
 
 /// What a snapshot holds besides the records.
-#[derive(Serialize, Deserialize)]
-struct SnapshotHeader {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotHeader {
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
     #[serde(default)]
@@ -45,7 +45,7 @@ struct SnapshotHeader {
 /// megabytes: `SNAPSHOT_MAGIC`, the header's length (u32 big-endian), the
 /// header as JSON, then each record as id (32 bytes), sequence number (u64
 /// big-endian), sealed length (u16 big-endian) and the sealed bytes.
-const SNAPSHOT_MAGIC: &[u8; 4] = b"HVS1";
+pub const SNAPSHOT_MAGIC: &[u8; 4] = b"HVS1";
 
 /// The stored snapshot's metadata (its data is under `SNAPSHOT_DATA`).
 #[derive(Serialize, Deserialize)]
@@ -56,10 +56,10 @@ struct StoredSnapshot {
 const SNAPSHOT_DATA: &[u8] = b"snapshot-data";
 
 /// A record in snapshot data: id, sequence number, sealed bytes.
-type SnapshotRecord<'a> = ([u8; 32], u64, &'a [u8]);
+pub type SnapshotRecord<'a> = ([u8; 32], u64, &'a [u8]);
 
 /// Reads snapshot data back: the header and the records, in order.
-fn parse_snapshot(
+pub fn parse_snapshot(
     data: &[u8],
 ) -> Result<(SnapshotHeader, Vec<SnapshotRecord<'_>>), StorageError<NodeId>> {
     let bad = |what: &str| {
@@ -313,6 +313,15 @@ fn adoptable(
         return next.validate();
     }
     let current = newer(current, next)?;
+    // While slots are frozen for a move out, a map as new as the move's
+    // would leave the move's own map "not newer" for ever: its slots would
+    // stay frozen (refusing every write) with no way to finish.
+    if let Some(f) = frozen.filter(|f| *f != next && next.version >= f.version) {
+        return Err(format!(
+            "a move out of this group to shard map version {} is under way: adopt that map first",
+            f.version
+        ));
+    }
     let moved = changes(current, next);
     if moved.iter().any(|(_, _, to)| *to == Some(me)) {
         return Err(format!(

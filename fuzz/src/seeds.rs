@@ -1,0 +1,855 @@
+//! The seed corpus of each target, made by the code that writes each format
+//! (so the seeds follow the formats when they change): every target calls
+//! [`init`] first, and when `VAULT_FUZZ_SEEDS` names a directory it writes
+//! its seeds there and exits. `scripts/fuzz.sh` does that before each run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use hsm_vault::core::record::{self, Record, RecordBody, PASSWORD_FILE_LEN};
+use hsm_vault::core::Purpose;
+use hsm_vault::geo::Faults;
+use hsm_vault::partition::ceremony::{ClonePackage, KeyKind, WrappedKey};
+use hsm_vault::replication::network::frame_snapshot_chunk;
+use hsm_vault::replication::operator::{
+    AddLearner, ChangeMembership, ExportKeys, Handover, Maps, Reshard,
+};
+use hsm_vault::replication::state_machine::SNAPSHOT_MAGIC;
+use hsm_vault::replication::{Applied, Command, NodeId, TypeConfig};
+use hsm_vault::shard::ShardMap;
+use hsm_vault::types::Seq;
+use opaque_ke::{ClientRegistration, ClientRegistrationFinishParameters, Identifiers};
+use openraft::error::{Fatal, InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{
+    BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, SnapshotMeta,
+    StoredMembership, Vote,
+};
+use p256::ecdsa::SigningKey;
+use prost::Message;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+use vault_proto::suite::Suite;
+use vault_proto::vault::node::v1 as node;
+use vault_proto::vault::v1 as pb;
+use zeroize::Zeroizing;
+
+use crate::{fixture, ACCOUNT, PASSWORD};
+
+/// Seeds as (file name, bytes).
+type Seeds = Vec<(String, Vec<u8>)>;
+
+/// Writes `target`'s seeds to `$VAULT_FUZZ_SEEDS` and exits, if it is set.
+pub fn init(target: &str) {
+    let Ok(dir) = std::env::var("VAULT_FUZZ_SEEDS") else {
+        return;
+    };
+    let seeds = match target {
+        "grpc_vault" => grpc_vault(),
+        "grpc_node" => grpc_node(),
+        "opaque_messages" => opaque_messages(),
+        "opaque_login" => opaque_login(),
+        "record" => record_seeds(),
+        "raft_json" => raft_json(),
+        "snapshot" => snapshot(),
+        "anchor_state" => anchor_state(),
+        "bearer_token" => bearer_token(),
+        "fleet_file" => fleet_file(),
+        "faults_file" => faults_file(),
+        "backup_file" => backup_file(),
+        "state_machine" => state_machine(),
+        other => panic!("no seeds for {other}"),
+    };
+    std::fs::create_dir_all(&dir).expect("seed directory");
+    for (name, bytes) in &seeds {
+        std::fs::write(std::path::Path::new(&dir).join(name), bytes).expect("write a seed");
+    }
+    eprintln!("{target}: {} seeds written to {dir}", seeds.len());
+    std::process::exit(0);
+}
+
+fn sel(which: u8, bytes: impl AsRef<[u8]>) -> Vec<u8> {
+    let mut v = vec![which];
+    v.extend_from_slice(bytes.as_ref());
+    v
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("seed encodes")
+}
+
+/// Real OPAQUE messages of one registration and one login.
+struct Flow {
+    registration_request: Vec<u8>,
+    registration_response: Vec<u8>,
+    registration_upload: Vec<u8>,
+    generation: Vec<u8>,
+    ke1: Vec<u8>,
+    ke2: Vec<u8>,
+    ke3: Vec<u8>,
+    password_file: Vec<u8>,
+}
+
+fn flow() -> Flow {
+    let f = fixture();
+    let mut rng = StdRng::seed_from_u64(99);
+    let start = ClientRegistration::<Suite>::start(&mut rng, PASSWORD).expect("start");
+    let (response, generation) = f
+        .core
+        .registration_start(&f.token, &f.id, &start.message.serialize())
+        .expect("registration start");
+    let finish = start
+        .state
+        .finish(
+            &mut rng,
+            PASSWORD,
+            opaque_ke::RegistrationResponse::deserialize(&response).expect("response"),
+            ClientRegistrationFinishParameters::new(Identifiers::default(), Some(&f.ksf)),
+        )
+        .expect("client finish");
+    let login = f.start_login(5);
+    let (ke3, _) = f.client_finish(&login, 6);
+    // Consume the login.
+    f.core
+        .finish(
+            &f.token,
+            &login.login_id,
+            &[],
+            &login.stored,
+            Purpose::Recover,
+            Seq(3),
+            Instant::now(),
+        )
+        .expect("give up");
+    let upload = finish.message.serialize().to_vec();
+    let password_file = opaque_ke::ServerRegistration::<Suite>::finish(finish.message)
+        .serialize()
+        .to_vec();
+    Flow {
+        registration_request: start.message.serialize().to_vec(),
+        registration_response: response,
+        registration_upload: upload,
+        generation: generation.to_vec(),
+        ke1: login.ke1,
+        ke2: login.ke2,
+        ke3,
+        password_file,
+    }
+}
+
+fn grpc_vault() -> Seeds {
+    let fl = flow();
+    let login_id = [0u8; 24].to_vec();
+    let msgs: Vec<(u8, &str, Vec<u8>)> = vec![
+        (
+            0,
+            "register_start",
+            pb::RegisterStartRequest {
+                account_id: ACCOUNT.to_vec(),
+                registration_request: fl.registration_request.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            1,
+            "register_finish",
+            pb::RegisterFinishRequest {
+                account_id: ACCOUNT.to_vec(),
+                registration_upload: fl.registration_upload.clone(),
+                secret: vec![7; 60],
+                max_guesses: 5,
+                registration_id: fl.generation.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            2,
+            "recover_start",
+            pb::RecoverStartRequest {
+                account_id: ACCOUNT.to_vec(),
+                ke1: fl.ke1.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            2,
+            "recover_start_unknown",
+            pb::RecoverStartRequest {
+                account_id: b"nobody".to_vec(),
+                ke1: fl.ke1.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            3,
+            "recover_finish",
+            pb::RecoverFinishRequest {
+                login_id: login_id.clone(),
+                ke3: fl.ke3.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            4,
+            "delete",
+            pb::DeleteRequest {
+                account_id: ACCOUNT.to_vec(),
+                login_id: login_id.clone(),
+                ke3: fl.ke3.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            5,
+            "status",
+            pb::StatusRequest {
+                account_id: ACCOUNT.to_vec(),
+            }
+            .encode_to_vec(),
+        ),
+        (6, "get_info", pb::GetInfoRequest {}.encode_to_vec()),
+        (
+            7,
+            "get_info_response",
+            pb::GetInfoResponse {
+                cipher_suite: vault_proto::suite::SUITE_NAME.into(),
+                server_public_key: fixture().token.ake_public(),
+                max_secret_len: 128,
+                max_guesses_limit: 10,
+                default_max_guesses: 10,
+                max_account_id_len: 256,
+                node_id: 1,
+                leader_id: 2,
+                applied_index: 77,
+                voters: vec![1, 2, 3],
+                group_id: 1,
+                shard_map_version: 1,
+                snapshot_index: 50,
+            }
+            .encode_to_vec(),
+        ),
+        (
+            8,
+            "register_start_response",
+            pb::RegisterStartResponse {
+                registration_response: fl.registration_response.clone(),
+                registration_id: fl.generation.clone(),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            9,
+            "register_finish_response",
+            pb::RegisterFinishResponse { max_guesses: 10 }.encode_to_vec(),
+        ),
+        (
+            10,
+            "recover_start_response",
+            pb::RecoverStartResponse {
+                outcome: Some(pb::recover_start_response::Outcome::Challenge(
+                    pb::Challenge {
+                        login_id: login_id.clone(),
+                        ke2: fl.ke2.clone(),
+                        guesses_remaining: 9,
+                    },
+                )),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            11,
+            "recover_finish_response",
+            pb::RecoverFinishResponse {
+                outcome: Some(pb::recover_finish_response::Outcome::Recovered(
+                    pb::Recovered {
+                        nonce: vec![1; 12],
+                        sealed_secret: vec![2; 76],
+                    },
+                )),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            12,
+            "delete_response",
+            pb::DeleteResponse {
+                outcome: Some(pb::delete_response::Outcome::WrongPassword(
+                    pb::WrongPassword {
+                        guesses_remaining: 3,
+                    },
+                )),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            13,
+            "status_response",
+            pb::StatusResponse {
+                state: pb::status_response::State::Registered as i32,
+                guesses_remaining: 9,
+                max_guesses: 10,
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    msgs.into_iter()
+        .map(|(w, name, bytes)| (name.to_owned(), sel(w, bytes)))
+        .collect()
+}
+
+fn log_id(term: u64, index: u64) -> LogId<NodeId> {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn membership() -> Membership<NodeId, BasicNode> {
+    let nodes: BTreeMap<NodeId, BasicNode> = (1..=3)
+        .map(|i| (i, BasicNode::new(format!("127.0.0.1:770{i}"))))
+        .collect();
+    Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes)
+}
+
+fn maps() -> (ShardMap, ShardMap) {
+    let one = ShardMap::even(1, &[1, 2]);
+    let two = one.reassign(0, 99, 2, 2);
+    (one, two)
+}
+
+fn commands() -> Vec<Command> {
+    let f = fixture();
+    let sealed = f
+        .stored
+        .record
+        .as_ref()
+        .expect("registered")
+        .as_bytes()
+        .to_vec();
+    let (one, two) = maps();
+    vec![
+        Command::Put {
+            id: f.id.0,
+            expect: None,
+            seq: 1,
+            sealed: sealed.clone(),
+        },
+        Command::Delete {
+            id: f.id.0,
+            expect: Some(1),
+        },
+        Command::AdoptMap { map: one },
+        Command::Freeze { map: two.clone() },
+        Command::Import {
+            map: two,
+            records: vec![([0; 32], 4, sealed)],
+            last: true,
+        },
+    ]
+}
+
+fn entries() -> Vec<Entry<TypeConfig>> {
+    let mut out: Vec<Entry<TypeConfig>> = vec![
+        Entry {
+            log_id: log_id(1, 1),
+            payload: EntryPayload::Blank,
+        },
+        Entry {
+            log_id: log_id(1, 2),
+            payload: EntryPayload::Membership(membership()),
+        },
+    ];
+    for (i, c) in commands().into_iter().enumerate() {
+        out.push(Entry {
+            log_id: log_id(2, 3 + i as u64),
+            payload: EntryPayload::Normal(c),
+        });
+    }
+    out
+}
+
+fn snapshot_meta() -> SnapshotMeta<NodeId, BasicNode> {
+    SnapshotMeta {
+        last_log_id: Some(log_id(2, 40)),
+        last_membership: StoredMembership::new(Some(log_id(1, 2)), membership()),
+        snapshot_id: "40-7".into(),
+    }
+}
+
+fn raft_json() -> Seeds {
+    let mut seeds = Seeds::new();
+    let mut add = |which: u8, name: &str, bytes: Vec<u8>| {
+        seeds.push((format!("{which:02}-{name}"), sel(which, bytes)))
+    };
+    for (i, e) in entries().iter().enumerate() {
+        add(0, &format!("entry{i}"), json(e));
+    }
+    for (i, c) in commands().iter().enumerate() {
+        add(1, &format!("command{i}"), json(c));
+    }
+    add(2, "done", json(&Applied::Done));
+    add(2, "conflict", json(&Applied::Conflict { current: Some(3) }));
+    add(2, "refused", json(&Applied::Refused("no".into())));
+    add(
+        3,
+        "token_state",
+        br#"{"vote":{"leader_id":{"term":3,"node_id":1},"committed":true},"committed":{"leader_id":{"term":3,"node_id":1},"index":12},"last_log":{"leader_id":{"term":3,"node_id":1},"index":14}}"#.to_vec(),
+    );
+    add(4, "log_id", json(&Some(log_id(3, 9))));
+    add(5, "vote", json(&Some(Vote::new_committed(3, 1))));
+    add(
+        6,
+        "membership",
+        json(&StoredMembership::new(Some(log_id(1, 2)), membership())),
+    );
+    add(7, "snapshot_meta", json(&snapshot_meta()));
+    add(8, "shard_map", json(&maps().1));
+    add(9, "append_entries", json(&append_entries()));
+    add(
+        10,
+        "vote_request",
+        json(&VoteRequest::new(Vote::new(4, 2), Some(log_id(3, 9)))),
+    );
+    add(11, "install_snapshot", json(&install_snapshot()));
+    let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+        Ok(AppendEntriesResponse::Success);
+    add(12, "append_ok", json(&ok));
+    let conflict: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+        Ok(AppendEntriesResponse::HigherVote(Vote::new(5, 3)));
+    add(12, "append_higher", json(&conflict));
+    let fatal: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+        Err(RaftError::Fatal(Fatal::Stopped));
+    add(12, "append_fatal", json(&fatal));
+    let vote: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+        Ok(VoteResponse::new(Vote::new(4, 2), Some(log_id(3, 9)), true));
+    add(13, "vote_ok", json(&vote));
+    let snap: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
+        Ok(InstallSnapshotResponse {
+            vote: Vote::new_committed(4, 2),
+        });
+    add(14, "snapshot_ok", json(&snap));
+    add(15, "entries", json(&entries()));
+    seeds
+}
+
+fn append_entries() -> AppendEntriesRequest<TypeConfig> {
+    AppendEntriesRequest {
+        vote: Vote::new_committed(2, 1),
+        prev_log_id: Some(log_id(1, 2)),
+        entries: entries().into_iter().skip(2).collect(),
+        leader_commit: Some(log_id(1, 2)),
+    }
+}
+
+fn install_snapshot() -> InstallSnapshotRequest<TypeConfig> {
+    InstallSnapshotRequest {
+        vote: Vote::new_committed(2, 1),
+        meta: snapshot_meta(),
+        offset: 0,
+        data: Vec::new(),
+        done: true,
+    }
+}
+
+/// Snapshot data as the state machine writes it.
+fn snapshot_data() -> Vec<u8> {
+    let header = serde_json::json!({
+        "last_applied": log_id(2, 40),
+        "membership": StoredMembership::new(Some(log_id(1, 2)), membership()),
+        "shard_map": maps().0,
+        "frozen": null,
+    });
+    let head = json(&header);
+    let mut data = SNAPSHOT_MAGIC.to_vec();
+    data.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    data.extend_from_slice(&head);
+    let f = fixture();
+    let sealed = f.stored.record.as_ref().expect("registered").as_bytes();
+    for (id, seq) in [([1u8; 32], 5u64), (f.id.0, 1)] {
+        data.extend_from_slice(&id);
+        data.extend_from_slice(&seq.to_be_bytes());
+        data.extend_from_slice(&(sealed.len() as u16).to_be_bytes());
+        data.extend_from_slice(sealed);
+    }
+    data
+}
+
+fn snapshot() -> Seeds {
+    let data = snapshot_data();
+    let head = json(&install_snapshot());
+    vec![
+        ("data".into(), sel(0, &data)),
+        (
+            "data_empty".into(),
+            sel(0, &data[..data.len() - 2 * (42 + 314)]),
+        ),
+        ("chunk".into(), sel(1, frame_snapshot_chunk(&head, &data))),
+    ]
+}
+
+fn grpc_node() -> Seeds {
+    let mut seeds = Seeds::new();
+    let raft = |kind: &str, payload: Vec<u8>| {
+        node::RaftRequest {
+            kind: kind.into(),
+            from: 1,
+            to: 2,
+            payload,
+            mac: vec![0xaa; 32],
+            nonce: vec![0xbb; 16],
+            group: 1,
+        }
+        .encode_to_vec()
+    };
+    seeds.push((
+        "append".into(),
+        sel(0, raft("append_entries", json(&append_entries()))),
+    ));
+    seeds.push((
+        "vote".into(),
+        sel(
+            0,
+            raft(
+                "vote",
+                json(&VoteRequest::new(Vote::new(4, 2), Some(log_id(3, 9)))),
+            ),
+        ),
+    ));
+    seeds.push((
+        "install_snapshot".into(),
+        sel(
+            0,
+            raft(
+                "install_snapshot",
+                frame_snapshot_chunk(&json(&install_snapshot()), &snapshot_data()),
+            ),
+        ),
+    ));
+    let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+        Ok(AppendEntriesResponse::Success);
+    seeds.push((
+        "raft_response".into(),
+        sel(
+            1,
+            node::RaftResponse {
+                payload: json(&ok),
+                mac: vec![0xcc; 32],
+            }
+            .encode_to_vec(),
+        ),
+    ));
+    let key = SigningKey::from_slice(&[5u8; 32]).expect("a valid scalar");
+    let (one, two) = maps();
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "ExportKeys",
+            json(&ExportKeys {
+                transport: hex::encode(fixture().token.ake_public()),
+            }),
+        ),
+        (
+            "AddLearner",
+            json(&AddLearner {
+                id: 4,
+                addr: "127.0.0.1:7704".into(),
+            }),
+        ),
+        (
+            "ChangeMembership",
+            json(&ChangeMembership {
+                voters: BTreeSet::from([1, 2, 4]),
+            }),
+        ),
+        ("Reshard", json(&Reshard::Show)),
+        ("Reshard", json(&Reshard::Freeze { map: two.clone() })),
+        (
+            "Reshard",
+            json(&Reshard::Import(Handover {
+                map: two.clone(),
+                records: vec![([0; 32], 4, vec![1, 2, 3])],
+                mac: hex::encode([9u8; 32]),
+            })),
+        ),
+    ];
+    for (i, (kind, body)) in bodies.into_iter().enumerate() {
+        let issued_at = 1_000_000;
+        let signature = vault_proto::operator::sign(&key, kind, issued_at, &body);
+        seeds.push((
+            format!("operator{i}"),
+            sel(
+                2,
+                node::OperatorRequest {
+                    issued_at,
+                    body,
+                    signature,
+                }
+                .encode_to_vec(),
+            ),
+        ));
+    }
+    let replies: Vec<Vec<u8>> = vec![
+        json(&Maps {
+            group: 1,
+            adopted: Some(one),
+            frozen: Some(two.clone()),
+        }),
+        json(&Handover {
+            map: two,
+            records: vec![([0; 32], 4, vec![1, 2, 3])],
+            mac: hex::encode([9u8; 32]),
+        }),
+        json(&ClonePackage {
+            source_transport: fixture().token.ake_public(),
+            keys: vec![WrappedKey {
+                label: "hsm-vault/v1/seal".into(),
+                kind: KeyKind::Aes,
+                wrapped: vec![4; 40],
+            }],
+            ake_public: fixture().token.ake_public(),
+        }),
+        json(&"ok"),
+    ];
+    for (i, body) in replies.into_iter().enumerate() {
+        seeds.push((
+            format!("reply{i}"),
+            sel(3, node::OperatorReply { body }.encode_to_vec()),
+        ));
+    }
+    seeds
+}
+
+fn opaque_messages() -> Seeds {
+    let fl = flow();
+    vec![
+        (
+            "registration_request".into(),
+            sel(0, &fl.registration_request),
+        ),
+        (
+            "registration_upload".into(),
+            sel(1, &fl.registration_upload),
+        ),
+        ("ke1".into(), sel(2, &fl.ke1)),
+        ("ke3".into(), sel(3, &fl.ke3)),
+        (
+            "registration_response".into(),
+            sel(4, &fl.registration_response),
+        ),
+        ("ke2".into(), sel(5, &fl.ke2)),
+        ("password_file".into(), sel(6, &fl.password_file)),
+        ("ake_public".into(), sel(7, fixture().token.ake_public())),
+    ]
+}
+
+fn opaque_login() -> Seeds {
+    let fl = flow();
+    vec![
+        ("foreign_ke3".into(), sel(0, &fl.ke3)),
+        ("foreign_ke3_delete".into(), sel(1, &fl.ke3)),
+        ("genuine_ke3".into(), sel(2, [])),
+        ("edited_ke3".into(), sel(2, [3, 0x40])),
+        ("extended_ke3".into(), sel(2, [32, 0x01])),
+        ("truncated_ke3".into(), sel(2, [31])),
+        ("ke1".into(), sel(3, &fl.ke1)),
+        ("policy_fresh".into(), sel(4, [0, 9, 0])),
+        ("policy_limit".into(), sel(4, [0, 9, 10])),
+        ("policy_locked".into(), sel(4, [1, 9, 10])),
+        ("policy_phantom".into(), sel(4, [2, 9, 3])),
+    ]
+}
+
+fn record_seeds() -> Seeds {
+    let f = fixture();
+    let registered = Record {
+        body: RecordBody::Registered {
+            password_file: [3; PASSWORD_FILE_LEN],
+            secret: vec![7; 60],
+        },
+        max_guesses: 10,
+        guesses_used: 2,
+        generation: [8; 16],
+    };
+    let locked = Record {
+        body: RecordBody::Locked,
+        max_guesses: 5,
+        guesses_used: 5,
+        generation: [8; 16],
+    };
+    let sealed = f
+        .stored
+        .record
+        .as_ref()
+        .expect("registered")
+        .as_bytes()
+        .to_vec();
+    let mut seal_mode = 7u64.to_be_bytes().to_vec();
+    seal_mode.extend_from_slice(&[0, 200]);
+    seal_mode.extend_from_slice(&record::encode(&registered));
+    vec![
+        (
+            "plain_registered".into(),
+            sel(0, record::encode(&registered)),
+        ),
+        ("plain_locked".into(), sel(0, record::encode(&locked))),
+        ("sealed".into(), sel(1, &sealed)),
+        ("sealed_short".into(), sel(1, &sealed[..20])),
+        ("seal_and_open".into(), sel(2, &seal_mode)),
+    ]
+}
+
+fn anchor_state() -> Seeds {
+    let d1 = hex::encode([0x12; 32]);
+    let d2 = hex::encode([0x34; 32]);
+    let mut store = vec![0xff];
+    store.extend_from_slice(&6u64.to_be_bytes());
+    store.extend_from_slice(&[0x34; 32]);
+    vec![
+        ("empty".into(), Vec::new()),
+        ("committed".into(), format!("5:{d1}").into_bytes()),
+        ("pending".into(), format!("5:{d1};6:{d2}").into_bytes()),
+        ("pending_with_store".into(), {
+            let mut v = format!("5:{d1};6:{d2}").into_bytes();
+            v.extend_from_slice(&store);
+            v
+        }),
+    ]
+}
+
+fn bearer_token() -> Seeds {
+    let key = SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
+    let claims = vault_proto::token::Claims {
+        account_id: b"alice".to_vec(),
+        expires_at: 2000,
+    };
+    let token = vault_proto::token::issue(&key, &claims).expect("issue");
+    let mut issued = 2000u64.to_be_bytes().to_vec();
+    issued.extend_from_slice(&[0, 10, b'A']);
+    issued.extend_from_slice(b"alice");
+    vec![
+        ("token".into(), sel(0, token.as_bytes())),
+        (
+            "payload".into(),
+            sel(
+                1,
+                vault_proto::token::encode_payload(&claims).expect("payload"),
+            ),
+        ),
+        ("issued".into(), sel(2, &issued)),
+        (
+            "public_key".into(),
+            sel(
+                3,
+                hex::encode(key.verifying_key().to_encoded_point(true).as_bytes()),
+            ),
+        ),
+        ("signing_key".into(), sel(3, hex::encode([7u8; 32]))),
+    ]
+}
+
+const FLEET: &str = include_str!("../../deploy/local-fleet/fleet.toml");
+
+fn fleet_file() -> Seeds {
+    let two_groups = format!(
+        "{}\ngroup = 2\n\n[shard_map]\nversion = 4\nrange = [{{ first = 0, last = 99, group = 2 }}, {{ first = 100, last = 65535, group = 1 }}]\n",
+        FLEET.trim_end()
+    );
+    vec![
+        ("local_fleet.toml".into(), FLEET.as_bytes().to_vec()),
+        ("two_groups.toml".into(), two_groups.into_bytes()),
+        (
+            "minimal.toml".into(),
+            b"[fleet]\nname = \"x\"\n[[region]]\nname = \"r\"\n[[node]]\nid = 1\nregion = \"r\"\naddr = \"a:1\"\n".to_vec(),
+        ),
+    ]
+}
+
+fn faults_file() -> Seeds {
+    let all = Faults {
+        isolated_nodes: BTreeSet::from([2, 3]),
+        isolated_regions: BTreeSet::from(["ap-south".to_owned()]),
+        extra_delay_ms: 25,
+        drop_percent: 10,
+    };
+    vec![
+        ("all.json".into(), json(&all)),
+        ("default.json".into(), json(&Faults::default())),
+        ("partial.json".into(), br#"{"drop_percent": 50}"#.to_vec()),
+        ("blank.json".into(), b"  \n".to_vec()),
+    ]
+}
+
+fn backup_file() -> Seeds {
+    let key = vault_client::backup::BackupKey(Zeroizing::new([0x55; 32]));
+    let mut file = Vec::new();
+    vault_client::backup::encrypt(&key, &b"golden backup\n"[..], &mut file).expect("encrypt");
+    let mut arbitrary = vec![0, 7, 64, 255];
+    arbitrary.extend_from_slice(&file);
+    vec![
+        ("file".into(), sel(0, &arbitrary)),
+        ("header_only".into(), sel(0, &arbitrary[..4 + 64])),
+        (
+            "valid_flip".into(),
+            sel(1, b"\x10\x01\x00\x00\x99\x05\x00plaintext of a few chunks"),
+        ),
+        (
+            "valid_truncate".into(),
+            sel(1, b"\x03\x02\x01\x00\x50\x00\x07more plaintext here"),
+        ),
+        (
+            "valid_append".into(),
+            sel(1, b"\x07\x03\x02\x00\x00\x01\x01x"),
+        ),
+        (
+            "valid_empty".into(),
+            sel(1, b"\x07\x04\x01\x00\x00\x01\x01"),
+        ),
+        (
+            "hex_key".into(),
+            sel(
+                2,
+                "5555-5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555 5555",
+            ),
+        ),
+    ]
+}
+
+fn state_machine() -> Seeds {
+    let (one, two) = maps();
+    let mut bump = one.clone();
+    bump.version = 3;
+    let f = fixture();
+    let sealed = f
+        .stored
+        .record
+        .as_ref()
+        .expect("registered")
+        .as_bytes()
+        .to_vec();
+    let mut low_id = [0u8; 32];
+    low_id[1] = 5;
+    let put = |id: [u8; 32], expect: Option<u64>, seq: u64| Command::Put {
+        id,
+        expect,
+        seq,
+        sealed: sealed.clone(),
+    };
+    let handover = vec![
+        put(low_id, None, 1),
+        put(f.id.0, None, 2),
+        Command::Freeze { map: two.clone() },
+        put(low_id, Some(1), 3),
+        Command::AdoptMap { map: two.clone() },
+    ];
+    let concurrent = vec![
+        Command::Freeze { map: two.clone() },
+        Command::AdoptMap { map: bump },
+        Command::AdoptMap { map: two },
+    ];
+    vec![
+        ("snapshot".into(), sel(0, snapshot_data())),
+        ("commands".into(), sel(1, json(&commands()))),
+        ("handover".into(), sel(1, json(&handover))),
+        ("adopt_while_frozen".into(), sel(1, json(&concurrent))),
+    ]
+}
