@@ -137,6 +137,62 @@ fn invariant7_rolled_back_raft_log_is_refused() {
     });
 }
 
+/// A disk restored from an older copy may hold a log as long as the one the
+/// token remembers, but with entries that were truncated and replaced
+/// since (another term at the same index): refused too, not just a shorter
+/// log (found by the deterministic simulation, seed 3589).
+#[test]
+fn invariant7_a_log_as_long_but_from_another_term_is_refused() {
+    use openraft::storage::RaftLogStorage;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+
+    let (_token, partition) = partition("raft-other-term");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let put = |db: &sled::Db, term: u64, index: u64| {
+            let e: Entry<TypeConfig> = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+                payload: EntryPayload::Blank,
+            };
+            db.open_tree("raft-log/g")
+                .expect("tree")
+                .insert(index.to_be_bytes(), serde_json::to_vec(&e).expect("json"))
+                .expect("insert");
+        };
+        let db = open_db(dir.path());
+        let mut log = LogStore::open(&db, partition.clone(), "g").expect("open");
+        for i in 1..=3 {
+            put(&db, 2, i);
+        }
+        db.flush().expect("flush");
+        log.save_committed(Some(LogId::new(CommittedLeaderId::new(2, 1), 3)))
+            .await
+            .expect("commit 3");
+        // The committed watermark reaches the token with the next token
+        // write (here a vote).
+        log.save_vote(&openraft::Vote::new(2, 1))
+            .await
+            .expect("vote");
+        drop(log);
+        // The disk now says term 1 at every index the token knows as term 2.
+        for i in 1..=3 {
+            put(&db, 1, i);
+        }
+        db.flush().expect("flush");
+        match LogStore::open(&db, partition.clone(), "g") {
+            Err(LogOpenError::RolledBack { log, token }) => assert_eq!((log, token), (3, 3)),
+            other => panic!("a log of another term must be refused, got {other:?}"),
+        }
+        // The same entries as the token's open.
+        for i in 1..=3 {
+            put(&db, 2, i);
+        }
+        db.flush().expect("flush");
+        LogStore::open(&db, partition.clone(), "g").expect("the matching log opens");
+    });
+}
+
 /// A group adopts newer shard maps through its log, but never one that
 /// hands a slot to another group (its records would then be served by two
 /// groups, each with its own guess counter); snapshots carry the map.

@@ -343,6 +343,9 @@ struct Node {
     dir: PathBuf,
     db: sled::Db,
     raft: Raft<TypeConfig>,
+    /// Set when the node reopened behind its token: it votes again once its
+    /// log reaches this index.
+    floor: Option<u64>,
     sm: StateMachine,
     kill: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -477,6 +480,7 @@ impl<'a> World<'a> {
             dir,
             db,
             raft,
+            floor,
             sm,
             kill,
             tasks: vec![map_task],
@@ -691,7 +695,14 @@ impl<'a> World<'a> {
             }
         }
         if let Some((id, target)) = self.degraded {
-            if self.applied(id) >= target {
+            // Caught up as the vault itself counts it: it has applied what
+            // the others had, and votes again (its log reached the floor
+            // its token set).
+            let voting = match self.nodes.get(&id) {
+                Some(Place::Up(n)) => !hsm_vault::replication::network::resyncing(&n.raft, n.floor),
+                _ => false,
+            };
+            if voting && self.applied(id) >= target {
                 self.shared
                     .log(format!("node {id} caught up after its rollback"));
                 self.degraded = None;
@@ -759,8 +770,24 @@ impl<'a> World<'a> {
         if let Some((first, reference)) = views.first() {
             for (id, records) in &views[1..] {
                 if records != reference {
+                    let differ: Vec<String> = reference
+                        .keys()
+                        .chain(records.keys())
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .filter(|k| reference.get(*k) != records.get(*k))
+                        .map(|k| {
+                            format!(
+                                "{}…: {:?} vs {:?}",
+                                hex::encode(&k[..4]),
+                                reference.get(k),
+                                records.get(k)
+                            )
+                        })
+                        .collect();
                     self.shared.fail(format!(
-                        "replicas {first} and {id} hold different records after converging"
+                        "replicas {first} and {id} hold different records after converging: {}",
+                        differ.join("; ")
                     ));
                 }
             }

@@ -9,9 +9,12 @@ const CI_SEEDS: u64 = 25;
 
 /// Seeds that once failed, kept as regressions: 154 caught a new leader
 /// answering "locked" from a record it had read before applying the
-/// registration that replaced the lock; 6845, the final check asking a node
-/// that had just lost the leadership.
-const REGRESSION_SEEDS: [u64; 2] = [154, 6845];
+/// registration that replaced the lock; 3589, a disk restored from an older
+/// copy whose log was as long as the token's but of another term (it
+/// opened, and openraft panicked at start); 2959, the schedule losing a
+/// second disk while the first replica still refused to vote; 6845, the
+/// final check asking a node that had just lost the leadership.
+const REGRESSION_SEEDS: [u64; 4] = [154, 2959, 3589, 6845];
 
 #[test]
 fn invariants_1_2_3_4_8_hold_under_simulated_faults_for_bounded_seeds() {

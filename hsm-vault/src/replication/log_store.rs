@@ -158,19 +158,40 @@ impl LogStore {
         let last = store
             .last_index()
             .map_err(|e| LogOpenError::Storage(e.to_string()))?;
-        let remembered = token
-            .committed
-            .map(|c| c.index)
-            .max(token.last_log.map(|l| l.index));
-        if let Some(token_index) = remembered {
-            if last.is_none_or(|l| l < token_index) {
+        // The log must still hold the very entries the token remembers (the
+        // same index *and* term): a disk restored from an older copy can be
+        // as long as the token's log but hold entries that were truncated
+        // and replaced since (found by the simulation).
+        for remembered in [token.committed, token.last_log].into_iter().flatten() {
+            let held = store
+                .holds(&remembered)
+                .map_err(|e| LogOpenError::Storage(e.to_string()))?;
+            if !held {
                 return Err(LogOpenError::RolledBack {
                     log: last.unwrap_or(0),
-                    token: token_index,
+                    token: remembered.index,
                 });
             }
         }
         Ok(store)
+    }
+
+    /// Whether this log still holds entry `id` (same index and term), or
+    /// purged it (into a snapshot) at or after it.
+    fn holds(&self, id: &LogId<NodeId>) -> Result<bool, StorageError<NodeId>> {
+        if let Some(purged) = self.last_purged()? {
+            if purged.index > id.index || purged == *id {
+                return Ok(true);
+            }
+        }
+        match self
+            .log
+            .get(id.index.to_be_bytes())
+            .map_err(|e| io_error(StorageIOError::read_logs, e))?
+        {
+            Some(v) => Ok(*decode::<Entry<TypeConfig>>(&v)?.get_log_id() == *id),
+            None => Ok(false),
+        }
     }
 
     /// Opens the log after [`LogOpenError::RolledBack`]: the stale log (and
