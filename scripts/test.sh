@@ -13,6 +13,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # only builds a package's binaries for its own integration tests).
 cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked --no-fail-fast
-# Every fuzz target briefly (fuzz/, see scripts/fuzz.sh): about 4–5 min to
-# build on 2 cores, then FUZZ_SECONDS per target (13 targets).
+# Every fuzz target briefly (fuzz/, see scripts/fuzz.sh): the build takes
+# about 8 CPU-minutes (4–5 min on 2 idle cores), then FUZZ_SECONDS per
+# target (13 targets).
 scripts/fuzz.sh "${FUZZ_SECONDS:-12}"

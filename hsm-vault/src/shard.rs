@@ -172,10 +172,9 @@ mod tests {
         // the split underflow (a panic in debug builds).
         let groups: Vec<GroupId> = (1..=u64::from(SLOTS) + 5).collect();
         let map = ShardMap::even(1, &groups);
+        // Valid: every slot once, in order; so one slot per range here.
         map.validate().expect("valid");
         assert_eq!(map.ranges.len(), SLOTS as usize);
-        let total: u32 = map.groups().iter().map(|g| map.slots_of(*g)).sum();
-        assert_eq!(total, SLOTS);
     }
 
     #[test]
