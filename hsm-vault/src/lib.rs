@@ -20,5 +20,6 @@ pub mod replication;
 pub mod service;
 pub mod shard;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod types;

@@ -20,6 +20,7 @@ use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::service::{from_client, VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::shard::{GroupId, ShardMap};
 use hsm_vault::store::Store;
+use hsm_vault::telemetry::{self, RpcLayer};
 use hsm_vault::tls::{load_certificate, load_identity, NodeTls, PeerCheck};
 use openraft::{BasicNode, Raft};
 use std::collections::BTreeMap;
@@ -156,6 +157,21 @@ struct Args {
         default_value = "2000/1200"
     )]
     recovery_limit_address: RateArg,
+    /// Address of the metrics listener: OpenMetrics text for Prometheus at
+    /// `GET /metrics`, over plain HTTP (bind it where only the scraper
+    /// reaches it). Printed as `hsm-vault metrics on ADDR`.
+    #[arg(long, env = "HSM_VAULT_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format on stderr: `text`, or `json` (one object per line; the
+    /// lines of a gRPC call carry its request id). Levels: RUST_LOG.
+    #[arg(long, env = "HSM_VAULT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// A rate limit on the command line: `BURST/PER_MINUTE` or `off`.
@@ -237,13 +253,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let auth_key = std::fs::read_to_string(&args.auth_public_key)
         .with_context(|| format!("reading {}", args.auth_public_key.display()))?;
     let auth_key = vault_proto::token::parse_verifying_key(&auth_key)
@@ -329,6 +355,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     }
     let mut node_service = None;
     let mut operator_service = None;
+    let mut group_raft = None;
     let backend = match (args.node_id, peers) {
         (Some(id), Some(peers)) => {
             let me = peers
@@ -407,6 +434,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 id,
                 shard_map,
             ));
+            group_raft = Some(raft.clone());
             node_service = Some(NodeService {
                 id,
                 group,
@@ -450,8 +478,17 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
         Some(a) => Some(bind(a).await?),
         None => None,
     };
-    // Both listeners are bound before either line is printed: whoever waits
-    // for the client line may use both.
+    let metrics_listener = match args.metrics_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    // Every listener is bound before any line is printed: whoever waits for
+    // the client line may use them all.
+    if let Some(l) = &metrics_listener {
+        let addr = l.local_addr()?;
+        tracing::info!(%addr, "metrics listener ready (GET /metrics)");
+        println!("hsm-vault metrics on {addr}");
+    }
     if let Some(l) = &peer_listener {
         let peer_addr = l.local_addr()?;
         tracing::info!(%peer_addr, "peer listener ready (node-to-node, operator, forwarded requests)");
@@ -460,14 +497,63 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     tracing::info!(%addr, opaque_public_key = %public_hex, "vault node ready");
     println!("hsm-vault listening on {addr}");
 
+    // gRPC health: a group member serves while it knows its leader; a lone
+    // node from the start. NOT_SERVING once shutting down, so balancers
+    // drain it.
+    let (health, _) = tonic_health::server::health_reporter();
+    const CLIENT_SERVICES: &[&str] = &["vault.v1.Vault"];
+    match group_raft {
+        Some(raft) => {
+            for s in ["", CLIENT_SERVICES[0]] {
+                health
+                    .set_service_status(s, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            tokio::spawn(telemetry::watch_raft(
+                raft,
+                health.clone(),
+                CLIENT_SERVICES.to_vec(),
+            ));
+        }
+        None => telemetry::serving_alone(&health, CLIENT_SERVICES).await,
+    }
+    let health_server = || {
+        tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        )
+    };
+    let mut peer_services = CLIENT_SERVICES.to_vec();
+    if node_service.is_some() {
+        peer_services.push("vault.node.v1.Node");
+    }
+    if operator_service.is_some() {
+        peer_services.push("vault.node.v1.Operator");
+    }
+
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown().await;
-        let _ = stop.send(true);
-    });
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            shutdown().await;
+            for s in ["", CLIENT_SERVICES[0]] {
+                health
+                    .set_service_status(s, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            let _ = stop.send(true);
+        });
+    }
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    if let Some(listener) = metrics_listener {
+        let stop = until_stopped(stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = telemetry::serve_metrics(listener, stop).await {
+                tracing::error!(error = %e, "metrics listener failed");
+            }
+        });
+    }
 
     let mut client_api = Server::builder();
     if let Some(tls) = &tls {
@@ -478,6 +564,10 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     let client_api = client_api
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
+        .layer(RpcLayer)
+        .add_service(health_server())
+        .add_service(telemetry::reflection(CLIENT_SERVICES).context("reflection service")?)
+        .add_service(telemetry::reflection_v1alpha(CLIENT_SERVICES).context("reflection service")?)
         .add_service(InterceptedService::new(
             VaultServer::new(service.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -507,6 +597,12 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
         peer_api
             .timeout(Duration::from_secs(30))
             .concurrency_limit_per_connection(256)
+            .layer(RpcLayer)
+            .add_service(health_server())
+            .add_service(telemetry::reflection(&peer_services).context("reflection service")?)
+            .add_service(
+                telemetry::reflection_v1alpha(&peer_services).context("reflection service")?,
+            )
             .add_service(
                 VaultServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)

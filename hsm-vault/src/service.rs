@@ -78,8 +78,10 @@ macro_rules! route {
 /// token, and the forwarding mark (nothing else of the original metadata).
 fn forwarded<T: Clone>(request: &Request<T>, hop: Hop) -> Request<T> {
     let mut r = Request::new(request.get_ref().clone());
-    if let Some(auth) = request.metadata().get("authorization") {
-        r.metadata_mut().insert("authorization", auth.clone());
+    for key in ["authorization", crate::telemetry::REQUEST_ID] {
+        if let Some(value) = request.metadata().get(key) {
+            r.metadata_mut().insert(key, value.clone());
+        }
     }
     r.metadata_mut().insert(
         FORWARDED,
@@ -195,6 +197,16 @@ impl VaultService {
     }
 
     fn audit(&self, event: Event) {
+        let m = crate::telemetry::metrics();
+        match &event {
+            Event::Registered { .. } => m.registrations.inc(),
+            Event::GuessCharged { .. } => m.guesses_charged.inc(),
+            Event::WrongPassword { .. } => m.wrong_passwords.inc(),
+            Event::Recovered { .. } => m.recoveries.inc(),
+            Event::Locked { .. } => m.lockouts.inc(),
+            Event::Deleted { .. } => m.deletions.inc(),
+            _ => 0,
+        };
         if let Some(log) = &self.inner.audit {
             log.record(event);
         }
@@ -315,6 +327,7 @@ impl VaultService {
 fn throttled(t: Throttled) -> Status {
     let secs = t.retry_after.as_secs_f64().ceil().max(1.0) as u64;
     tracing::debug!(scope = t.scope, secs, "recovery start throttled");
+    crate::telemetry::metrics().throttled.inc();
     let mut status = Status::resource_exhausted(format!(
         "too many recovery attempts for this {}; retry in {secs} s",
         t.scope

@@ -424,7 +424,9 @@ async fn finish_batch(
 ) -> Result<(), StoreError> {
     CrashPoint::reached(crash, CrashPoint::AfterAnchorPending);
     db.apply_batch(batch)?;
+    let started = std::time::Instant::now();
     db.flush_async().await?;
+    crate::telemetry::metrics().flushed("records", started);
     CrashPoint::reached(crash, CrashPoint::AfterFlush);
     Ok(())
 }

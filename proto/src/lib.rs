@@ -14,6 +14,11 @@ pub mod operator;
 pub mod suite;
 pub mod token;
 
+/// The encoded `FileDescriptorSet` of every package above, for gRPC server
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/vault_descriptors.bin"));
+
 pub mod vault {
     pub mod v1 {
         #![allow(missing_debug_implementations, clippy::all)]

@@ -145,6 +145,7 @@ pub struct VaultNode {
     pub work: tempfile::TempDir,
     child: Option<Child>,
     addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     signing_key: p256::ecdsa::SigningKey,
     /// Extra environment for the next start (e.g. a crash point).
     pub extra_env: Vec<(String, String)>,
@@ -191,6 +192,7 @@ impl VaultNode {
             work,
             child: None,
             addr: None,
+            metrics_addr: None,
             signing_key,
             extra_env: Vec::new(),
         }
@@ -275,6 +277,19 @@ impl VaultNode {
         Self::prepare(token, label, pin_file, listen.into(), extra_args)
     }
 
+    /// The node's metrics listener (every test node has one).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+            .expect("node started with a metrics listener")
+    }
+
+    /// A Prometheus scrape of the node: its `/metrics` text.
+    pub fn scrape(&self) -> String {
+        let (status, body) = http_get(self.metrics_addr(), "/metrics").expect("scrape");
+        assert_eq!(status, 200, "GET /metrics answered {status}: {body}");
+        body
+    }
+
     /// The process id, if the node is running.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -341,6 +356,7 @@ impl VaultNode {
             )
             .envs(self.extra_env.iter().cloned())
             .arg(format!("--listen={}", self.listen))
+            .arg("--metrics-listen=127.0.0.1:0")
             .args(match &self.tls {
                 Some(t) => t.certs.node_args(t.id, t.member),
                 None => vec!["--plaintext".to_owned()],
@@ -365,15 +381,21 @@ impl VaultNode {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            // The metrics line comes before the client API's.
+            let mut metrics = None;
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("hsm-vault metrics on ") {
+                    metrics = addr.trim().parse::<SocketAddr>().ok();
+                }
                 if let Some(addr) = line.strip_prefix("hsm-vault listening on ") {
-                    let _ = tx.send(addr.trim().to_owned());
+                    let _ = tx.send((addr.trim().to_owned(), metrics));
                 }
             }
         });
         match rx.recv_timeout(START_DEADLINE) {
-            Ok(addr) => {
+            Ok((addr, metrics)) => {
                 self.addr = Some(addr.parse().expect("address"));
+                self.metrics_addr = metrics;
                 self.child = Some(child);
                 Ok(())
             }
@@ -486,6 +508,75 @@ impl Issuer {
         };
         vault_proto::token::issue(&self.0, &claims).expect("issue token")
     }
+}
+
+/// A plain HTTP/1.1 GET on loopback (the metrics and dashboard listeners):
+/// the status code and the body. Enough for tests; no client dependency.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .lines()
+        .any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The sum of the samples of `name` in a Prometheus text scrape whose
+/// labels include every `label="value"` pair in `labels` (0 if none).
+pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = labels
+                .iter()
+                .all(|(k, v)| label_text.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+            (metric_name == name && wanted)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// Free loopback ports for the members of a group. They are picked below

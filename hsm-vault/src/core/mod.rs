@@ -46,6 +46,8 @@ use record::{
     Generation, Record, RecordBody, RecordError, SealedRecord, Stored, PASSWORD_FILE_LEN,
 };
 
+use crate::telemetry::metrics;
+
 /// The operations the core needs from its HSM partition.
 pub trait Token {
     fn hmac(&self, key: MacKey, data: &[u8]) -> Result<[u8; 32], PartitionError>;
@@ -59,15 +61,17 @@ pub trait Token {
     ) -> Result<Zeroizing<Vec<u8>>, PartitionError>;
 }
 
+/// The token's operations, each timed (and its failures counted) in the
+/// node's metrics.
 impl Token for PartitionSession {
     fn hmac(&self, key: MacKey, data: &[u8]) -> Result<[u8; 32], PartitionError> {
-        PartitionSession::hmac(self, key, data)
+        metrics().token_op("hmac", || PartitionSession::hmac(self, key, data))
     }
     fn ecdh_x(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
-        PartitionSession::ecdh_x(self, peer)
+        metrics().token_op("ecdh", || PartitionSession::ecdh_x(self, peer))
     }
     fn seal(&self, iv: &[u8; 12], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, PartitionError> {
-        PartitionSession::seal(self, iv, aad, plaintext)
+        metrics().token_op("seal", || PartitionSession::seal(self, iv, aad, plaintext))
     }
     fn unseal(
         &self,
@@ -75,7 +79,7 @@ impl Token for PartitionSession {
         aad: &[u8],
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
-        PartitionSession::unseal(self, iv, aad, sealed)
+        metrics().token_op("unseal", || PartitionSession::unseal(self, iv, aad, sealed))
     }
 }
 

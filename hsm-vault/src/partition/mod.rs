@@ -502,6 +502,10 @@ fn state_object(session: &Session, app: &str) -> Result<ObjectHandle, PartitionE
 }
 
 fn read_label(session: &Session, handle: ObjectHandle) -> Result<Vec<u8>, PartitionError> {
+    crate::telemetry::metrics().token_op("read_state", || read_label_untimed(session, handle))
+}
+
+fn read_label_untimed(session: &Session, handle: ObjectHandle) -> Result<Vec<u8>, PartitionError> {
     session
         .get_attributes(handle, &[AttributeType::Label])
         .map_err(op_err("read token state"))?
@@ -521,9 +525,11 @@ fn write_label(
     handle: ObjectHandle,
     state: &[u8],
 ) -> Result<(), PartitionError> {
-    session
-        .update_attributes(handle, &[Attribute::Label(state.to_vec())])
-        .map_err(op_err("write token state"))
+    crate::telemetry::metrics().token_op("write_state", || {
+        session
+            .update_attributes(handle, &[Attribute::Label(state.to_vec())])
+            .map_err(op_err("write token state"))
+    })
 }
 
 fn ensure_domain_keys(session: &Session) -> Result<(DomainKeys, Vec<u8>), PartitionError> {

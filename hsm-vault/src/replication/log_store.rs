@@ -345,10 +345,13 @@ impl LogStore {
     /// Makes every write to the log and meta trees durable: the trees of a
     /// sled database share one log, which one flush writes out.
     async fn flush(&self) -> Result<(), StorageError<NodeId>> {
+        let started = std::time::Instant::now();
         self.flush
             .tree(&self.log)
             .await
-            .map_err(|e| io_error(StorageIOError::write_logs, e))
+            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        crate::telemetry::metrics().flushed("raft_log", started);
+        Ok(())
     }
 }
 
@@ -409,6 +412,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // is never below it, so the rollback check loses nothing; after a
         // crash a replica may re-apply fewer entries at start and learns the
         // rest from the leader.
+        if let Some(c) = committed {
+            crate::telemetry::metrics()
+                .raft_commit_index
+                .set(i64::try_from(c.index).unwrap_or(i64::MAX));
+        }
         let mut state = self.token_state()?;
         if committed > state.committed {
             state.committed = committed;

@@ -581,7 +581,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         drop(records);
         batch.insert(SNAPSHOT_DATA, data);
         self.tree.apply_batch(batch).map_err(sm_err)?;
+        let started = std::time::Instant::now();
         self.flush.tree(&self.tree).await.map_err(sm_err)?;
+        crate::telemetry::metrics().flushed("state_machine", started);
         Ok(())
     }
 
