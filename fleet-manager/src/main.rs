@@ -39,6 +39,7 @@ use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_client::VaultClient;
 
 mod certs;
+mod dashboard;
 
 /// How long `fleet up` waits for a node to listen.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -161,6 +162,15 @@ enum Cmd {
     },
     /// Stop every node of the fleet (SIGTERM).
     Down,
+    /// Serve the live dashboard (regions, nodes, groups, health, lag,
+    /// recoveries/s, lockouts, recent audit events) and the fleet's own
+    /// Prometheus metrics, until interrupted.
+    Dashboard {
+        /// Address of the dashboard (plain HTTP: keep it on loopback or
+        /// behind the operators' proxy).
+        #[arg(long, default_value = "127.0.0.1:9470")]
+        listen: std::net::SocketAddr,
+    },
     /// Verify and export the nodes' audit trails (security events chained
     /// by token MACs): JSON lines, each with its node, or a table.
     Audit {
@@ -196,6 +206,9 @@ struct NodeState {
     pid: Option<u32>,
     #[serde(default = "first_group")]
     group: u64,
+    /// The metrics listener (`GET /metrics`), as the node printed it.
+    #[serde(default)]
+    metrics_addr: Option<String>,
 }
 
 fn first_group() -> u64 {
@@ -315,6 +328,7 @@ fn create(
                 label,
                 pid: None,
                 group: n.group,
+                metrics_addr: None,
             },
         );
     }
@@ -476,6 +490,7 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .arg(format!("--node-id={id}"))
             .arg(format!("--listen={}", node.addr))
             .arg(format!("--peer-listen={}", node.peer_addr))
+            .arg("--metrics-listen=127.0.0.1:0")
             .arg(format!("--tls-cert={}", tls.server(*id).0.display()))
             .arg(format!("--tls-key={}", tls.server(*id).1.display()))
             .arg(format!("--tls-ca={}", tls.ca().display()))
@@ -526,6 +541,14 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
         // One at a time: the nodes share a SoftHSM token directory, and a
         // node opening its token while another writes its own can fail.
         wait_listening(&dir, *id, child.id())?;
+        if let Some(node) = state.nodes.get_mut(id) {
+            node.metrics_addr = std::fs::read_to_string(node_dir.join("node.out"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("hsm-vault metrics on "))
+                .map(|a| a.trim().to_owned());
+        }
+        save_state(&dir, &state)?;
         println!("node {id} ({region}, group {group}) listening on {addr}");
     }
     // Formed: a node that later comes back with a blank disk must rejoin
@@ -1118,6 +1141,7 @@ fn main() -> anyhow::Result<()> {
                     label: format!("vault-node-{id}"),
                     pid: None,
                     group: spec.group,
+                    metrics_addr: None,
                 },
             );
             save_state(&dir, &state)?;
@@ -1180,6 +1204,11 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::StopNode { id, kill } => down(&cli.dir, Some(id), kill),
         Cmd::Down => down(&cli.dir, None, false),
+        Cmd::Dashboard { listen } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(dashboard::serve(cli.dir.canonicalize()?, listen)),
         Cmd::Audit { node, table } => audit(&cli.dir, node, table),
     }
 }

@@ -285,6 +285,31 @@ pub async fn serve_metrics(
         .await
 }
 
+/// The sum of the samples of `name` in an OpenMetrics/Prometheus text
+/// scrape whose labels include every `label="value"` pair in `labels` (0 if
+/// none). For the dashboard and tests, not a general parser.
+pub fn sample_sum(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = labels.iter().all(|(k, v)| {
+                label_text
+                    .split(',')
+                    .any(|p| p.strip_prefix(*k).and_then(|r| r.strip_prefix('=')) == Some(&format!("\"{v}\"")))
+            });
+            (metric == name && wanted)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// The gRPC methods the nodes serve, as metric labels. Anything else is
 /// "other": label values never come from the caller.
 const METHODS: &[&str] = &[

@@ -560,23 +560,7 @@ fn dechunk(mut body: &str) -> String {
 /// The sum of the samples of `name` in a Prometheus text scrape whose
 /// labels include every `label="value"` pair in `labels` (0 if none).
 pub fn metric(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric_name, label_text) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let wanted = labels
-                .iter()
-                .all(|(k, v)| label_text.split(',').any(|p| p == format!("{k}=\"{v}\"")));
-            (metric_name == name && wanted)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
+    hsm_vault::telemetry::sample_sum(scrape, name, labels)
 }
 
 /// Free loopback ports for the members of a group. They are picked below
