@@ -15,6 +15,13 @@ if ! command -v softhsm2-util >/dev/null 2>&1 || \
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq softhsm2 >/dev/null
 fi
 
+# Headless Chromium, for the dashboard test (screenshot and rendered page).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium..." >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest..." >&2
   cargo install cargo-nextest --locked

@@ -137,7 +137,7 @@ struct FleetMetrics {
 impl FleetMetrics {
     fn new() -> Self {
         let m = FleetMetrics {
-            registry: Registry::with_prefix("vault_fleet"),
+            registry: Registry::default(),
             node_up: Family::default(),
             node_lag: Family::default(),
             group_leader: Family::default(),
@@ -280,7 +280,7 @@ async fn poll(dir: PathBuf, view: Arc<RwLock<View>>, metrics: Arc<FleetMetrics>)
         let mut probes = tokio::task::JoinSet::new();
         for (id, node) in state.nodes.clone() {
             let dir = dir.clone();
-            probes.spawn(async move { (id, probe(&dir, id, &node).await) });
+            probes.spawn(async move { (id, probe(&dir, &node).await) });
         }
         let mut now: BTreeMap<u64, Probe> = BTreeMap::new();
         while let Some(Ok((id, p))) = probes.join_next().await {
@@ -295,7 +295,7 @@ async fn poll(dir: PathBuf, view: Arc<RwLock<View>>, metrics: Arc<FleetMetrics>)
     }
 }
 
-async fn probe(dir: &Path, id: u64, node: &NodeState) -> Probe {
+async fn probe(dir: &Path, node: &NodeState) -> Probe {
     let info = tokio::time::timeout(ANSWER_WITHIN, async {
         let channel = client_api(dir, &node.addr, ANSWER_WITHIN).await.ok()?;
         VaultClient::new(channel)
@@ -320,7 +320,6 @@ async fn probe(dir: &Path, id: u64, node: &NodeState) -> Probe {
         }),
         _ => None,
     };
-    let _ = id;
     Probe {
         info,
         counters,
@@ -397,7 +396,11 @@ fn build(
         match &probe.info {
             Some(info) => {
                 down_since.remove(id);
-                n.health = if info.leader_id == 0 { "no-leader" } else { "up" };
+                n.health = if info.leader_id == 0 {
+                    "no-leader"
+                } else {
+                    "up"
+                };
                 n.role = match info.leader_id {
                     0 => "unknown",
                     l if l == *id => "leader",
@@ -478,14 +481,12 @@ fn recent_audit(dir: &Path, ids: impl Iterator<Item = u64>) -> Vec<AuditLine> {
                 time_ms: v["time_ms"].as_u64().unwrap_or(0),
                 node: v["node"].as_u64().unwrap_or(id),
                 event: v["event"].as_str().unwrap_or("?").to_owned(),
-                record: v["record"]
-                    .as_str()
-                    .map(|r| r.chars().take(12).collect()),
+                record: v["record"].as_str().map(|r| r.chars().take(12).collect()),
                 detail,
             });
         }
     }
-    lines.sort_by(|a, b| b.time_ms.cmp(&a.time_ms));
+    lines.sort_by_key(|l| std::cmp::Reverse(l.time_ms));
     lines.truncate(AUDIT_EVENTS);
     lines
 }
@@ -500,7 +501,8 @@ fn tail(path: &Path, bytes: u64) -> Option<String> {
     f.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     Some(if from > 0 {
-        text.split_once('\n').map_or(String::new(), |(_, rest)| rest.to_owned())
+        text.split_once('\n')
+            .map_or(String::new(), |(_, rest)| rest.to_owned())
     } else {
         text
     })

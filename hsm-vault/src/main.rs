@@ -367,9 +367,10 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                     me.addr
                 )
             })?;
-            if me.addr != peer_listen.to_string() {
+            if !binds(peer_listen, &me.addr) {
                 bail!(
-                    "--peer-listen {peer_listen} differs from this node's address in the group ({})",
+                    "--peer-listen {peer_listen} differs from this node's address in the group ({}); \
+                     an unspecified address (0.0.0.0 or [::]) with the same port also fits",
                     me.addr
                 );
             }
@@ -502,20 +503,13 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     // drain it.
     let (health, _) = tonic_health::server::health_reporter();
     const CLIENT_SERVICES: &[&str] = &["vault.v1.Vault"];
+    let serving = telemetry::Serving::new(health.clone(), CLIENT_SERVICES);
     match group_raft {
         Some(raft) => {
-            for s in ["", CLIENT_SERVICES[0]] {
-                health
-                    .set_service_status(s, tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-            tokio::spawn(telemetry::watch_raft(
-                raft,
-                health.clone(),
-                CLIENT_SERVICES.to_vec(),
-            ));
+            serving.set(false).await;
+            tokio::spawn(telemetry::watch_raft(raft, serving.clone()));
         }
-        None => telemetry::serving_alone(&health, CLIENT_SERVICES).await,
+        None => serving.set(true).await,
     }
     let health_server = || {
         tonic_health::pb::health_server::HealthServer::new(
@@ -531,18 +525,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     }
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    {
-        let health = health.clone();
-        tokio::spawn(async move {
-            shutdown().await;
-            for s in ["", CLIENT_SERVICES[0]] {
-                health
-                    .set_service_status(s, tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
-            let _ = stop.send(true);
-        });
-    }
+    tokio::spawn(async move {
+        shutdown().await;
+        serving.set(false).await;
+        let _ = stop.send(true);
+    });
     let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -632,6 +619,21 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether listening on `listen` serves `advertised` (this node's peer
+/// address in the group): the same address, or an unspecified one (all
+/// interfaces) on the same port, as behind a DNS name in a Kubernetes
+/// StatefulSet.
+fn binds(listen: SocketAddr, advertised: &str) -> bool {
+    if listen.to_string() == advertised {
+        return true;
+    }
+    listen.ip().is_unspecified()
+        && advertised
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            == Some(listen.port())
+}
+
 async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
@@ -687,4 +689,23 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
     tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::binds;
+
+    #[test]
+    fn a_peer_listener_serves_its_address_or_any_address_on_its_port() {
+        let listen = |s: &str| s.parse().expect("socket address");
+        assert!(binds(listen("127.0.0.1:7800"), "127.0.0.1:7800"));
+        assert!(binds(
+            listen("0.0.0.0:7800"),
+            "vault-eu-west-0.vault-peers.vault.svc:7800"
+        ));
+        assert!(binds(listen("[::]:7800"), "[fd00::1]:7800"));
+        assert!(!binds(listen("0.0.0.0:7801"), "vault-0.peers:7800"));
+        assert!(!binds(listen("127.0.0.1:7800"), "127.0.0.2:7800"));
+        assert!(!binds(listen("10.0.0.1:7800"), "vault-0.peers:7800"));
+    }
 }

@@ -263,23 +263,36 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// Serves `GET /metrics` (OpenMetrics text) on `listener` until `stop`.
+/// Serves `GET /metrics` (OpenMetrics text) and `GET /healthz` (200
+/// "SERVING" or 503 "NOT_SERVING", as the gRPC health service says: for
+/// probes that cannot speak gRPC over TLS) on `listener` until `stop`.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(|| async {
-            (
-                [(
-                    http::header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )],
-                metrics().encode(),
-            )
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|| async {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics().encode(),
+                )
+            }),
+        )
+        .route(
+            "/healthz",
+            axum::routing::get(|| async {
+                if SERVING.load(std::sync::atomic::Ordering::Relaxed) {
+                    (http::StatusCode::OK, "SERVING\n")
+                } else {
+                    (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(stop)
         .await
@@ -299,9 +312,10 @@ pub fn sample_sum(scrape: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 None => (series, ""),
             };
             let wanted = labels.iter().all(|(k, v)| {
-                label_text
-                    .split(',')
-                    .any(|p| p.strip_prefix(*k).and_then(|r| r.strip_prefix('=')) == Some(&format!("\"{v}\"")))
+                label_text.split(',').any(|p| {
+                    p.strip_prefix(*k).and_then(|r| r.strip_prefix('='))
+                        == Some(&format!("\"{v}\""))
+                })
             });
             (metric == name && wanted)
                 .then(|| value.parse::<f64>().ok())
@@ -481,16 +495,44 @@ where
     }
 }
 
+/// Whether the node serves clients, as the gRPC health service and the
+/// metrics listener's `/healthz` tell it.
+#[derive(Clone, Debug)]
+pub struct Serving {
+    health: tonic_health::server::HealthReporter,
+    services: &'static [&'static str],
+}
+
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl Serving {
+    pub fn new(
+        health: tonic_health::server::HealthReporter,
+        services: &'static [&'static str],
+    ) -> Self {
+        Serving { health, services }
+    }
+
+    /// Sets the overall status ("") and each service's.
+    pub async fn set(&self, up: bool) {
+        SERVING.store(up, std::sync::atomic::Ordering::Relaxed);
+        let status = if up {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        for s in std::iter::once("").chain(self.services.iter().copied()) {
+            self.health.set_service_status(s, status).await;
+        }
+    }
+}
+
 /// Keeps the Raft gauges and the health service in step with a replica's
 /// Raft state: the node serves (SERVING) while it knows a leader of its
 /// group, since it can then answer or forward; NOT_SERVING otherwise.
-pub async fn watch_raft(
-    raft: openraft::Raft<crate::replication::TypeConfig>,
-    health: tonic_health::server::HealthReporter,
-    services: Vec<&'static str>,
-) {
+pub async fn watch_raft(raft: openraft::Raft<crate::replication::TypeConfig>, serving: Serving) {
     let mut rx = raft.metrics();
-    let mut serving = None;
+    let mut shown = None;
     loop {
         let now = rx.borrow_and_update().clone();
         let m = metrics();
@@ -515,32 +557,13 @@ pub async fn watch_raft(
             }
         }
         let up = now.current_leader.is_some() && now.running_state.is_ok();
-        if serving != Some(up) {
-            serving = Some(up);
-            let status = if up {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            for s in std::iter::once("").chain(services.iter().copied()) {
-                health.set_service_status(s, status).await;
-            }
+        if shown != Some(up) {
+            shown = Some(up);
+            serving.set(up).await;
         }
         if rx.changed().await.is_err() {
             return;
         }
-    }
-}
-
-/// Serves gRPC health for a node without a group: SERVING from the start.
-pub async fn serving_alone(
-    health: &tonic_health::server::HealthReporter,
-    services: &[&'static str],
-) {
-    for s in services {
-        health
-            .set_service_status(*s, tonic_health::ServingStatus::Serving)
-            .await;
     }
 }
 

@@ -918,3 +918,14 @@ impl Drop for FleetDown {
         let _ = fleet_tool(&self.0, &["down"]);
     }
 }
+
+/// A child process killed (and reaped) when dropped.
+#[derive(Debug)]
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -513,3 +513,165 @@ fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
     );
     assert!(!again.status.success());
 }
+
+/// Headless Chromium: `--dump-dom` of `url` after its script ran (the page
+/// renders only from `/api/fleet`), and a screenshot into `png`.
+fn chromium(url: &str, png: &Path) -> String {
+    let base = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-extensions",
+        "--no-first-run",
+        "--hide-scrollbars",
+        "--window-size=1400,1100",
+        "--virtual-time-budget=3000",
+    ];
+    let profile = tempfile::tempdir().expect("profile dir");
+    let run = |extra: &str| {
+        let out = Command::new("chromium")
+            .args(base)
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(extra)
+            .arg(url)
+            .output()
+            .expect("chromium runs (scripts/ensure-deps.sh installs it)");
+        assert!(
+            out.status.success(),
+            "chromium: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&format!("--screenshot={}", png.display()));
+    assert!(
+        std::fs::metadata(png).map(|m| m.len()).unwrap_or(0) > 10_000,
+        "no screenshot"
+    );
+    run("--dump-dom")
+}
+
+/// The attributes of node `id`'s card in a dumped dashboard page.
+fn card(dom: &str, id: u64) -> String {
+    let start = dom
+        .find(&format!("data-node=\"{id}\""))
+        .unwrap_or_else(|| panic!("node {id} not on the dashboard"));
+    let tag_start = dom[..start].rfind('<').expect("tag");
+    let tag_end = start + dom[start..].find('>').expect("tag end");
+    dom[tag_start..tag_end].to_owned()
+}
+
+#[test]
+fn dashboard_shows_every_node_with_region_and_role_and_a_killed_node_turns_unhealthy() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, ports) = fleet_file(work.path());
+    let _down = vault_e2e::FleetDown(dir.clone());
+    ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    let status = settled(&dir, 5);
+    let leader_id = leader(&status).expect("leader");
+
+    let port = free_ports(1)[0];
+    let mut dashboard = vault_e2e::Reaped(
+        Command::new(bin("fleet"))
+            .arg("--dir")
+            .arg(&dir)
+            .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("fleet dashboard"),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    // Some traffic, for the rates and the audit events.
+    let endpoint = |id: u64| format!("https://127.0.0.1:{}", ports[id as usize - 1]);
+    register_key(&dir, work.path(), &endpoint(1), "dana");
+    for _ in 0..3 {
+        ok(recover_key(&dir, &endpoint(3), "dana", "pw"));
+    }
+    let api = |want: &dyn Fn(&serde_json::Value) -> bool| {
+        let start = Instant::now();
+        loop {
+            if let Ok((200, body)) = vault_e2e::http_get(addr, "/api/fleet") {
+                let v: serde_json::Value = serde_json::from_str(&body).expect("JSON view");
+                if want(&v) {
+                    return (v, start.elapsed());
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "the dashboard never showed it");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let up = |v: &serde_json::Value| v["totals"]["nodes_up"] == 5;
+    let (view, _) = api(&|v| up(v) && !v["audit"].as_array().is_none_or(Vec::is_empty));
+    assert_eq!(view["groups"][0]["leader"], leader_id);
+
+    let shots = vault_e2e::bin_dir()
+        .parent()
+        .expect("target dir")
+        .join("dashboard");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let url = format!("http://{addr}/");
+    let dom = chromium(&url, &shots.join("fleet.png"));
+    let regions = ["eu", "eu", "us", "us", "ap"];
+    for id in 1..=5u64 {
+        let c = card(&dom, id);
+        assert!(
+            c.contains(&format!("data-region=\"{}\"", regions[id as usize - 1])),
+            "{c}"
+        );
+        assert!(c.contains("data-health=\"up\""), "{c}");
+        let role = if id == leader_id {
+            "leader"
+        } else {
+            "follower"
+        };
+        assert!(c.contains(&format!("data-role=\"{role}\"")), "{c}");
+    }
+    assert_eq!(dom.matches(">healthy<").count(), 5);
+    assert!(dom.contains("5 / 5"), "nodes up total");
+    for event in ["registered", "guess_charged", "recovered"] {
+        assert!(
+            dom.contains(&format!(">{event}<")),
+            "{event} not in the audit list"
+        );
+    }
+    assert!(!dom.contains("dana"), "an account id on the dashboard");
+
+    // Kill a follower: it turns unhealthy within seconds.
+    let victim = leader_id % 5 + 1;
+    ok(fleet(
+        &dir,
+        &["stop-node", "--id", &victim.to_string(), "--kill"],
+    ));
+    let (_, took) = api(&|v| {
+        v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|n| n["id"] == victim && n["health"] == "down")
+    });
+    println!("node {victim} shown down {took:?} after the kill");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let dom = chromium(&url, &shots.join("fleet-node-down.png"));
+    assert!(card(&dom, victim).contains("data-health=\"down\""));
+    assert!(dom.contains(">DOWN<"));
+    assert!(dom.contains("4 / 5"));
+    let (status, metrics) = vault_e2e::http_get(addr, "/metrics").expect("fleet metrics");
+    assert_eq!(status, 200);
+    assert_eq!(vault_e2e::metric(&metrics, "vault_fleet_node_up", &[]), 4.0);
+    assert_eq!(
+        vault_e2e::metric(
+            &metrics,
+            "vault_fleet_node_up",
+            &[("node", &victim.to_string())]
+        ),
+        0.0
+    );
+    dashboard.0.kill().ok();
+}

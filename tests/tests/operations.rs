@@ -371,6 +371,13 @@ async fn operations_health_follows_the_leader_and_reflection_lists_services_with
         ServingStatus::NotServing
     );
     assert_eq!(health(&first, "").await, ServingStatus::NotServing);
+    // The same over plain HTTP on the metrics listener, for probes.
+    let healthz = |n: &VaultNode| {
+        vault_e2e::http_get(n.metrics_addr(), "/healthz")
+            .expect("healthz")
+            .0
+    };
+    assert_eq!(healthz(&nodes[0]), 503);
     // With a second member the group elects a leader and both serve.
     nodes[1].restart();
     let start = Instant::now();
@@ -381,6 +388,7 @@ async fn operations_health_follows_the_leader_and_reflection_lists_services_with
         }
     }
     assert_eq!(health(&first, "").await, ServingStatus::Serving);
+    assert_eq!(healthz(&nodes[0]), 200);
 
     // Reflection: the client listener names what it serves, and only that.
     let expected: BTreeSet<String> = [
