@@ -16,13 +16,17 @@ vault() { "$bin/vault" "$@"; }
 demo=$(pwd)/.demo
 if [ -f "$demo/fleet/state.json" ]; then fleet down >/dev/null 2>&1 || true; fi
 rm -rf "$demo"; mkdir -p "$demo"
-trap 'fleet down >/dev/null 2>&1 || true' EXIT
+dashboard_pid=
+trap 'fleet down >/dev/null 2>&1 || true; [ -z "$dashboard_pid" ] || kill "$dashboard_pid" 2>/dev/null || true' EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "1. a local fleet: 5 nodes, 3 regions, one SoftHSM2 token each"
 fleet up --fleet-file deploy/local-fleet/fleet.toml
 for _ in $(seq 1 100); do fleet status | awk '$6 == "leader"' | grep -q . && break; sleep 0.1; done
 fleet status
+fleet dashboard --listen 127.0.0.1:9470 > "$demo/dashboard.out" 2>&1 &
+dashboard_pid=$!
+echo "live dashboard: http://127.0.0.1:9470/ (while the demo runs; JSON at /api/fleet)"
 
 export VAULT_PUBLIC_KEY=$demo/fleet/vault.pub
 export VAULT_CA_CERT=$demo/fleet/tls/ca.pem   # the client checks each node's TLS certificate
@@ -58,6 +62,17 @@ cat "$demo/restore.err"
 cmp "$demo/chats.db" "$demo/restored.db" && echo "restored file is identical"
 vault status --account "$account" --token-file "$demo/alice.token"
 fleet status
+
+step "metrics: every node serves Prometheus metrics (counters since it started)"
+sleep 1
+for addr in $(grep -o '"metrics_addr": *"[^"]*"' "$demo/fleet/state.json" | cut -d'"' -f4); do
+  if scrape=$(curl -sf "http://$addr/metrics"); then
+    echo "$addr: $(grep -E '^vault_(guesses_charged|recoveries|lockouts)_total|^vault_raft_is_leader' <<< "$scrape" | tr '\n' ' ')"
+  else
+    echo "$addr: no answer (the killed node)"
+  fi
+done
+curl -s -o /dev/null -w "dashboard answered HTTP %{http_code}\n" http://127.0.0.1:9470/api/fleet
 
 step "6. backup with a 64-digit key instead of the vault"
 vault backup create --no-vault --in "$demo/chats.db" --out "$demo/chats-key.enc" > "$demo/key.txt"

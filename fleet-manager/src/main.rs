@@ -376,12 +376,24 @@ fn create(
         &pin,
         KeySetup::GenerateIfMissing,
     )?;
-    for id in ids {
+    let targets: Vec<u64> = ids.collect();
+    let ceremony = Instant::now();
+    println!(
+        "ceremony: domain keys generated in node {first}'s token; cloning them into {} more",
+        targets.len()
+    );
+    for (step, id) in targets.iter().enumerate() {
         let target_pin = read(dir.join(format!("node-{id}/user.pin")))?;
-        let enrollment = Enrollment::begin(&module, &nodes[&id].label, &target_pin)?;
+        let enrollment = Enrollment::begin(&module, &nodes[id].label, &target_pin)?;
         let package = source.export_for_clone(&so_pin, &pin, enrollment.transport_public_key())?;
         enrollment.complete(&package)?;
-        println!("node {id}: domain keys cloned from node {first} (wrapped under a trusted transport key)");
+        println!(
+            "[{}/{}] node {id}: domain keys cloned from node {first} (wrapped under a trusted \
+             transport key), {:.1} s",
+            step + 1,
+            targets.len(),
+            ceremony.elapsed().as_secs_f64()
+        );
     }
     std::fs::write(dir.join("faults.json"), "{}")?;
     Ok(State {
@@ -466,6 +478,7 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
     };
     let first = *state.nodes.keys().next().context("no node")?;
     let ids: Vec<u64> = state.nodes.keys().copied().collect();
+    let started = Instant::now();
     // One node per group forms it, on the fleet's first start.
     let founders: Vec<u64> = {
         let mut seen = std::collections::BTreeSet::new();
@@ -549,7 +562,12 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
                 .map(|a| a.trim().to_owned());
         }
         save_state(&dir, &state)?;
-        println!("node {id} ({region}, group {group}) listening on {addr}");
+        println!(
+            "[{}/{}] node {id} ({region}, group {group}) listening on {addr}, {:.1} s",
+            ids.iter().position(|i| i == id).map_or(0, |p| p + 1),
+            ids.len(),
+            started.elapsed().as_secs_f64()
+        );
     }
     // Formed: a node that later comes back with a blank disk must rejoin
     // through membership changes, never form a group of its own.
@@ -844,6 +862,46 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no running member to clone the keys from")))
 }
 
+/// Prints, every second, how far a learner is behind its leader until
+/// aborted: entries applied, the rate, and the time left at that rate.
+async fn catch_up_progress(dir: PathBuf, (id, addr): (u64, String), leader_addr: String) {
+    let applied = |addr: String| {
+        let dir = dir.clone();
+        async move {
+            let channel = client_api(&dir, &addr, Duration::from_secs(1)).await.ok()?;
+            VaultClient::new(channel)
+                .get_info(pb::GetInfoRequest {})
+                .await
+                .ok()
+                .map(|i| i.into_inner().applied_index)
+        }
+    };
+    let started = Instant::now();
+    let mut first: Option<u64> = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (Some(target), learner) = (
+            applied(leader_addr.clone()).await,
+            applied(addr.clone()).await,
+        ) else {
+            continue;
+        };
+        let done = learner.unwrap_or(0);
+        let from = *first.get_or_insert(done);
+        let rate = (done - from.min(done)) as f64 / started.elapsed().as_secs_f64();
+        let left = target.saturating_sub(done);
+        println!(
+            "node {id} catching up: applied {done} of {target} entries ({:.0}%), {rate:.0} entries/s{}",
+            if target == 0 { 100.0 } else { done as f64 * 100.0 / target as f64 },
+            if rate >= 1.0 {
+                format!(", about {:.0} s left", left as f64 / rate)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
 async fn membership(
     dir: &Path,
     state: &State,
@@ -858,7 +916,16 @@ async fn membership(
             id,
             addr: node.peer_addr.clone(),
         };
-        c.add_learner(signed(dir, "AddLearner", &body)?).await?;
+        // The leader answers once the learner has caught up (from a
+        // snapshot, then the log): meanwhile, show how far it is.
+        let progress = tokio::spawn(catch_up_progress(
+            dir.to_owned(),
+            (id, node.addr.clone()),
+            leader_node.addr.clone(),
+        ));
+        let added = c.add_learner(signed(dir, "AddLearner", &body)?).await;
+        progress.abort();
+        added?;
         println!("node {id}: added as a learner (caught up) via leader {leader_id}");
     }
     let body = hsm_vault::replication::operator::ChangeMembership {

@@ -182,6 +182,19 @@ impl FleetFile {
         self.nodes.iter().find(|n| n.id == id)
     }
 
+    /// The longest round trip between two members of `group`, from the
+    /// latency table.
+    pub fn group_round_trip(&self, group: GroupId) -> Duration {
+        let members: Vec<&NodeSpec> = self.group_nodes(group).collect();
+        members
+            .iter()
+            .flat_map(|a| members.iter().map(move |b| (a, b)))
+            .filter(|(a, b)| a.id != b.id)
+            .map(|(a, b)| 2 * self.latency(&a.region, &b.region))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// One-way latency between two regions (the intra-region figure inside
     /// one; 0 when the table says nothing).
     pub fn latency(&self, a: &str, b: &str) -> Duration {

@@ -136,6 +136,14 @@ struct Args {
     /// snapshot.
     #[arg(long, env = "HSM_VAULT_SNAPSHOT_EVERY", default_value_t = 5000)]
     snapshot_every: u64,
+    /// Raft heartbeat interval in milliseconds. It must exceed the longest
+    /// round trip between the group's members (each AppendEntries has one
+    /// interval to be answered). Default: from the fleet file's latency
+    /// table (5/4 of the longest round trip + 100 ms, at least 100 ms); set
+    /// it for a real multi-region group. Elections follow after 5–10
+    /// heartbeats of silence.
+    #[arg(long, env = "HSM_VAULT_RAFT_HEARTBEAT_MS")]
+    raft_heartbeat_ms: Option<u64>,
     /// The audit trail: security events, chained by token MACs (default:
     /// `audit.log` in --data-dir). `vault-audit` verifies and exports it.
     #[arg(long, env = "HSM_VAULT_AUDIT_LOG")]
@@ -393,7 +401,15 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 other => other.context("opening the Raft log")?,
             };
             let resync_floor = log.resync_floor();
-            let config = hsm_vault::replication::raft_config(args.snapshot_every)
+            let heartbeat = args.raft_heartbeat_ms.unwrap_or_else(|| {
+                hsm_vault::replication::heartbeat_for(
+                    fleet
+                        .as_ref()
+                        .map_or(Duration::ZERO, |f| f.group_round_trip(group)),
+                )
+            });
+            tracing::info!(heartbeat_ms = heartbeat, "Raft heartbeat");
+            let config = hsm_vault::replication::raft_config(args.snapshot_every, heartbeat)
                 .context("Raft configuration")?;
             let geo = Geography::new(id, fleet.clone(), args.faults_file.clone());
             // Raft and forwarded requests share the connections to peers.

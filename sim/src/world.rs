@@ -422,7 +422,10 @@ impl<'a> World<'a> {
         }
         .flushing(Flush::Inline);
         let floor = log.resync_floor();
-        let config = Arc::new(raft_config(self.opts.snapshot_every)?);
+        let config = Arc::new(raft_config(
+            self.opts.snapshot_every,
+            hsm_vault::replication::HEARTBEAT_MS,
+        )?);
         let net = NodeNet {
             net: self.net.clone(),
             me: id,

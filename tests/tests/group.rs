@@ -770,3 +770,72 @@ async fn invariant2_two_groups_split_the_records_and_any_node_serves_any_account
         assert_eq!(union, want, "group {group} holds exactly its records");
     }
 }
+
+/// Members 80 ms apart one way (a 160 ms round trip, past the 100 ms a
+/// heartbeat interval once allowed each AppendEntries): whichever member
+/// leads, the group commits. With a fixed 100 ms heartbeat every
+/// replication timed out and, once a far member led, the group stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant8_a_group_whose_members_are_a_long_round_trip_apart_commits_under_each_leader() {
+    let regions: Vec<String> = ["near", "far", "farther"].map(str::to_owned).into();
+    let layout = vault_e2e::Layout {
+        intra_region_ms: 1,
+        links: vec![
+            (regions[0].clone(), regions[1].clone(), 80),
+            (regions[0].clone(), regions[2].clone(), 80),
+            (regions[1].clone(), regions[2].clone(), 80),
+        ],
+        nodes: regions.iter().map(|r| (r.clone(), 1)).collect(),
+        regions,
+    };
+    let mut nodes = vault_e2e::prepare_layout(&layout, "far");
+    for n in &mut nodes {
+        n.restart();
+    }
+    let token = nodes[0].bearer("faraway");
+    let key = BackupKey::generate();
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"faraway", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    // Each member in turn leads (the leader is killed and restarted until
+    // every member has led), and a recovery commits its guess every time.
+    let mut led = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    while led.len() < nodes.len() {
+        assert!(start.elapsed() < Duration::from_secs(120), "led: {led:?}");
+        let l = leader_of(&nodes).await;
+        led.insert(l);
+        let got = eventually("recover under this leader", || async {
+            client(&nodes[(l + 1) % nodes.len()])
+                .await
+                .recover_key(b"faraway", PASSWORD)
+                .await
+        })
+        .await;
+        assert_eq!(got.0, key.0);
+        nodes[l].kill9();
+        // The others elect a leader among themselves before it returns.
+        let others: Vec<usize> = (0..nodes.len()).filter(|i| *i != l).collect();
+        eventually("a new leader", || async {
+            for i in &others {
+                let info = client(&nodes[*i])
+                    .await
+                    .raw()
+                    .get_info(pb::GetInfoRequest {})
+                    .await
+                    .map_err(ClientError::from)?
+                    .into_inner();
+                if info.leader_id != 0 && info.leader_id != l as u64 + 1 {
+                    return Ok(());
+                }
+            }
+            Err(ClientError::Protocol("no new leader yet"))
+        })
+        .await;
+        nodes[l].restart();
+    }
+}

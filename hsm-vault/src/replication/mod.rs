@@ -113,17 +113,40 @@ impl Flush {
     }
 }
 
+/// The heartbeat of a group whose members are close (the simulation's, and
+/// the floor of every group's).
+pub const HEARTBEAT_MS: u64 = 100;
+
+/// The heartbeat for a group whose longest round trip between members is
+/// `round_trip`: openraft gives every AppendEntries (replication, and the
+/// leadership check of a read) one heartbeat interval to be answered, so
+/// the interval must exceed the round trip, with room for the work at the
+/// far end. Otherwise a leader in a far region never hears back in time and
+/// the group stalls (while its heartbeats keep the followers from electing
+/// another).
+pub fn heartbeat_for(round_trip: std::time::Duration) -> u64 {
+    let rtt = u64::try_from(round_trip.as_millis()).unwrap_or(u64::MAX);
+    HEARTBEAT_MS.max(rtt.saturating_mul(5) / 4 + 100)
+}
+
 /// The Raft settings of every replica group (nodes and the simulation):
-/// 100 ms heartbeats, elections after 0.5–1 s of silence, a snapshot every
+/// heartbeats every `heartbeat_ms` (see [`heartbeat_for`]; 100 ms in one
+/// region), elections after 5–10 heartbeats of silence (at least
+/// 0.5–1 s), a snapshot every
 /// `snapshot_every` entries (the log then keeps at most 1,000 behind it),
 /// snapshots sent in binary chunks well under the largest Raft message
 /// (see `network.rs`).
-pub fn raft_config(snapshot_every: u64) -> Result<openraft::Config, openraft::ConfigError> {
+pub fn raft_config(
+    snapshot_every: u64,
+    heartbeat_ms: u64,
+) -> Result<openraft::Config, openraft::ConfigError> {
+    let heartbeat = heartbeat_ms.max(1);
+    let election = heartbeat.saturating_mul(5).max(500);
     openraft::Config {
         cluster_name: "hsm-vault".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        heartbeat_interval: heartbeat,
+        election_timeout_min: election,
+        election_timeout_max: election.saturating_mul(2),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1000),
         snapshot_max_chunk_size: 4 * 1024 * 1024,
