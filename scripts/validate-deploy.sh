@@ -110,12 +110,15 @@ def check_pod(where, pod):
             if e["name"] == "HSM_VAULT_PIN":
                 errors.append(f"{n}: HSM_VAULT_PIN in the environment (use a PIN file)")
         names = {p.get("name") for p in c.get("ports", [])}
+        numbers = {p.get("containerPort") for p in c.get("ports", [])}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             pr = c.get(probe) or {}
             for how in ("tcpSocket", "httpGet", "grpc"):
                 port = (pr.get(how) or {}).get("port")
                 if isinstance(port, str) and port not in names:
                     errors.append(f"{n}: {probe} names port {port!r}, which the container does not declare")
+                if isinstance(port, int) and port not in numbers:
+                    errors.append(f"{n}: {probe} probes port {port}, which the container does not declare")
         for ef in c.get("envFrom", []):
             if "secretRef" in ef:
                 errors.append(f"{n}: envFrom a Secret (mount it as a file)")
