@@ -929,3 +929,33 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// The index in `nodes` of the group's leader, once one is elected (30 s at
+/// most; nodes not running are skipped).
+pub async fn leader_of(nodes: &[VaultNode]) -> usize {
+    let start = Instant::now();
+    loop {
+        for (i, n) in nodes.iter().enumerate() {
+            let Some(endpoint) = n.endpoint_if_running() else {
+                continue;
+            };
+            let mut c = VaultClient::connect(&endpoint, &n.transport(), n.pinned_key())
+                .await
+                .expect("connect");
+            let info = c
+                .raw()
+                .get_info(vault_proto::vault::v1::GetInfoRequest {})
+                .await
+                .expect("info")
+                .into_inner();
+            if info.leader_id != 0 && info.leader_id == info.node_id {
+                return i;
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no leader elected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

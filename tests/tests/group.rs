@@ -64,29 +64,6 @@ async fn wrong_guess_released(endpoint: &str, pinned: [u8; 33], account: &[u8]) 
     )
 }
 
-async fn leader_of(nodes: &[VaultNode]) -> usize {
-    let start = Instant::now();
-    loop {
-        for (i, n) in nodes.iter().enumerate() {
-            if n.endpoint_if_running().is_none() {
-                continue;
-            }
-            let mut c = client(n).await;
-            let info = c
-                .raw()
-                .get_info(pb::GetInfoRequest {})
-                .await
-                .expect("info")
-                .into_inner();
-            if info.leader_id != 0 && info.leader_id == info.node_id {
-                return i;
-            }
-        }
-        assert!(start.elapsed() < DEADLINE, "no leader elected");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariant8_record_registered_through_one_node_is_recoverable_through_any_other() {
     let nodes = start_group(3, "any");
@@ -139,7 +116,7 @@ async fn invariant2_leader_killed_loses_no_acknowledged_guess_and_service_resume
         other => panic!("unexpected {other:?}"),
     }
 
-    let leader = leader_of(&nodes).await;
+    let leader = vault_e2e::leader_of(&nodes).await;
     nodes[leader].kill9();
     let survivor = (leader + 1) % 3;
     let token = nodes[survivor].bearer("alice");
@@ -281,7 +258,7 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
             .await
     })
     .await;
-    let leader = leader_of(&nodes).await;
+    let leader = vault_e2e::leader_of(&nodes).await;
     let f = (leader + 1) % 3;
 
     nodes[f].kill9();
@@ -350,7 +327,7 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
         other => panic!("unexpected {other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let leader = leader_of(&nodes).await;
+    let leader = vault_e2e::leader_of(&nodes).await;
     nodes[leader].kill9();
     let survivor = if leader == f { (f + 1) % 3 } else { f };
     let token = nodes[survivor].bearer("alice");
@@ -394,7 +371,7 @@ async fn region_partitioned_away_refuses_writes_and_catches_up_after_healing() {
             .await
     })
     .await;
-    let leader = leader_of(&nodes).await;
+    let leader = vault_e2e::leader_of(&nodes).await;
     let x = (leader + 1) % 3;
     let majority = (leader + 2) % 3;
     nodes[0].set_faults(&format!(
@@ -447,7 +424,7 @@ async fn region_partitioned_away_refuses_writes_and_catches_up_after_healing() {
     nodes[0].set_faults("{}");
     let start = Instant::now();
     loop {
-        let l = leader_of(&nodes).await;
+        let l = vault_e2e::leader_of(&nodes).await;
         let (mine, theirs) = (
             info(&nodes[x]).await.applied_index,
             info(&nodes[l]).await.applied_index,
@@ -543,7 +520,7 @@ async fn invariant8_leader_killed_during_a_stream_loses_no_acknowledged_write_an
     };
 
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let leader = leader_of(&nodes).await;
+    let leader = vault_e2e::leader_of(&nodes).await;
     nodes[leader].kill9();
 
     let acked = writer.await.expect("writer");
@@ -807,7 +784,7 @@ async fn invariant8_a_group_whose_members_are_a_long_round_trip_apart_commits_un
     let start = Instant::now();
     while led.len() < nodes.len() {
         assert!(start.elapsed() < Duration::from_secs(120), "led: {led:?}");
-        let l = leader_of(&nodes).await;
+        let l = vault_e2e::leader_of(&nodes).await;
         led.insert(l);
         let got = eventually("recover under this leader", || async {
             client(&nodes[(l + 1) % nodes.len()])

@@ -39,25 +39,6 @@ async fn channel(endpoint: &str) -> Channel {
         .expect("connect")
 }
 
-/// The leader's index in `nodes`, once the group has one.
-async fn leader(nodes: &[VaultNode]) -> usize {
-    let start = Instant::now();
-    loop {
-        for (i, n) in nodes.iter().enumerate() {
-            let info = RawClient::new(channel(&n.endpoint()).await)
-                .get_info(pb::GetInfoRequest {})
-                .await
-                .expect("info")
-                .into_inner();
-            if info.leader_id != 0 && info.leader_id == info.node_id {
-                return i;
-            }
-        }
-        assert!(start.elapsed() < DEADLINE, "no leader elected");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Sum of `name` over the scrapes.
 fn total(scrapes: &[String], name: &str, labels: &[(&str, &str)]) -> f64 {
     scrapes.iter().map(|s| metric(s, name, labels)).sum()
@@ -89,7 +70,7 @@ async fn operations_metrics_of_every_node_move_under_load_and_json_logs_carry_re
             .push(("RUST_LOG".into(), "info,hsm_vault=debug".into()));
         n.restart();
     }
-    let lead = leader(&nodes).await;
+    let lead = vault_e2e::leader_of(&nodes).await;
     let entry = (lead + 1) % nodes.len();
     let before: Vec<String> = nodes.iter().map(VaultNode::scrape).collect();
     for s in &before {
