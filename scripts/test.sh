@@ -21,7 +21,8 @@ cargo nextest run --workspace --locked --no-fail-fast
 # marked CKA_TRUSTED there); the vault refuses it with a clear error, which
 # hsm-vault's ceremony tests check on kryoptic instead.
 (cd kryoptic-module && cargo fmt -- --check)
-needs_cloning='binary_id(vault-e2e::group) | binary_id(vault-e2e::fleet)
+needs_cloning='binary_id(vault-e2e::group)
+  | (binary_id(vault-e2e::fleet) & not test(=fleet_up_serves_on_either_token_and_refuses_a_ceremony_it_cannot_do))
   | test(=tls_replica_group_replicates_and_forwards_over_mutual_tls)
   | test(=bench_catch_up_restores_every_record_from_a_snapshot)
   | test(=cloned_token_holds_the_same_domain_keys_still_protected)
