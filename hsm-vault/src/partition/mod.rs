@@ -913,3 +913,34 @@ impl PartitionSession {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::unwrap_der_octet_string;
+
+    /// SoftHSM's DER-wrapped `CKA_EC_POINT` and kryoptic's bare point give
+    /// the same SEC1 bytes, and a bare point whose second byte happens to
+    /// equal the length of the rest is not taken for DER.
+    #[test]
+    fn ec_point_in_der_or_bare_reads_the_same() {
+        let mut point = vec![0x04];
+        point.extend((0..64u8).map(|i| i.wrapping_mul(37)));
+        let mut der = vec![0x04, 65];
+        der.extend_from_slice(&point);
+        assert_eq!(unwrap_der_octet_string(&der).expect("der"), point);
+        assert_eq!(unwrap_der_octet_string(&point).expect("bare"), point);
+
+        let mut tricky = vec![0x04, 63];
+        tricky.extend([7u8; 63]);
+        assert_eq!(unwrap_der_octet_string(&tricky).expect("bare"), tricky);
+
+        let mut compressed = vec![0x02];
+        compressed.extend([9u8; 32]);
+        assert_eq!(
+            unwrap_der_octet_string(&compressed).expect("bare"),
+            compressed
+        );
+        assert!(unwrap_der_octet_string(&[0x04, 3, 1, 2, 3]).is_err());
+        assert!(unwrap_der_octet_string(&[]).is_err());
+    }
+}
