@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the build and the tests need when it is missing: SoftHSM2
-# (Debian package softhsm2) and cargo-nextest. Safe to run repeatedly.
+# (Debian package softhsm2), libclang, perl and make (the kryoptic module) and
+# cargo-nextest. Safe to run repeatedly.
 set -euo pipefail
 
 as_root() {
@@ -20,6 +21,15 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "installing chromium..." >&2
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
+# The kryoptic module (scripts/kryoptic.sh): bindgen needs libclang, and the
+# vendored OpenSSL needs perl and make.
+if ! { compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' || compgen -G '/usr/lib/*/libclang*.so*'; } \
+     >/dev/null || ! command -v perl >/dev/null || ! command -v make >/dev/null; then
+  echo "installing libclang-dev, perl, make (for the kryoptic module)..." >&2
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev perl make >/dev/null
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -34,6 +34,7 @@ use hsm_vault::geo::{Faults, FleetFile};
 use hsm_vault::partition::ceremony::Enrollment;
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use serde::{Deserialize, Serialize};
+use softhsm_test_harness::{Provider, TokenStore};
 use vault_proto::vault::node::v1::operator_client::OperatorClient;
 use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_client::VaultClient;
@@ -186,7 +187,13 @@ enum Cmd {
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct State {
     fleet_file: PathBuf,
-    softhsm_conf: PathBuf,
+    /// The token store's configuration file (every node's token).
+    #[serde(alias = "softhsm_conf")]
+    token_conf: PathBuf,
+    /// The PKCS#11 implementation holding the tokens (`VAULT_PKCS11` when
+    /// the fleet was made): `softhsm` or `kryoptic`.
+    #[serde(default = "default_provider")]
+    pkcs11: String,
     nodes: BTreeMap<u64, NodeState>,
     /// Whether the group was formed (`--init` is passed once, never to a
     /// node that comes back with a blank disk).
@@ -209,6 +216,30 @@ struct NodeState {
     /// The metrics listener (`GET /metrics`), as the node printed it.
     #[serde(default)]
     metrics_addr: Option<String>,
+}
+
+fn default_provider() -> String {
+    Provider::SoftHsm.name().into()
+}
+
+impl State {
+    fn provider(&self) -> anyhow::Result<Provider> {
+        Ok(Provider::parse(&self.pkcs11)?)
+    }
+
+    /// The environment variable and value through which a process's module
+    /// finds this fleet's tokens.
+    fn token_env(&self) -> anyhow::Result<(&'static str, &Path)> {
+        Ok((self.provider()?.conf_env(), &self.token_conf))
+    }
+
+    fn store(&self, module: &Path) -> anyhow::Result<TokenStore> {
+        let dir = self
+            .token_conf
+            .parent()
+            .context("token configuration without a directory")?;
+        Ok(TokenStore::open(self.provider()?, dir, module))
+    }
 }
 
 fn first_group() -> u64 {
@@ -283,42 +314,15 @@ fn create(
     fleet_file: &Path,
     module: &Path,
 ) -> anyhow::Result<State> {
-    let hsm = dir.join("softhsm");
-    std::fs::create_dir_all(hsm.join("tokens"))?;
-    let conf = hsm.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n\
-             slots.removable = false\nslots.mechanisms = ALL\nlibrary.reset_on_fork = false\n",
-            hsm.join("tokens").canonicalize()?.display()
-        ),
-    )?;
+    let provider = Provider::from_env()?;
+    let hsm = dir.join(provider.name());
+    std::fs::create_dir_all(&hsm)?;
+    let store = TokenStore::create(provider, &hsm, module)?;
+    let conf = store.conf_path();
     let mut nodes = BTreeMap::new();
     for n in &fleet.nodes {
         let label = format!("vault-node-{}", n.id);
-        let (pin, so_pin) = (random_hex(16), random_hex(16));
-        let node_dir = dir.join(format!("node-{}", n.id));
-        std::fs::create_dir_all(&node_dir)?;
-        write_secret(&node_dir.join("user.pin"), pin.as_bytes())?;
-        write_secret(&node_dir.join("so.pin"), so_pin.as_bytes())?;
-        let out = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args([
-                "--init-token",
-                "--free",
-                "--label",
-                &label,
-                "--pin",
-                &pin,
-                "--so-pin",
-                &so_pin,
-            ])
-            .output()
-            .context("running softhsm2-util (is the softhsm2 package installed?)")?;
-        if !out.status.success() {
-            bail!("softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        init_token(&store, &dir.join(format!("node-{}", n.id)), &label)?;
         nodes.insert(
             n.id,
             NodeState {
@@ -360,7 +364,7 @@ fn create(
     )?;
 
     // The ceremony: keys generated in the first token, cloned into the rest.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
+    std::env::set_var(provider.conf_env(), &conf);
     let module = Module::load(module).context("loading the PKCS#11 module")?;
     let read = |p: PathBuf| std::fs::read_to_string(p).map(zeroize::Zeroizing::new);
     let mut ids = nodes.keys().copied();
@@ -398,7 +402,8 @@ fn create(
     std::fs::write(dir.join("faults.json"), "{}")?;
     Ok(State {
         fleet_file: fleet_file.canonicalize()?,
-        softhsm_conf: conf,
+        token_conf: conf,
+        pkcs11: provider.name().into(),
         nodes,
         initialized: false,
     })
@@ -437,7 +442,7 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
     let fleet = FleetFile::load(fleet_file)?;
     let mut state = match load_state(&dir)? {
         Some(s) => s,
-        None if dir.join("softhsm").exists() => bail!(
+        None if dir.join("softhsm").exists() || dir.join("kryoptic").exists() => bail!(
             "{} holds tokens but no state.json: an earlier `fleet up` failed midway; \
              remove the directory and run `fleet up` again",
             dir.display()
@@ -487,6 +492,10 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .filter(|id| seen.insert(state.nodes[id].group))
             .collect()
     };
+    let (conf_env, token_conf) = {
+        let (env, conf) = state.token_env()?;
+        (env, conf.to_owned())
+    };
     for id in &ids {
         let node = state.nodes.get_mut(id).context("node")?;
         if node.pid.is_some_and(is_running) {
@@ -499,7 +508,7 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
             .open(node_dir.join("node.log"))?;
         let out = std::fs::File::create(node_dir.join("node.out"))?;
         let mut cmd = Command::new(&bin);
-        cmd.env("SOFTHSM2_CONF", &state.softhsm_conf)
+        cmd.env(conf_env, &token_conf)
             .arg(format!("--node-id={id}"))
             .arg(format!("--listen={}", node.addr))
             .arg(format!("--peer-listen={}", node.peer_addr))
@@ -679,29 +688,16 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_token(conf: &Path, node_dir: &Path, label: &str) -> anyhow::Result<()> {
+/// Initializes the token `label` of a node in the fleet's store, with
+/// random PINs written to the node's directory (mode 0600).
+fn init_token(store: &TokenStore, node_dir: &Path, label: &str) -> anyhow::Result<()> {
     let (pin, so_pin) = (random_hex(16), random_hex(16));
     std::fs::create_dir_all(node_dir)?;
     write_secret(&node_dir.join("user.pin"), pin.as_bytes())?;
     write_secret(&node_dir.join("so.pin"), so_pin.as_bytes())?;
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", conf)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            &pin,
-            "--so-pin",
-            &so_pin,
-        ])
-        .output()
-        .context("running softhsm2-util")?;
-    if !out.status.success() {
-        bail!("softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    store
+        .init_token(label, &pin, &so_pin)
+        .with_context(|| format!("initializing token {label}"))
 }
 
 /// The fleet's certificate directory.
@@ -819,14 +815,13 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
     let node = state.nodes.get(&id).context("unknown node")?;
     let node_dir = dir.join(format!("node-{id}"));
     // The old token (if any) is gone with the old disk.
-    let _ = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &state.softhsm_conf)
-        .args(["--delete-token", "--token", &node.label])
-        .output();
+    let store = state.store(module)?;
+    store.delete_token(&node.label)?;
     let _ = std::fs::remove_dir_all(node_dir.join("data"));
-    init_token(&state.softhsm_conf, &node_dir, &node.label)?;
+    init_token(&store, &node_dir, &node.label)?;
 
-    std::env::set_var("SOFTHSM2_CONF", &state.softhsm_conf);
+    let (conf_env, conf) = state.token_env()?;
+    std::env::set_var(conf_env, conf);
     let module = Module::load(module)?;
     let pin = zeroize::Zeroizing::new(std::fs::read_to_string(node_dir.join("user.pin"))?);
     let enrollment = Enrollment::begin(&module, &node.label, &pin)?;
@@ -1295,7 +1290,8 @@ fn audit(dir: &Path, only: Option<u64>, table: bool) -> anyhow::Result<()> {
         }
         let node_dir = dir.join(format!("node-{id}"));
         let mut cmd = std::process::Command::new(&tool);
-        cmd.env("SOFTHSM2_CONF", &state.softhsm_conf)
+        let (conf_env, conf) = state.token_env()?;
+        cmd.env(conf_env, conf)
             .arg("--log")
             .arg(node_dir.join("data/audit.log"))
             .arg("--token-label")

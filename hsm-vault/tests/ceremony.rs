@@ -1,11 +1,11 @@
-//! The key-cloning ceremony between two real SoftHSM2 tokens, in one
+//! The key-cloning ceremony between two real tokens (SoftHSM2 or kryoptic), in one
 //! process (one PKCS#11 context, tokens found by label).
 
 use std::sync::Arc;
 
 use hsm_vault::core::SecureCore;
 use hsm_vault::partition::ceremony::Enrollment;
-use hsm_vault::partition::{KeySetup, MacKey, Module, Partition};
+use hsm_vault::partition::{KeySetup, MacKey, Module, Partition, PartitionError};
 use softhsm_test_harness::{module_path, TestToken};
 
 struct Pair {
@@ -155,4 +155,48 @@ fn ceremony_needs_the_security_officer_and_refuses_enrolled_tokens() {
         .is_ok());
     // An enrolled token (the source) refuses to be enrolled again.
     assert!(Enrollment::begin(&p.module, "source", p.source_token.pin()).is_err());
+}
+
+/// Where the security officer cannot mark a key trusted (kryoptic 1.5 never
+/// lets `CKA_TRUSTED` be set), the domain keys, which may leave a token only
+/// under a trusted key, cannot leave it at all: the ceremony is refused with
+/// a clear error, the source keeps serving, and nothing reaches the target.
+/// Where it can (SoftHSM), the same steps clone the keys.
+#[test]
+fn invariant6_cloning_needs_a_key_the_security_officer_marked_trusted() {
+    let p = pair();
+    let enrollment = Enrollment::begin(&p.module, "target", &p.target_pin).expect("begin");
+    let exported = p.source.export_for_clone(
+        p.source_token.so_pin(),
+        p.source_token.pin(),
+        enrollment.transport_public_key(),
+    );
+    match softhsm_test_harness::provider() {
+        softhsm_test_harness::Provider::SoftHsm => {
+            assert_eq!(exported.expect("SoftHSM clones").keys.len(), 4);
+        }
+        softhsm_test_harness::Provider::Kryoptic => {
+            let err = exported.expect_err("kryoptic cannot mark the transport key trusted");
+            assert!(
+                matches!(err, PartitionError::CloningUnsupported(_)),
+                "{err}"
+            );
+            // The source is logged back in and still serves.
+            let s = p.source.session().expect("session");
+            s.hmac(MacKey::RecordId, b"still serving").expect("hmac");
+            for k in s.key_protection().expect("protection") {
+                assert!(k.sensitive && k.wrap_with_trusted, "{k:?}");
+                assert!(!k.value_readable && !k.wraps_under_untrusted_key, "{k:?}");
+            }
+            drop(enrollment);
+            let err = Partition::open_in(
+                &p.module,
+                "target",
+                &p.target_pin,
+                KeySetup::RequireExisting,
+            )
+            .expect_err("the target holds no domain key");
+            assert!(matches!(err, PartitionError::MissingKey(_)), "{err}");
+        }
+    }
 }

@@ -675,3 +675,56 @@ fn dashboard_shows_every_node_with_region_and_role_and_a_killed_node_turns_unhea
     );
     dashboard.0.kill().ok();
 }
+
+/// The fleet tool on either PKCS#11 implementation (`VAULT_PKCS11`): a
+/// one-node fleet is made (token, certificates, process), serves a key, and
+/// its audit trail verifies. Where the token cannot clone keys (kryoptic:
+/// no key can be marked `CKA_TRUSTED`), a fleet of several nodes is refused
+/// at the ceremony with a clear message and leaves no node running.
+#[test]
+fn fleet_up_serves_on_either_token_and_refuses_a_ceremony_it_cannot_do() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, ports) = fleet_file_with(work.path(), &["eu"], &[1]);
+    let _down = vault_e2e::FleetDown(dir.clone());
+    let up = ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    assert_eq!(up.matches("listening on").count(), 1, "{up}");
+    let endpoint = format!("https://127.0.0.1:{}", ports[0]);
+    let start = Instant::now();
+    let key = loop {
+        let status = ok(fleet(&dir, &["status"]));
+        if leader(&status) == Some(1) {
+            break register_key(&dir, work.path(), &endpoint, "uma");
+        }
+        assert!(start.elapsed() < DEADLINE, "no leader: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let recovered = recover_key(&dir, &endpoint, "uma", "pw");
+    assert!(
+        recovered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&recovered.stderr)
+    );
+    assert_eq!(recovered.stdout, key);
+    ok(fleet(&dir, &["down"]));
+    ok(fleet(&dir, &["audit"]));
+
+    if softhsm_test_harness::provider() == softhsm_test_harness::Provider::Kryoptic {
+        let two = work.path().join("two");
+        std::fs::create_dir_all(&two).expect("dir");
+        let (fleet_file, _) = fleet_file_with(&two, &["eu", "us"], &[1, 1]);
+        let dir = two.join("fleet");
+        let _down = vault_e2e::FleetDown(dir.clone());
+        let out = fleet(
+            &dir,
+            &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains("cannot clone keys"), "{err}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    }
+}

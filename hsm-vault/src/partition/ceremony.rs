@@ -33,6 +33,7 @@
 
 use std::sync::Arc;
 
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
@@ -128,6 +129,17 @@ fn transport_key(
     peer: &[u8],
     role: &[Attribute],
 ) -> Result<ObjectHandle, PartitionError> {
+    derive_transport_key(session, private, peer, role)?.map_err(op_err("derive transport key"))
+}
+
+/// [`transport_key`], with the token's own refusal kept apart (the outer
+/// error is a malformed peer key).
+fn derive_transport_key(
+    session: &Session,
+    private: ObjectHandle,
+    peer: &[u8],
+    role: &[Attribute],
+) -> Result<Result<ObjectHandle, CkError>, PartitionError> {
     let der = der_octets(peer)?;
     let mut template = vec![
         Attribute::Token(false),
@@ -138,13 +150,11 @@ fn transport_key(
         Attribute::Extractable(false),
     ];
     template.extend_from_slice(role);
-    session
-        .derive_key(
-            &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), &der)),
-            private,
-            &template,
-        )
-        .map_err(op_err("derive transport key"))
+    Ok(session.derive_key(
+        &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), &der)),
+        private,
+        &template,
+    ))
 }
 
 impl Partition {
@@ -174,7 +184,7 @@ impl Partition {
                 .login(UserType::So, Some(&AuthPin::new(so_pin.into())))
                 .map_err(|e| PartitionError::Login(format!("security officer: {e}")))?;
             let (public, private, point) = ephemeral_pair(&session, true)?;
-            let key = transport_key(
+            let key = match derive_transport_key(
                 &session,
                 private,
                 target_transport,
@@ -183,7 +193,30 @@ impl Partition {
                     Attribute::Trusted(true),
                     Attribute::Wrap(true),
                 ],
-            )?;
+            )? {
+                Ok(key) => Ok(key),
+                // kryoptic (1.5) lets nobody set CKA_TRUSTED, not even the
+                // SO: keys that may leave only under a trusted key cannot
+                // leave it at all.
+                Err(CkError::Pkcs11(
+                    rv @ (RvError::AttributeTypeInvalid
+                    | RvError::ActionProhibited
+                    | RvError::AttributeReadOnly),
+                    _,
+                )) => Err(PartitionError::CloningUnsupported(format!(
+                    "the security officer cannot mark the transport key trusted \
+                     (CKA_TRUSTED refused: {rv})"
+                ))),
+                Err(e) => Err(op_err("derive transport key")(e)),
+            };
+            let key = match key {
+                Ok(k) => k,
+                Err(e) => {
+                    let _ = session.destroy_object(private);
+                    let _ = session.destroy_object(public);
+                    return Err(e);
+                }
+            };
             session
                 .destroy_object(private)
                 .map_err(op_err("destroy transport key"))?;

@@ -32,6 +32,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
 use zeroize::Zeroizing;
 
 /// Labels of the domain keys inside the token. Changing one orphans the keys
@@ -74,6 +75,11 @@ pub enum PartitionError {
     MissingKey(&'static str),
     #[error("authenticated decryption failed: the sealed bytes were altered or belong elsewhere")]
     Integrity,
+    /// The token cannot mark a key trusted (`CKA_TRUSTED`), so keys that
+    /// leave it only under a trusted key (`CKA_WRAP_WITH_TRUSTED`) cannot
+    /// leave it at all: no cloning ceremony is possible from it.
+    #[error("this token cannot clone keys: {0}")]
+    CloningUnsupported(String),
     #[error("token operation {op} failed: {detail}")]
     Operation { op: &'static str, detail: String },
 }
@@ -106,6 +112,18 @@ pub struct Module {
 impl fmt::Debug for Module {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Module").finish_non_exhaustive()
+    }
+}
+
+/// Finalizing on drop lets the next [`Module::load`] in this process start
+/// afresh. SoftHSM is unloaded with the library anyway; kryoptic (a Rust
+/// shared object, which the C runtime does not unload) keeps its state, and
+/// would answer the next `C_Initialize` with `CKR_CRYPTOKI_ALREADY_INITIALIZED`
+/// and its old configuration. Every session belongs to a [`Partition`] or an
+/// enrollment that holds this module, so none outlives it.
+impl Drop for Module {
+    fn drop(&mut self) {
+        let _ = self.ctx.clone().finalize();
     }
 }
 
@@ -389,15 +407,31 @@ fn ake_key_pair(session: &Session) -> Result<(ObjectHandle, Vec<u8>), PartitionE
     Ok((private, read_ec_point(session, public)?))
 }
 
-/// `CKA_EC_POINT` is a DER OCTET STRING around the SEC1 point.
-fn unwrap_der_octet_string(der: &[u8]) -> Result<Vec<u8>, PartitionError> {
-    match der {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => {
+/// The SEC1 point in a `CKA_EC_POINT` value.
+///
+/// PKCS#11 up to 3.0 says `CKA_EC_POINT` is a DER OCTET STRING around the
+/// SEC1 point, and SoftHSM returns that; kryoptic follows PKCS#11 3.1 and
+/// returns the bare point unless configured otherwise
+/// (`ec_point_encoding`). Both are accepted. They cannot be confused: the
+/// DER form is taken only when what it wraps is itself a P-256 point (33 or
+/// 65 bytes with a SEC1 tag), and a bare point of those sizes has no room
+/// for the two header bytes.
+fn unwrap_der_octet_string(value: &[u8]) -> Result<Vec<u8>, PartitionError> {
+    let is_point = |p: &[u8]| match p.first() {
+        Some(0x04) => p.len() == 65,
+        Some(0x02 | 0x03) => p.len() == 33,
+        _ => false,
+    };
+    match value {
+        [0x04, len, rest @ ..]
+            if usize::from(*len) == rest.len() && *len < 0x80 && is_point(rest) =>
+        {
             Ok(rest.to_vec())
         }
+        bare if is_point(bare) => Ok(bare.to_vec()),
         _ => Err(PartitionError::Operation {
             op: "parse EC point",
-            detail: "CKA_EC_POINT is not a short DER OCTET STRING".into(),
+            detail: "CKA_EC_POINT is neither a SEC1 point nor one in a DER OCTET STRING".into(),
         }),
     }
 }
@@ -414,18 +448,35 @@ fn unwrap_der_octet_string(der: &[u8]) -> Result<Vec<u8>, PartitionError> {
 /// decrypts a private key's value at every operation's init: a few percent
 /// of a recovery). They vanish when the keeper session closes or the user
 /// logs out.
+///
+/// kryoptic refuses `CKA_EXTRACTABLE` in a `C_CopyObject` template
+/// (`CKR_ATTRIBUTE_READ_ONLY`), though it lets `C_SetAttributeValue` turn it
+/// off: there the copy is made as is and made non-extractable at once, and
+/// a copy that cannot be is destroyed rather than used.
 fn working_copies(keeper: &Session, token: DomainKeys) -> Result<DomainKeys, PartitionError> {
     let copy = |handle, label: &str| {
-        keeper
-            .copy_object(
-                handle,
-                &[
-                    Attribute::Token(false),
-                    Attribute::Extractable(false),
-                    Attribute::Label(format!("{label}/working-copy").into_bytes()),
-                ],
-            )
-            .map_err(op_err("copy a domain key into the session"))
+        let label = Attribute::Label(format!("{label}/working-copy").into_bytes());
+        match keeper.copy_object(
+            handle,
+            &[
+                Attribute::Token(false),
+                Attribute::Extractable(false),
+                label.clone(),
+            ],
+        ) {
+            Err(CkError::Pkcs11(RvError::AttributeReadOnly, _)) => {}
+            done => return done.map_err(op_err("copy a domain key into the session")),
+        }
+        let copy = keeper
+            .copy_object(handle, &[Attribute::Token(false), label])
+            .map_err(op_err("copy a domain key into the session"))?;
+        match keeper.update_attributes(copy, &[Attribute::Extractable(false)]) {
+            Ok(()) => Ok(copy),
+            Err(e) => {
+                let _ = keeper.destroy_object(copy);
+                Err(op_err("make a working copy non-extractable")(e))
+            }
+        }
     };
     Ok(DomainKeys {
         oprf_seed: copy(token.oprf_seed, labels::OPRF_SEED)?,
@@ -635,16 +686,22 @@ impl PartitionSession {
     /// supports only the null KDF), so the derived secret object is made
     /// extractable to read it and destroyed at once. It is a one-time DH
     /// share, never a long-term key.
+    ///
+    /// The peer's point goes to the token uncompressed, in a DER OCTET
+    /// STRING. SoftHSM wants the DER form; kryoptic takes the bare point and
+    /// recognizes DER only when it is longer than an uncompressed point, so
+    /// a compressed point in DER (35 bytes) fails there. An uncompressed
+    /// point in DER (67 bytes) is read right by both, and decompressing it
+    /// here also refuses a point off the curve before the token sees it.
     pub fn ecdh_x(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
-        let mut der = Vec::with_capacity(peer.len() + 2);
-        der.push(0x04);
-        der.push(
-            u8::try_from(peer.len()).map_err(|_| PartitionError::Operation {
+        let point = p256::PublicKey::from_sec1_bytes(peer)
+            .map_err(|_| PartitionError::Operation {
                 op: "ECDH",
-                detail: "peer point too long".into(),
-            })?,
-        );
-        der.extend_from_slice(peer);
+                detail: "the peer's public key is not a P-256 point".into(),
+            })?
+            .to_encoded_point(false);
+        let mut der = vec![0x04, 65];
+        der.extend_from_slice(point.as_bytes());
         let s = self.s();
         let derived = s
             .derive_key(
@@ -785,6 +842,40 @@ impl PartitionSession {
                 ],
             )
             .map_err(op_err("generate probe key"))?;
+        // Every AES wrap mechanism cryptoki can name: SoftHSM offers
+        // CKM_AES_KEY_WRAP_PAD, kryoptic only CKM_AES_KEY_WRAP (and
+        // CKM_AES_KEY_WRAP_KWP, which cryptoki 0.12 cannot name). A probe
+        // with a mechanism the token lacks would be refused whatever the
+        // key's protection, so a control key shows first that the probe can
+        // wrap at all.
+        let wraps = |handle| {
+            [Mechanism::AesKeyWrap, Mechanism::AesKeyWrapPad]
+                .iter()
+                .any(|m| s.wrap_key(m, probe, handle).is_ok())
+        };
+        let control = s
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(false),
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(true),
+                ],
+            )
+            .map_err(op_err("generate control key"))?;
+        let control_wraps = wraps(control);
+        let _ = s.destroy_object(control);
+        if !control_wraps {
+            let _ = s.destroy_object(probe);
+            return Err(PartitionError::Operation {
+                op: "key protection probe",
+                detail: "the token wraps no key under an AES key: the probe would prove nothing"
+                    .into(),
+            });
+        }
         let mut out = Vec::new();
         for (label, handle) in [
             (labels::OPRF_SEED, k.oprf_seed),
@@ -820,12 +911,42 @@ impl PartitionSession {
                     _ => {}
                 }
             }
-            p.wraps_under_untrusted_key =
-                s.wrap_key(&Mechanism::AesKeyWrapPad, probe, handle).is_ok();
+            p.wraps_under_untrusted_key = wraps(handle);
             out.push(p);
         }
         s.destroy_object(probe)
             .map_err(op_err("destroy probe key"))?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unwrap_der_octet_string;
+
+    /// SoftHSM's DER-wrapped `CKA_EC_POINT` and kryoptic's bare point give
+    /// the same SEC1 bytes, and a bare point whose second byte happens to
+    /// equal the length of the rest is not taken for DER.
+    #[test]
+    fn ec_point_in_der_or_bare_reads_the_same() {
+        let mut point = vec![0x04];
+        point.extend((0..64u8).map(|i| i.wrapping_mul(37)));
+        let mut der = vec![0x04, 65];
+        der.extend_from_slice(&point);
+        assert_eq!(unwrap_der_octet_string(&der).expect("der"), point);
+        assert_eq!(unwrap_der_octet_string(&point).expect("bare"), point);
+
+        let mut tricky = vec![0x04, 63];
+        tricky.extend([7u8; 63]);
+        assert_eq!(unwrap_der_octet_string(&tricky).expect("bare"), tricky);
+
+        let mut compressed = vec![0x02];
+        compressed.extend([9u8; 32]);
+        assert_eq!(
+            unwrap_der_octet_string(&compressed).expect("bare"),
+            compressed
+        );
+        assert!(unwrap_der_octet_string(&[0x04, 3, 1, 2, 3]).is_err());
+        assert!(unwrap_der_octet_string(&[]).is_err());
     }
 }
