@@ -26,6 +26,8 @@ cargo nextest run --workspace --locked --no-fail-fast
 # hsm-vault's ceremony tests check on kryoptic instead.
 (cd kryoptic-module && cargo fmt -- --check)
 needs_cloning='binary_id(vault-e2e::group)
+  | test(=operations_metrics_of_every_node_move_under_load_and_json_logs_carry_request_ids)
+  | test(=operations_health_follows_the_leader_and_reflection_lists_services_without_protos)
   | (binary_id(vault-e2e::fleet) & not test(=fleet_up_serves_on_either_token_and_refuses_a_ceremony_it_cannot_do))
   | test(=tls_replica_group_replicates_and_forwards_over_mutual_tls)
   | test(=bench_catch_up_restores_every_record_from_a_snapshot)
