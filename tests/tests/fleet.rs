@@ -133,7 +133,13 @@ fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader
         &dir,
         &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
     ));
-    assert_eq!(up.matches("domain keys cloned").count(), 4, "{up}");
+    // The domain keys reach the other four tokens by the ceremony, or where
+    // the tokens cannot clone, by import into all five.
+    if softhsm_test_harness::provider().can_clone() {
+        assert_eq!(up.matches("domain keys cloned").count(), 4, "{up}");
+    } else {
+        assert_eq!(up.matches("domain keys imported").count(), 5, "{up}");
+    }
     assert_eq!(up.matches("listening on").count(), 5, "{up}");
 
     let start = Instant::now();
