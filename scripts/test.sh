@@ -19,7 +19,7 @@ cargo nextest run --workspace --locked --no-fail-fast
 # The same suite against a second PKCS#11 implementation, kryoptic (see
 # ARCHITECTURE.md, *Second PKCS#11 implementation*). Its module is built
 # once per checkout (about 3.5 minutes on 2 cores: OpenSSL from source),
-# kept in kryoptic-module/target; the pass itself takes about a minute.
+# kept in kryoptic-module/target; the pass itself takes about three minutes.
 # kryoptic 1.5 cannot mark any key CKA_TRUSTED, so no cloning ceremony is
 # possible there (the domain keys stay CKA_WRAP_WITH_TRUSTED; the vault
 # refuses with a clear error, which hsm-vault's ceremony tests check on
