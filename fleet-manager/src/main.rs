@@ -32,6 +32,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hsm_vault::geo::{Faults, FleetFile};
 use hsm_vault::partition::ceremony::Enrollment;
+use hsm_vault::partition::import::DomainKeyMaterial;
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use serde::{Deserialize, Serialize};
 use softhsm_test_harness::{Provider, TokenStore};
@@ -374,6 +375,17 @@ fn create(
         read(first_dir.join("user.pin"))?,
         read(first_dir.join("so.pin"))?,
     );
+    if !provider.can_clone() {
+        import_into_every_token(dir, &module, &nodes)?;
+        std::fs::write(dir.join("faults.json"), "{}")?;
+        return Ok(State {
+            fleet_file: fleet_file.canonicalize()?,
+            token_conf: conf,
+            pkcs11: provider.name().into(),
+            nodes,
+            initialized: false,
+        });
+    }
     let source = Partition::open_in(
         &module,
         &nodes[&first].label,
@@ -407,6 +419,42 @@ fn create(
         nodes,
         initialized: false,
     })
+}
+
+/// Provisioning for tokens that cannot clone (kryoptic): the domain keys
+/// are generated in this process's memory and imported into every node's
+/// token (`hsm_vault::partition::import`). They exist outside a token while
+/// this runs, which the ceremony avoids; it is a local and test fleet's
+/// path, said so on the terminal. Nodes added later still need a ceremony
+/// (`add-node`), which such tokens refuse.
+fn import_into_every_token(
+    dir: &Path,
+    module: &std::sync::Arc<Module>,
+    nodes: &BTreeMap<u64, NodeState>,
+) -> anyhow::Result<()> {
+    println!(
+        "provisioning: these tokens cannot clone keys (no key can be marked CKA_TRUSTED), \
+         so the domain keys are generated in the fleet manager's memory and imported into \
+         each of the {} tokens; they exist outside a token until this step ends (zeroized \
+         then). For test fleets only: production HSMs use the cloning ceremony",
+        nodes.len()
+    );
+    let material = DomainKeyMaterial::generate();
+    let start = Instant::now();
+    for (step, (id, node)) in nodes.iter().enumerate() {
+        let pin = zeroize::Zeroizing::new(std::fs::read_to_string(
+            dir.join(format!("node-{id}/user.pin")),
+        )?);
+        Partition::import_domain_keys(module, &node.label, &pin, &material)
+            .with_context(|| format!("importing the domain keys into node {id}'s token"))?;
+        println!(
+            "[{}/{}] node {id}: domain keys imported (not cloned), {:.1} s",
+            step + 1,
+            nodes.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// Waits until node `id` prints its listening line, or says why it died.
@@ -811,6 +859,22 @@ async fn leader(dir: &Path, state: &State, group: u64) -> anyhow::Result<(u64, N
 
 /// Gives node `id` a new token holding the domain keys: the ceremony with
 /// a running member as the source, vouched for by the operator's signature.
+/// A node enrolled into a running fleet gets the domain keys only by a
+/// ceremony with a member (`ExportKeys`): refused up front, before any
+/// node is stopped or token deleted, where the tokens cannot clone.
+fn refuse_without_ceremony(state: &State) -> anyhow::Result<()> {
+    let provider = state.provider()?;
+    if !provider.can_clone() {
+        bail!(
+            "this fleet's tokens ({}) cannot clone keys (no key can be marked CKA_TRUSTED): \
+             a node can join a running fleet only by a cloning ceremony; its keys were \
+             imported at `fleet up` instead, which is done only when the fleet is made",
+            provider.name()
+        );
+    }
+    Ok(())
+}
+
 async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Result<()> {
     let node = state.nodes.get(&id).context("unknown node")?;
     let node_dir = dir.join(format!("node-{id}"));
@@ -1170,6 +1234,7 @@ fn main() -> anyhow::Result<()> {
             // one must not vote until it is a fresh member: remove the id,
             // enroll a new token, rejoin as a learner, promote once caught up.
             let dir = cli.dir.canonicalize()?;
+            refuse_without_ceremony(&load_state(&dir)?.context("no fleet here")?)?;
             down(&dir, Some(id), true)?;
             let state = load_state(&dir)?.context("no fleet here")?;
             let group = state.group_of(id)?;
@@ -1187,6 +1252,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::AddNode { id, pkcs11_module } => {
             let dir = cli.dir.canonicalize()?;
             let mut state = load_state(&dir)?.context("no fleet here")?;
+            refuse_without_ceremony(&state)?;
             if state.nodes.contains_key(&id) {
                 bail!("node {id} is already in the fleet");
             }

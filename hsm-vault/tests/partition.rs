@@ -45,6 +45,7 @@ fn invariant6_domain_keys_are_sensitive_and_not_plaintext_extractable() {
             "{} must not wrap under an untrusted key",
             k.label
         );
+        assert!(k.local, "{} was generated in the token", k.label);
     }
 }
 

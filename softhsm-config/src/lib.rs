@@ -94,6 +94,18 @@ impl Provider {
         }
     }
 
+    /// Whether the vault's cloning ceremony works on this provider's tokens.
+    /// kryoptic 1.5 cannot mark a key `CKA_TRUSTED` (not even as the SO), so
+    /// keys that leave a token only under a trusted key cannot leave it at
+    /// all: several of its tokens get the same domain keys only by
+    /// provisioning-time import (`hsm_vault::partition::import`).
+    pub fn can_clone(self) -> bool {
+        match self {
+            Provider::SoftHsm => true,
+            Provider::Kryoptic => false,
+        }
+    }
+
     /// The environment variable through which the module finds its
     /// configuration file.
     pub fn conf_env(self) -> &'static str {

@@ -701,6 +701,7 @@ pub fn prepare_layout_with(layout: &Layout, prefix: &str, tls: bool) -> Vec<Vaul
     let n = layout.nodes.len();
     let group_of: Vec<usize> = layout.nodes.iter().map(|(_, g)| *g).collect();
     use hsm_vault::partition::ceremony::Enrollment;
+    use hsm_vault::partition::import::DomainKeyMaterial;
     use hsm_vault::partition::{KeySetup, Module};
 
     let first = format!("{prefix}-1");
@@ -713,7 +714,20 @@ pub fn prepare_layout_with(layout: &Layout, prefix: &str, tls: bool) -> Vec<Vaul
         std::fs::write(&pin_file, pin).expect("pin file");
         pins.push((label, pin_file));
     }
-    {
+    if !token.provider().can_clone() {
+        // No ceremony is possible on this provider (kryoptic: no key can be
+        // CKA_TRUSTED): the domain keys are generated here, in memory, and
+        // imported into every token, a provisioning path for test fleets
+        // only (`hsm_vault::partition::import`).
+        token.use_in_this_process().expect("env");
+        let module = Module::load(&module_path()).expect("module");
+        let material = DomainKeyMaterial::generate();
+        for (label, pin_file) in &pins {
+            let pin = std::fs::read_to_string(pin_file).expect("pin");
+            Partition::import_domain_keys(&module, label, pin.trim(), &material)
+                .expect("import domain keys");
+        }
+    } else {
         token.use_in_this_process().expect("env");
         let module = Module::load(&module_path()).expect("module");
         let source = Partition::open_in(&module, &first, token.pin(), KeySetup::GenerateIfMissing)

@@ -10,6 +10,10 @@
 //! - Domain keys are `CKA_SENSITIVE` and extractable only wrapped under a
 //!   trusted key (`CKA_WRAP_WITH_TRUSTED`), so a later cloning ceremony can copy
 //!   them to another token without a plaintext copy ever existing.
+//! - The one exception is explicit provisioning for tokens that cannot clone
+//!   ([`import`]): the provisioner creates the same keys, with the same
+//!   protections, from material it generated in memory. The token reports
+//!   such keys as not local, and [`KeyProtection`] says so.
 //! - The token is found by its label, never by slot number (SoftHSM renumbers
 //!   slots), and the user PIN never comes from the command line.
 //! - A PKCS#11 `Session` is `Send` but not `Sync`: each worker checks one out
@@ -18,6 +22,7 @@
 //! Where SoftHSM differs from a real HSM it is said at the call site.
 
 pub mod ceremony;
+pub mod import;
 
 use std::fmt;
 use std::path::Path;
@@ -644,8 +649,38 @@ pub struct KeyProtection {
     /// Whether `CKA_VALUE` could be read in plaintext (must be false).
     pub value_readable: bool,
     /// Whether wrapping under a fresh, untrusted AES key succeeded (must be
-    /// false).
+    /// false). Tried on the token object and on its working copy.
     pub wraps_under_untrusted_key: bool,
+    /// `CKA_LOCAL` of the token object: true only for a key generated in
+    /// this token. A key cloned by the ceremony (unwrapped) or imported at
+    /// provisioning ([`import`]) is not local.
+    pub local: bool,
+    /// `CKA_ALWAYS_SENSITIVE` of the token object: false for a key that
+    /// ever existed outside the token's protection (imported), and for a
+    /// cloned one (PKCS#11 cannot vouch for the source).
+    pub always_sensitive: bool,
+}
+
+impl KeyProtection {
+    /// Where the key came from, as far as the token can tell.
+    pub fn origin(&self) -> KeyOrigin {
+        if self.local {
+            KeyOrigin::GeneratedHere
+        } else {
+            KeyOrigin::ClonedOrImported
+        }
+    }
+}
+
+/// Where a domain key came from, as the token reports it (`CKA_LOCAL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Generated inside this token: it never existed anywhere else.
+    GeneratedHere,
+    /// Created from outside: unwrapped by a cloning ceremony, or imported
+    /// from the provisioner's memory ([`import`]). PKCS#11 does not tell
+    /// the two apart.
+    ClonedOrImported,
 }
 
 impl PartitionSession {
@@ -877,12 +912,32 @@ impl PartitionSession {
             });
         }
         let mut out = Vec::new();
-        for (label, handle) in [
-            (labels::OPRF_SEED, k.oprf_seed),
-            (labels::RECORD_ID, k.record_id),
-            (labels::SEAL, k.seal),
-            (labels::AKE_PRIVATE, k.ake_private),
+        for (label, handle, class) in [
+            (labels::OPRF_SEED, k.oprf_seed, ObjectClass::SECRET_KEY),
+            (labels::RECORD_ID, k.record_id, ObjectClass::SECRET_KEY),
+            (labels::SEAL, k.seal, ObjectClass::SECRET_KEY),
+            (labels::AKE_PRIVATE, k.ake_private, ObjectClass::PRIVATE_KEY),
         ] {
+            // `handle` is the working copy; the token object (found by its
+            // label, which the copy does not share) says where the key came
+            // from, and is probed too.
+            let token_object = match find_one(s, class, label) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    let _ = s.destroy_object(probe);
+                    return Err(PartitionError::MissingKey(label));
+                }
+                Err(e) => {
+                    let _ = s.destroy_object(probe);
+                    return Err(e);
+                }
+            };
+            let origin = s
+                .get_attributes(
+                    token_object,
+                    &[AttributeType::Local, AttributeType::AlwaysSensitive],
+                )
+                .map_err(op_err("read key attributes"))?;
             let attrs = s
                 .get_attributes(
                     handle,
@@ -901,7 +956,16 @@ impl PartitionSession {
                 wrap_with_trusted: false,
                 value_readable: false,
                 wraps_under_untrusted_key: false,
+                local: false,
+                always_sensitive: false,
             };
+            for a in origin {
+                match a {
+                    Attribute::Local(v) => p.local = v,
+                    Attribute::AlwaysSensitive(v) => p.always_sensitive = v,
+                    _ => {}
+                }
+            }
             for a in attrs {
                 match a {
                     Attribute::Sensitive(v) => p.sensitive = v,
@@ -911,7 +975,7 @@ impl PartitionSession {
                     _ => {}
                 }
             }
-            p.wraps_under_untrusted_key = wraps(handle);
+            p.wraps_under_untrusted_key = wraps(handle) || wraps(token_object);
             out.push(p);
         }
         s.destroy_object(probe)
