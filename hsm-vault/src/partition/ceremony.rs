@@ -41,8 +41,8 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::types::AuthPin;
 
 use super::{
-    find_one, labels, load_domain_keys, op_err, protected_secret, read_ec_point, Module, Partition,
-    PartitionError, P256_OID_DER,
+    create_ake_public, find_one, labels, load_domain_keys, op_err, protected_secret, read_ec_point,
+    Module, Partition, PartitionError, P256_OID_DER,
 };
 
 /// What kind of key a wrapped blob holds (it decides the unwrap template).
@@ -353,17 +353,7 @@ impl Enrollment {
                     .map_err(op_err("unwrap domain key"))?;
                 created.push(h);
             }
-            let public = s
-                .create_object(&[
-                    Attribute::Class(ObjectClass::PUBLIC_KEY),
-                    Attribute::KeyType(KeyType::EC),
-                    Attribute::Token(true),
-                    Attribute::Private(false),
-                    Attribute::EcParams(P256_OID_DER.to_vec()),
-                    Attribute::EcPoint(der_octets(&package.ake_public)?),
-                    Attribute::Label(labels::AKE_PUBLIC.as_bytes().to_vec()),
-                ])
-                .map_err(op_err("create AKE public key"))?;
+            let public = create_ake_public(s, &package.ake_public)?;
             created.push(public);
             Ok::<_, PartitionError>(())
         })();

@@ -39,8 +39,8 @@ use rand::RngCore;
 use zeroize::Zeroizing;
 
 use super::{
-    find_one, labels, op_err, protected_secret, Module, Partition, PartitionError, P256_OID_DER,
-    SECRET_LEN,
+    create_ake_public, find_one, labels, op_err, protected_secret, Module, Partition,
+    PartitionError, P256_OID_DER, SECRET_LEN,
 };
 
 /// Length in bytes of the AES-256 record-sealing key.
@@ -197,19 +197,7 @@ fn create_all(
     // The public key object the node reads the AKE public key from, as
     // generation makes it (token, public). `CKA_EC_POINT` in the DER form
     // of PKCS#11 up to 3.0, which both SoftHSM and kryoptic accept.
-    let mut point = vec![0x04, 65];
-    point.extend_from_slice(&m.ake_public);
-    let h = s
-        .create_object(&[
-            Attribute::Class(ObjectClass::PUBLIC_KEY),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::Token(true),
-            Attribute::Private(false),
-            Attribute::EcParams(P256_OID_DER.to_vec()),
-            Attribute::EcPoint(point),
-            Attribute::Label(labels::AKE_PUBLIC.as_bytes().to_vec()),
-        ])
-        .map_err(op_err("create AKE public key"))?;
+    let h = create_ake_public(s, &m.ake_public)?;
     created.push(h);
     Ok(())
 }

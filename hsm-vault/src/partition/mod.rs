@@ -557,6 +557,33 @@ fn state_object(session: &Session, app: &str) -> Result<ObjectHandle, PartitionE
         .map_err(op_err("create token state"))
 }
 
+/// Creates the AKE public key object (token, public, found by its label)
+/// from a SEC1 point, with `CKA_EC_POINT` in the DER form of PKCS#11 up to
+/// 3.0, which SoftHSM and kryoptic both accept.
+fn create_ake_public(session: &Session, point: &[u8]) -> Result<ObjectHandle, PartitionError> {
+    let len =
+        u8::try_from(point.len())
+            .ok()
+            .filter(|l| *l < 0x80)
+            .ok_or(PartitionError::Operation {
+                op: "create AKE public key",
+                detail: "public key has the wrong length".into(),
+            })?;
+    let mut der = vec![0x04, len];
+    der.extend_from_slice(point);
+    session
+        .create_object(&[
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(true),
+            Attribute::Private(false),
+            Attribute::EcParams(P256_OID_DER.to_vec()),
+            Attribute::EcPoint(der),
+            Attribute::Label(labels::AKE_PUBLIC.as_bytes().to_vec()),
+        ])
+        .map_err(op_err("create AKE public key"))
+}
+
 fn read_label(session: &Session, handle: ObjectHandle) -> Result<Vec<u8>, PartitionError> {
     crate::telemetry::metrics().token_op("read_state", || read_label_untimed(session, handle))
 }
