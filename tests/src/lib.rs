@@ -945,10 +945,14 @@ impl Drop for Reaped {
 }
 
 /// The index in `nodes` of the group's leader, once one is elected (30 s at
-/// most; nodes not running are skipped).
+/// most; nodes not running are skipped). A node counts as leader only once a
+/// majority of its voters say so: a restarted former leader resumes as leader
+/// of its old term (openraft restores it) and claims so until its first
+/// replication round meets the newer term.
 pub async fn leader_of(nodes: &[VaultNode]) -> usize {
     let start = Instant::now();
     loop {
+        let mut infos = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             let Some(endpoint) = n.endpoint_if_running() else {
                 continue;
@@ -962,9 +966,19 @@ pub async fn leader_of(nodes: &[VaultNode]) -> usize {
                 .await
                 .expect("info")
                 .into_inner();
-            if info.leader_id != 0 && info.leader_id == info.node_id {
-                return i;
-            }
+            infos.push((i, info));
+        }
+        let acknowledged = infos.iter().find(|(_, claim)| {
+            let agree = infos
+                .iter()
+                .filter(|(_, o)| o.leader_id == claim.node_id && claim.voters.contains(&o.node_id))
+                .count();
+            claim.leader_id != 0
+                && claim.leader_id == claim.node_id
+                && 2 * agree > claim.voters.len()
+        });
+        if let Some((i, _)) = acknowledged {
+            return *i;
         }
         assert!(
             start.elapsed() < Duration::from_secs(30),
