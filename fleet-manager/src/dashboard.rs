@@ -76,7 +76,8 @@ pub struct NodeView {
     pub addr: String,
     /// `up`, `no-leader` (answers, but its group has no leader) or `down`.
     pub health: &'static str,
-    /// `leader`, `follower`, `learner`, or `unknown` (down, or no leader).
+    /// `leader`, `unconfirmed` (claims to lead, not acknowledged), `follower`,
+    /// `learner`, `no-leader`, or `unknown` (down); see `roles`.
     pub role: &'static str,
     pub applied: Option<u64>,
     /// Entries behind its group's leader.
@@ -364,15 +365,12 @@ fn build(
     down_since: &mut BTreeMap<u64, u64>,
 ) -> View {
     let updated_ms = millis_now();
-    // Per group: the leader's answer (its voters, applied index, map).
-    let mut leaders: BTreeMap<u64, (u64, &pb::GetInfoResponse)> = BTreeMap::new();
-    for (id, p) in now {
-        if let (Some(info), Some(node)) = (&p.info, nodes.get(id)) {
-            if info.leader_id == *id {
-                leaders.insert(node.group, (*id, info));
-            }
-        }
-    }
+    // Per group: the acknowledged leader's answer (voters, applied, map).
+    let answers: Vec<crate::roles::Answer> = now
+        .iter()
+        .filter_map(|(id, p)| Some((*id, nodes.get(id)?.group, p.info.as_ref()?)))
+        .collect();
+    let leaders = crate::roles::acknowledged_leaders(&answers);
     let mut view = View {
         updated_ms,
         ..View::default()
@@ -401,12 +399,7 @@ fn build(
                 } else {
                     "up"
                 };
-                n.role = match info.leader_id {
-                    0 => "unknown",
-                    l if l == *id => "leader",
-                    _ if leader.is_some_and(|(_, l)| !l.voters.contains(id)) => "learner",
-                    _ => "follower",
-                };
+                n.role = crate::roles::role(*id, info, leader.copied());
                 n.applied = Some(info.applied_index);
                 n.lag = leader.map(|(_, l)| l.applied_index.saturating_sub(info.applied_index));
             }

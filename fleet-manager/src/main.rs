@@ -42,6 +42,7 @@ use vault_proto::vault::v1::vault_client::VaultClient;
 
 mod certs;
 mod dashboard;
+mod roles;
 
 /// How long `fleet up` waits for a node to listen.
 const START_DEADLINE: Duration = Duration::from_secs(30);
@@ -652,9 +653,6 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
 async fn status(dir: &Path) -> anyhow::Result<()> {
     let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
     let mut rows = Vec::new();
-    // Per group: the leader's applied index and voters, and the shard map
-    // version and slots the leader serves.
-    let mut leaders: BTreeMap<u64, pb::GetInfoResponse> = BTreeMap::new();
     for (id, node) in &state.nodes {
         let info = async {
             let channel = client_api(dir, &node.addr, Duration::from_secs(2)).await?;
@@ -666,33 +664,31 @@ async fn status(dir: &Path) -> anyhow::Result<()> {
         }
         .await
         .ok();
-        if let Some(i) = info.as_ref().filter(|i| i.leader_id == *id) {
-            leaders.insert(node.group, i.clone());
-        }
         rows.push((*id, node, info));
     }
+    // Per group: the acknowledged leader (its applied index and voters).
+    let answers: Vec<roles::Answer> = rows
+        .iter()
+        .filter_map(|(id, node, info)| Some((*id, node.group, info.as_ref()?)))
+        .collect();
+    let leaders = roles::acknowledged_leaders(&answers);
     println!(
-        "{:<6}{:<7}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
+        "{:<6}{:<7}{:<12}{:<18}{:<10}{:<13}{:>8}{:>6}",
         "node", "group", "region", "address", "health", "role", "applied", "lag"
     );
-    for (id, node, info) in rows {
-        let leader = leaders.get(&node.group);
+    for (id, node, info) in &rows {
+        let (id, leader) = (*id, leaders.get(&node.group).copied());
         match info {
             Some(i) => println!(
-                "{:<6}{:<7}{:<12}{:<18}{:<10}{:<10}{:>8}{:>6}",
+                "{:<6}{:<7}{:<12}{:<18}{:<10}{:<13}{:>8}{:>6}",
                 id,
                 node.group,
                 node.region,
                 node.addr,
                 "up",
-                match i.leader_id {
-                    0 => "no-leader",
-                    l if l == id => "leader",
-                    _ if leader.is_some_and(|l| !l.voters.contains(&id)) => "learner",
-                    _ => "follower",
-                },
+                roles::role(id, i, leader),
                 i.applied_index,
-                leader.map_or(0, |l| l.applied_index.saturating_sub(i.applied_index))
+                leader.map_or(0, |(_, l)| l.applied_index.saturating_sub(i.applied_index))
             ),
             None => println!(
                 "{:<6}{:<7}{:<12}{:<18}{:<10}",
@@ -831,29 +827,33 @@ fn signed(
     })
 }
 
-/// The id and address of `group`'s leader, asked of its running nodes.
+/// The id and address of `group`'s leader: the one a majority of its
+/// voters acknowledge, asked of its running nodes.
 async fn leader(dir: &Path, state: &State, group: u64) -> anyhow::Result<(u64, NodeState)> {
+    let mut infos = Vec::new();
     let mut last = None;
-    for (_, node) in state.group(group) {
+    for (id, node) in state.group(group) {
         let asked = async {
             let channel = client_api(dir, &node.addr, Duration::from_secs(10)).await?;
             let info = VaultClient::new(channel)
                 .get_info(pb::GetInfoRequest {})
                 .await?;
-            Ok::<_, anyhow::Error>(info.into_inner().leader_id)
+            Ok::<_, anyhow::Error>(info.into_inner())
         };
         match asked.await {
-            Ok(leader) => {
-                if let Some(l) = state.nodes.get(&leader) {
-                    return Ok((leader, l.clone()));
-                }
-            }
+            Ok(info) => infos.push((*id, info)),
             Err(e) => last = Some(e),
         }
     }
+    let answers: Vec<roles::Answer> = infos.iter().map(|(id, i)| (*id, group, i)).collect();
+    if let Some((id, _)) = roles::acknowledged_leaders(&answers).get(&group) {
+        if let Some(l) = state.nodes.get(id) {
+            return Ok((*id, l.clone()));
+        }
+    }
     match last {
-        Some(e) => bail!("no running node of group {group} knows a leader (last error: {e:#})"),
-        None => bail!("no running node of group {group} knows a leader"),
+        Some(e) => bail!("no leader of group {group} is acknowledged by a majority of its voters (last error: {e:#})"),
+        None => bail!("no leader of group {group} is acknowledged by a majority of its voters"),
     }
 }
 
