@@ -921,36 +921,40 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no running member to clone the keys from")))
 }
 
-/// Prints, every second, how far a learner is behind its leader until
-/// aborted: entries applied, the rate, and the time left at that rate.
-async fn catch_up_progress(dir: PathBuf, (id, addr): (u64, String), leader_addr: String) {
-    let applied = |addr: String| {
-        let dir = dir.clone();
-        async move {
-            let channel = client_api(&dir, &addr, Duration::from_secs(1)).await.ok()?;
-            VaultClient::new(channel)
-                .get_info(pb::GetInfoRequest {})
-                .await
-                .ok()
-                .map(|i| i.into_inner().applied_index)
-        }
-    };
-    let started = Instant::now();
-    let mut first: Option<u64> = None;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (Some(target), learner) = (
-            applied(leader_addr.clone()).await,
-            applied(addr.clone()).await,
-        ) else {
-            continue;
+/// How far a learner is behind its leader, printed as one line: entries
+/// applied, the rate since the first line, and the time left at that rate.
+struct CatchUp {
+    dir: PathBuf,
+    id: u64,
+    addr: String,
+    leader_addr: String,
+    started: Instant,
+    first: Option<u64>,
+}
+
+impl CatchUp {
+    async fn applied(&self, addr: &str) -> Option<u64> {
+        let channel = client_api(&self.dir, addr, Duration::from_secs(1))
+            .await
+            .ok()?;
+        VaultClient::new(channel)
+            .get_info(pb::GetInfoRequest {})
+            .await
+            .ok()
+            .map(|i| i.into_inner().applied_index)
+    }
+
+    async fn report(&mut self) {
+        let Some(target) = self.applied(&self.leader_addr).await else {
+            return;
         };
-        let done = learner.unwrap_or(0);
-        let from = *first.get_or_insert(done);
-        let rate = (done - from.min(done)) as f64 / started.elapsed().as_secs_f64();
+        let done = self.applied(&self.addr).await.unwrap_or(0);
+        let from = *self.first.get_or_insert(done);
+        let rate = (done - from.min(done)) as f64 / self.started.elapsed().as_secs_f64();
         let left = target.saturating_sub(done);
         println!(
-            "node {id} catching up: applied {done} of {target} entries ({:.0}%), {rate:.0} entries/s{}",
+            "node {} catching up: applied {done} of {target} entries ({:.0}%), {rate:.0} entries/s{}",
+            self.id,
             if target == 0 { 100.0 } else { done as f64 * 100.0 / target as f64 },
             if rate >= 1.0 {
                 format!(", about {:.0} s left", left as f64 / rate)
@@ -958,6 +962,17 @@ async fn catch_up_progress(dir: PathBuf, (id, addr): (u64, String), leader_addr:
                 String::new()
             }
         );
+    }
+
+    /// Reports once now, then every second until aborted.
+    async fn start(mut self) -> tokio::task::JoinHandle<()> {
+        self.report().await;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.report().await;
+            }
+        })
     }
 }
 
@@ -977,11 +992,16 @@ async fn membership(
         };
         // The leader answers once the learner has caught up (from a
         // snapshot, then the log): meanwhile, show how far it is.
-        let progress = tokio::spawn(catch_up_progress(
-            dir.to_owned(),
-            (id, node.addr.clone()),
-            leader_node.addr.clone(),
-        ));
+        let progress = CatchUp {
+            dir: dir.to_owned(),
+            id,
+            addr: node.addr.clone(),
+            leader_addr: leader_node.addr.clone(),
+            started: Instant::now(),
+            first: None,
+        }
+        .start()
+        .await;
         let added = c.add_learner(signed(dir, "AddLearner", &body)?).await;
         progress.abort();
         added?;

@@ -34,6 +34,21 @@ fn leader(status: &str) -> Option<u64> {
     })
 }
 
+/// A learner's catch-up is reported (at once, then every second) before
+/// the leader confirms it: "node N catching up: applied X of Y entries".
+fn assert_catch_up_reported(out: &str, id: u64) {
+    let prefix = format!("node {id} catching up: applied ");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no catch-up progress for node {id}: {out}"));
+    let words: Vec<&str> = line[prefix.len()..].split_whitespace().collect();
+    let target: u64 = words[2].parse().expect("leader's applied index");
+    assert!(words[1] == "of" && target > 0, "{line}");
+    let confirmed = format!("node {id}: added as a learner (caught up)");
+    assert!(out.find(line) < out.find(&confirmed), "{out}");
+}
+
 fn vault(dir: &std::path::Path, endpoint: &str, args: &[&str], stdin: &str) -> Output {
     let mut cmd = Command::new(bin("vault"));
     cmd.env("VAULT_ENDPOINT", endpoint)
@@ -297,6 +312,7 @@ fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
         &["replace-node", "--id", &replaced.to_string()],
     ));
     assert!(out.contains("new token enrolled"), "{out}");
+    assert_catch_up_reported(&out, replaced);
     settled(&dir, 5);
     recover_through(replaced);
 
@@ -309,6 +325,7 @@ fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
     settled(&dir, 2);
     let out = ok(fleet(&dir, &["add-node", "--id", "3"]));
     assert!(out.contains("voters are now {1, 2, 3}"), "{out}");
+    assert_catch_up_reported(&out, 3);
     settled(&dir, 3);
     recover_through(3);
 
