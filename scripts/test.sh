@@ -26,13 +26,15 @@ cargo nextest run --workspace --locked --no-fail-fast
 # kryoptic). Replica groups and multi-node fleets are still tested: the test
 # harness and `fleet up` import the same domain keys into every kryoptic
 # token at provisioning (hsm_vault::partition::import, test fleets only).
-# Left out: only the tests that need a ceremony itself, the two ceremony
-# tests and the fleet test that replaces and adds nodes over the wire
-# (ExportKeys), which `fleet` refuses up front on kryoptic.
+# Left out: only the tests that need a ceremony itself, the three ceremony
+# tests and the fleet tests that enroll tokens over the wire (ExportKeys:
+# replace/add nodes, and enrollment across machines), which kryoptic refuses.
 (cd kryoptic-module && cargo fmt -- --check)
 needs_cloning='test(=cloned_token_holds_the_same_domain_keys_still_protected)
+  | test(=package_whose_ake_private_key_does_not_match_its_public_key_is_refused)
   | test(=token_without_the_ceremony_cannot_serve_or_decrypt)
-  | test(=fleet_replace_add_remove_and_drain_keep_every_record_recoverable)'
+  | test(=fleet_replace_add_remove_and_drain_keep_every_record_recoverable)
+  | test(=fleet_enrolls_a_token_on_another_machine_by_request_and_package_files)'
 kryoptic_module=$(scripts/kryoptic.sh)
 VAULT_PKCS11=kryoptic PKCS11_MODULE="$kryoptic_module" \
   cargo nextest run --workspace --locked --no-fail-fast -E "not ($needs_cloning)"

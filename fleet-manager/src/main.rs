@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hsm_vault::geo::{Faults, FleetFile};
-use hsm_vault::partition::ceremony::Enrollment;
+use hsm_vault::partition::ceremony::{ClonePackage, Enrollment};
 use hsm_vault::partition::import::DomainKeyMaterial;
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,36 @@ struct Cli {
     dir: PathBuf,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `fleet enroll-token`'s arguments.
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    /// The new token's label (initialised, with a user PIN, no keys).
+    #[arg(long)]
+    label: String,
+    #[arg(long)]
+    pin_file: PathBuf,
+    /// PKCS#11 module (its configuration from the usual environment, e.g.
+    /// SOFTHSM2_CONF).
+    #[arg(
+        long,
+        env = "PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
+    pkcs11_module: PathBuf,
+    /// The fleet's published vault public key (hex SEC1, `vault.pub`).
+    #[arg(long)]
+    vault_public_key: PathBuf,
+    /// Where to write the enrollment request.
+    #[arg(long)]
+    request: PathBuf,
+    /// Where the package will be put.
+    #[arg(long)]
+    package: PathBuf,
+    /// How long to wait for the package.
+    #[arg(long, default_value_t = 3600)]
+    wait_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +195,27 @@ enum Cmd {
     },
     /// Stop every node of the fleet (SIGTERM).
     Down,
+    /// On a new node's machine: enroll its empty token into the fleet's key
+    /// domain by a ceremony across machines. Writes an enrollment request,
+    /// waits for the package `fleet export-keys` makes from it, checks that
+    /// it carries the vault public key clients pin, and unwraps it into the
+    /// token. Needs no fleet directory.
+    EnrollToken(EnrollArgs),
+    /// On the operator's machine: have a running member wrap the domain keys
+    /// for the token that wrote REQUEST (the operator's certificate and
+    /// signature from the fleet directory); the package goes to OUT.
+    ExportKeys {
+        /// The member's node id (its peer certificate names it).
+        #[arg(long)]
+        member: u64,
+        /// The member's peer listener, HOST:PORT.
+        #[arg(long)]
+        peer_addr: String,
+        #[arg(long)]
+        request: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Serve the live dashboard (regions, nodes, groups, health, lag,
     /// recoveries/s, lockouts, recent audit events) and the fleet's own
     /// Prometheus metrics, until interrupted.
@@ -787,7 +838,7 @@ async fn client_api(
 async fn operator_api(
     dir: &Path,
     id: u64,
-    node: &NodeState,
+    peer_addr: &str,
 ) -> anyhow::Result<OperatorClient<tonic::transport::Channel>> {
     let layout = tls_layout(dir);
     let ca = hsm_vault::tls::load_certificate(&layout.ca())?;
@@ -797,7 +848,7 @@ async fn operator_api(
         identity: hsm_vault::tls::load_identity(&cert, &key)?,
     };
     let channel = connector
-        .endpoint(id, &node.peer_addr)?
+        .endpoint(id, peer_addr)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(60))
         .connect()
@@ -889,28 +940,21 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
     let module = Module::load(module)?;
     let pin = zeroize::Zeroizing::new(std::fs::read_to_string(node_dir.join("user.pin"))?);
     let enrollment = Enrollment::begin(&module, &node.label, &pin)?;
-    let body = hsm_vault::replication::operator::ExportKeys {
-        transport: hex::encode(enrollment.transport_public_key()),
-    };
     let mut last = None;
     for (source, member) in state
         .nodes
         .iter()
         .filter(|(i, n)| **i != id && n.pid.is_some_and(is_running))
     {
-        let attempt = async {
-            let mut c = operator_api(dir, *source, member).await?;
-            let reply = c
-                .export_keys(signed(dir, "ExportKeys", &body)?)
-                .await?
-                .into_inner();
-            Ok::<_, anyhow::Error>(reply)
-        }
-        .await;
-        match attempt {
-            Ok(reply) => {
-                let package: hsm_vault::partition::ceremony::ClonePackage =
-                    serde_json::from_slice(&reply.body)?;
+        match export_keys(
+            dir,
+            *source,
+            &member.peer_addr,
+            enrollment.transport_public_key(),
+        )
+        .await
+        {
+            Ok(package) => {
                 enrollment.complete(&package)?;
                 println!("node {id}: new token enrolled; domain keys cloned from node {source}");
                 return Ok(());
@@ -919,6 +963,134 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no running member to clone the keys from")))
+}
+
+/// Asks member `source` (on its peer listener, as the operator) for the
+/// domain keys wrapped for the enrolling token's transport key.
+async fn export_keys(
+    dir: &Path,
+    source: u64,
+    peer_addr: &str,
+    transport: &[u8],
+) -> anyhow::Result<ClonePackage> {
+    let body = hsm_vault::replication::operator::ExportKeys {
+        transport: hex::encode(transport),
+    };
+    let mut c = operator_api(dir, source, peer_addr).await?;
+    let reply = c
+        .export_keys(signed(dir, "ExportKeys", &body)?)
+        .await?
+        .into_inner();
+    Ok(serde_json::from_slice(&reply.body)?)
+}
+
+/// What `fleet enroll-token` hands the operator: the token's label (for
+/// the operator's eyes) and its ephemeral transport public key.
+#[derive(Debug, Serialize, Deserialize)]
+struct EnrollmentRequest {
+    label: String,
+    transport: String,
+}
+
+/// Writes `bytes` to `path` whole or not at all (a reader polling for the
+/// file never sees half of it).
+fn write_whole(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The target side of a ceremony across machines (`fleet enroll-token`).
+/// The transport key pair lives in the token only as long as this process,
+/// so it writes the request, waits for the package and completes in one run.
+fn enroll_token(args: &EnrollArgs) -> anyhow::Result<()> {
+    let pinned = std::fs::read_to_string(&args.vault_public_key)
+        .with_context(|| format!("reading {}", args.vault_public_key.display()))?;
+    let pinned = p256::PublicKey::from_sec1_bytes(&hex::decode(pinned.trim())?)
+        .context("the vault public key file is not a hex SEC1 P-256 key")?;
+    if args.package.exists() {
+        bail!(
+            "{} exists already (from an earlier enrollment?): a package answers one request; remove it first",
+            args.package.display()
+        );
+    }
+    let module = Module::load(&args.pkcs11_module)?;
+    let pin = zeroize::Zeroizing::new(
+        std::fs::read_to_string(&args.pin_file)
+            .with_context(|| format!("reading {}", args.pin_file.display()))?,
+    );
+    let enrollment = Enrollment::begin(&module, &args.label, pin.trim())?;
+    let request = EnrollmentRequest {
+        label: args.label.clone(),
+        transport: hex::encode(enrollment.transport_public_key()),
+    };
+    write_whole(&args.request, &serde_json::to_vec_pretty(&request)?)?;
+    println!(
+        "enrollment request for token {} written to {}; answer it with `fleet export-keys` \
+         and put the package at {} (waiting up to {} s)",
+        args.label,
+        args.request.display(),
+        args.package.display(),
+        args.wait_secs
+    );
+    let deadline = Instant::now() + Duration::from_secs(args.wait_secs);
+    let text = loop {
+        match std::fs::read(&args.package) {
+            Ok(text) => break text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!(
+                    "no package at {} after {} s; the token was not enrolled",
+                    args.package.display(),
+                    args.wait_secs
+                )
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", args.package.display())),
+        }
+    };
+    let package: ClonePackage =
+        serde_json::from_slice(&text).context("the package is not a ceremony package")?;
+    // A package from another fleet (or made up) would give this token
+    // another key domain: its AKE public key must be the one clients pin.
+    let ake = p256::PublicKey::from_sec1_bytes(&package.ake_public)
+        .context("the package's AKE public key is not a P-256 key")?;
+    if ake != pinned {
+        bail!(
+            "the package belongs to another key domain (its AKE public key is not {}); the token was not enrolled",
+            args.vault_public_key.display()
+        );
+    }
+    enrollment.complete(&package)?;
+    println!(
+        "token {}: enrolled; it holds the fleet's domain keys",
+        args.label
+    );
+    Ok(())
+}
+
+/// The operator's side of a ceremony across machines (`fleet export-keys`).
+async fn export_keys_for(
+    dir: &Path,
+    (member, peer_addr): (u64, &str),
+    request: &Path,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let text = std::fs::read(request).with_context(|| format!("reading {}", request.display()))?;
+    let request: EnrollmentRequest =
+        serde_json::from_slice(&text).context("not an enrollment request")?;
+    let transport =
+        hex::decode(&request.transport).context("the request's transport key is not hex")?;
+    let package = export_keys(dir, member, peer_addr, &transport).await?;
+    write_whole(out, &serde_json::to_vec(&package)?)?;
+    println!(
+        "package for token {} (from node {member}) written to {}; carry it to the new node's machine",
+        request.label,
+        out.display()
+    );
+    Ok(())
 }
 
 /// How far a learner is behind its leader, printed as one line: entries
@@ -983,7 +1155,7 @@ async fn membership(
     learner: Option<u64>,
 ) -> anyhow::Result<()> {
     let (leader_id, leader_node) = leader(dir, state, group).await?;
-    let mut c = operator_api(dir, leader_id, &leader_node).await?;
+    let mut c = operator_api(dir, leader_id, &leader_node.peer_addr).await?;
     if let Some(id) = learner {
         let node = state.nodes.get(&id).context("unknown node")?;
         let body = hsm_vault::replication::operator::AddLearner {
@@ -1024,7 +1196,7 @@ async fn reshard(
     step: &hsm_vault::replication::operator::Reshard,
 ) -> anyhow::Result<Vec<u8>> {
     let (leader_id, leader_node) = leader(dir, state, group).await?;
-    let mut c = operator_api(dir, leader_id, &leader_node).await?;
+    let mut c = operator_api(dir, leader_id, &leader_node.peer_addr).await?;
     let reply = c.reshard(signed(dir, "Reshard", step)?).await;
     Ok(reply
         .map_err(|s| anyhow::anyhow!("group {group}: {}", s.message()))?
@@ -1358,6 +1530,18 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(dashboard::serve(cli.dir.canonicalize()?, listen)),
         Cmd::Audit { node, table } => audit(&cli.dir, node, table),
+        Cmd::EnrollToken(args) => enroll_token(&args),
+        Cmd::ExportKeys {
+            member,
+            peer_addr,
+            request,
+            out,
+        } => runtime()?.block_on(export_keys_for(
+            &cli.dir,
+            (member, &peer_addr),
+            &request,
+            &out,
+        )),
     }
 }
 

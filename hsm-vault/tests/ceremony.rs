@@ -35,6 +35,54 @@ fn pair() -> Pair {
     }
 }
 
+/// A package must carry an AKE private key that belongs to its AKE public
+/// key (the one clients pin): a package whose public key was swapped, as a
+/// hand-carried package could be, is refused, and the token is left without
+/// any domain key (a new enrollment can start; the genuine package works).
+#[test]
+fn package_whose_ake_private_key_does_not_match_its_public_key_is_refused() {
+    let p = pair();
+    let export = |transport: &[u8]| {
+        p.source
+            .export_for_clone(p.source_token.so_pin(), p.source_token.pin(), transport)
+            .expect("export")
+    };
+    let enrollment = Enrollment::begin(&p.module, "target", &p.target_pin).expect("begin");
+    let mut package = export(enrollment.transport_public_key());
+    let stranger = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    package.ake_public = stranger.public_key().to_sec1_bytes().to_vec();
+    let err = enrollment
+        .complete(&package)
+        .expect_err("a mismatched key pair");
+    assert!(
+        err.to_string()
+            .contains("does not belong to its AKE public key"),
+        "{err}"
+    );
+    assert!(matches!(
+        Partition::open_in(
+            &p.module,
+            "target",
+            &p.target_pin,
+            KeySetup::RequireExisting
+        ),
+        Err(PartitionError::MissingKey(_))
+    ));
+
+    let enrollment = Enrollment::begin(&p.module, "target", &p.target_pin)
+        .expect("the refused package left no domain key behind");
+    let genuine = export(enrollment.transport_public_key());
+    enrollment.complete(&genuine).expect("the genuine package");
+    let target = Partition::open_in(
+        &p.module,
+        "target",
+        &p.target_pin,
+        KeySetup::RequireExisting,
+    )
+    .expect("enrolled");
+    assert_eq!(target.ake_public_key(), p.source.ake_public_key());
+}
+
 #[test]
 fn cloned_token_holds_the_same_domain_keys_still_protected() {
     let p = pair();

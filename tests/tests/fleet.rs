@@ -764,3 +764,196 @@ fn fleet_up_serves_on_either_token_and_imports_keys_where_it_cannot_clone() {
         assert!(!status.contains("DOWN"), "{status}");
     }
 }
+
+/// `fleet enroll-token` running in the background for a token on another
+/// machine (its own token store, no fleet directory); killed if dropped.
+struct Enrolling(Option<std::process::Child>);
+
+impl Enrolling {
+    fn start(
+        token: &softhsm_test_harness::TestToken,
+        vault_pub: &Path,
+        (request, package): (&Path, &Path),
+    ) -> Self {
+        let child = Command::new(bin("fleet"))
+            .envs(token.env())
+            .env("RUST_BACKTRACE", "0")
+            .args([
+                "enroll-token",
+                "--label",
+                token.label(),
+                "--wait-secs",
+                "60",
+            ])
+            .arg("--pin-file")
+            .arg(token.pin_file())
+            .arg("--pkcs11-module")
+            .arg(softhsm_test_harness::module_path())
+            .arg("--vault-public-key")
+            .arg(vault_pub)
+            .arg("--request")
+            .arg(request)
+            .arg("--package")
+            .arg(package)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("fleet enroll-token");
+        Enrolling(Some(child))
+    }
+
+    fn running(&mut self) -> bool {
+        let child = self.0.as_mut().expect("child");
+        child.try_wait().expect("wait").is_none()
+    }
+
+    fn finish(mut self) -> Output {
+        let child = self.0.take().expect("child");
+        child.wait_with_output().expect("enroll-token ends")
+    }
+}
+
+impl Drop for Enrolling {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits for the enrollment request, has member `member` answer it with
+/// `fleet export-keys`, and returns how `enroll-token` ended.
+fn answer_enrollment(
+    dir: &Path,
+    (member, peer_addr): (u64, &str),
+    (request, package): (&Path, &Path),
+    mut enrolling: Enrolling,
+) -> Output {
+    let start = Instant::now();
+    while !request.exists() {
+        assert!(
+            enrolling.running(),
+            "enroll-token ended before writing a request"
+        );
+        assert!(start.elapsed() < DEADLINE, "no enrollment request");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(request).expect("request");
+    assert!(text.contains("\"transport\""), "{text}");
+    let out = ok(fleet(
+        dir,
+        &[
+            "export-keys",
+            "--member",
+            &member.to_string(),
+            "--peer-addr",
+            peer_addr,
+            "--request",
+            request.to_str().expect("utf8"),
+            "--out",
+            package.to_str().expect("utf8"),
+        ],
+    ));
+    assert!(out.contains(&format!("from node {member}")), "{out}");
+    enrolling.finish()
+}
+
+/// A token on another machine joins the fleet's key domain by a ceremony
+/// carried in two files: `fleet enroll-token` on that machine (its own
+/// token store, no fleet directory) writes a request and waits; `fleet
+/// export-keys` on the operator's (the fleet directory's operator
+/// certificate and signing key) has a running member wrap the domain keys
+/// for it; the token then holds the fleet's keys. A package whose AKE key
+/// is not the vault public key given is refused and leaves the token empty.
+#[test]
+fn fleet_enrolls_a_token_on_another_machine_by_request_and_package_files() {
+    use hsm_vault::partition::{KeySetup, Module, Partition};
+
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (fleet_file, _) = fleet_file_with(work.path(), &["eu", "us", "ap"], &[1, 1, 1]);
+    let _down = vault_e2e::FleetDown(dir.clone());
+    ok(fleet(
+        &dir,
+        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
+    ));
+    let fleet_toml = std::fs::read_to_string(&fleet_file).expect("fleet file");
+    let peer_addr = |id: usize| {
+        fleet_toml
+            .lines()
+            .filter_map(|l| l.strip_prefix("peer_addr = \""))
+            .nth(id - 1)
+            .expect("peer_addr")
+            .trim_end_matches('"')
+            .to_owned()
+    };
+    let remote = softhsm_test_harness::TestToken::new("remote-node").expect("token");
+    let (request, package) = (
+        work.path().join("request.json"),
+        work.path().join("package.json"),
+    );
+    let files = (request.as_path(), package.as_path());
+
+    // Pinned to another key: the real fleet's package is refused.
+    let other = work.path().join("other.pub");
+    let stranger = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    std::fs::write(&other, hex::encode(stranger.public_key().to_sec1_bytes())).expect("other.pub");
+    let refused = answer_enrollment(
+        &dir,
+        (1, &peer_addr(1)),
+        files,
+        Enrolling::start(&remote, &other, files),
+    );
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(err.contains("another key domain"), "{err}");
+    assert!(err.contains("not enrolled"), "{err}");
+
+    // The right key, another member: enrolled (which also shows the refused
+    // run left no domain key behind: enrollment starts only on an empty token).
+    std::fs::remove_file(&request).expect("old request");
+    std::fs::remove_file(&package).expect("old package");
+    let vault_pub = dir.join("vault.pub");
+    let enrolled = answer_enrollment(
+        &dir,
+        (2, &peer_addr(2)),
+        files,
+        Enrolling::start(&remote, &vault_pub, files),
+    );
+    let said = String::from_utf8_lossy(&enrolled.stdout);
+    assert!(
+        enrolled.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
+    assert!(said.contains("token remote-node: enrolled"), "{said}");
+
+    // The token holds every domain key, and the AKE key is the fleet's.
+    remote.use_in_this_process().expect("env");
+    let module = Module::load(&softhsm_test_harness::module_path()).expect("module");
+    let partition = Partition::open_in(
+        &module,
+        remote.label(),
+        remote.pin(),
+        KeySetup::RequireExisting,
+    )
+    .expect("the enrolled token opens with its domain keys");
+    let pinned = std::fs::read_to_string(&vault_pub).expect("vault.pub");
+    let pinned =
+        p256::PublicKey::from_sec1_bytes(&hex::decode(pinned.trim()).expect("hex")).expect("key");
+    assert_eq!(
+        p256::PublicKey::from_sec1_bytes(partition.ake_public_key()).expect("ake key"),
+        pinned
+    );
+    drop(partition);
+
+    // A token that belongs to a domain is not enrolled again.
+    std::fs::remove_file(&request).expect("request");
+    std::fs::remove_file(&package).expect("package");
+    let again = Enrolling::start(&remote, &vault_pub, files).finish();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("belongs to a domain"), "{err}");
+    assert!(!request.exists());
+}

@@ -352,6 +352,9 @@ impl Enrollment {
                     .unwrap_key(&Mechanism::AesKeyWrapPad, key, &w.wrapped, &template)
                     .map_err(op_err("unwrap domain key"))?;
                 created.push(h);
+                if kind == KeyKind::EcPrivate {
+                    check_key_pair(s, h, &package.ake_public)?;
+                }
             }
             let public = create_ake_public(s, &package.ake_public)?;
             created.push(public);
@@ -368,4 +371,31 @@ impl Enrollment {
         let _ = s.destroy_object(self.public);
         result
     }
+}
+
+/// Checks that `private` (in the token) is the private key of `public`: the
+/// token's ECDH with a random point r·G must equal r·public. Only a holder
+/// of the domain's AKE private key can make a package that passes, so a
+/// package carried by hand (`fleet enroll-token`) cannot give the token a
+/// key domain other than the one whose public key the caller checked.
+fn check_key_pair(s: &Session, private: ObjectHandle, public: &[u8]) -> Result<(), PartitionError> {
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let public =
+        p256::PublicKey::from_sec1_bytes(public).map_err(|_| PartitionError::Operation {
+            op: "enroll",
+            detail: "the package's AKE public key is not a P-256 point".into(),
+        })?;
+    let r = p256::NonZeroScalar::random(&mut rand::rngs::OsRng);
+    let probe = p256::PublicKey::from_secret_scalar(&r);
+    let got = super::ecdh_share(s, private, probe.to_encoded_point(false).as_bytes())?;
+    let expected = (public.to_projective() * *r)
+        .to_affine()
+        .to_encoded_point(false);
+    if expected.x().map(|x| x.as_slice()) != Some(got.as_slice()) {
+        return Err(PartitionError::Operation {
+            op: "enroll",
+            detail: "the package's AKE private key does not belong to its AKE public key".into(),
+        });
+    }
+    Ok(())
 }

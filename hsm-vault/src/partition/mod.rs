@@ -747,55 +747,10 @@ impl PartitionSession {
     /// PKCS#11 `CKM_ECDH1_DERIVE` only returns the x-coordinate (SoftHSM
     /// supports only the null KDF), so the derived secret object is made
     /// extractable to read it and destroyed at once. It is a one-time DH
-    /// share, never a long-term key.
-    ///
-    /// The peer's point goes to the token uncompressed, in a DER OCTET
-    /// STRING. SoftHSM wants the DER form; kryoptic takes the bare point and
-    /// recognizes DER only when it is longer than an uncompressed point, so
-    /// a compressed point in DER (35 bytes) fails there. An uncompressed
-    /// point in DER (67 bytes) is read right by both, and decompressing it
-    /// here also refuses a point off the curve before the token sees it.
+    /// share, never a long-term key. See [`ecdh_share`] for the point's
+    /// encoding.
     pub fn ecdh_x(&self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
-        let point = p256::PublicKey::from_sec1_bytes(peer)
-            .map_err(|_| PartitionError::Operation {
-                op: "ECDH",
-                detail: "the peer's public key is not a P-256 point".into(),
-            })?
-            .to_encoded_point(false);
-        let mut der = vec![0x04, 65];
-        der.extend_from_slice(point.as_bytes());
-        let s = self.s();
-        let derived = s
-            .derive_key(
-                &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), &der)),
-                self.keys().ake_private,
-                &[
-                    Attribute::Token(false),
-                    // Not private: SoftHSM encrypts the values of private
-                    // objects, and this one is read out at once anyway.
-                    Attribute::Private(false),
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::GENERIC_SECRET),
-                    Attribute::Sensitive(false),
-                    Attribute::Extractable(true),
-                ],
-            )
-            .map_err(op_err("ECDH derive"))?;
-        let value = s.get_attributes(derived, &[AttributeType::Value]);
-        // Derived objects pile up in the session unless destroyed.
-        let destroyed = s.destroy_object(derived);
-        let value = value.map_err(op_err("read ECDH share"))?;
-        destroyed.map_err(op_err("destroy ECDH share"))?;
-        value
-            .into_iter()
-            .find_map(|a| match a {
-                Attribute::Value(v) => Some(Zeroizing::new(v)),
-                _ => None,
-            })
-            .ok_or(PartitionError::Operation {
-                op: "ECDH derive",
-                detail: "token returned no shared secret".into(),
-            })
+        ecdh_share(self.s(), self.keys().ake_private, peer)
     }
 
     /// AES-256-GCM encryption under the record-sealing key. Returns
@@ -1009,6 +964,61 @@ impl PartitionSession {
             .map_err(op_err("destroy probe key"))?;
         Ok(out)
     }
+}
+
+/// ECDH between `private` (a P-256 private key object) and `peer` (SEC1,
+/// compressed or not): the x-coordinate of the shared point.
+///
+/// The peer's point goes to the token uncompressed, in a DER OCTET
+/// STRING. SoftHSM wants the DER form; kryoptic takes the bare point and
+/// recognizes DER only when it is longer than an uncompressed point, so
+/// a compressed point in DER (35 bytes) fails there. An uncompressed
+/// point in DER (67 bytes) is read right by both, and decompressing it
+/// here also refuses a point off the curve before the token sees it.
+pub(crate) fn ecdh_share(
+    s: &Session,
+    private: ObjectHandle,
+    peer: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, PartitionError> {
+    let point = p256::PublicKey::from_sec1_bytes(peer)
+        .map_err(|_| PartitionError::Operation {
+            op: "ECDH",
+            detail: "the peer's public key is not a P-256 point".into(),
+        })?
+        .to_encoded_point(false);
+    let mut der = vec![0x04, 65];
+    der.extend_from_slice(point.as_bytes());
+    let derived = s
+        .derive_key(
+            &Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), &der)),
+            private,
+            &[
+                Attribute::Token(false),
+                // Not private: SoftHSM encrypts the values of private
+                // objects, and this one is read out at once anyway.
+                Attribute::Private(false),
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+            ],
+        )
+        .map_err(op_err("ECDH derive"))?;
+    let value = s.get_attributes(derived, &[AttributeType::Value]);
+    // Derived objects pile up in the session unless destroyed.
+    let destroyed = s.destroy_object(derived);
+    let value = value.map_err(op_err("read ECDH share"))?;
+    destroyed.map_err(op_err("destroy ECDH share"))?;
+    value
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::Value(v) => Some(Zeroizing::new(v)),
+            _ => None,
+        })
+        .ok_or(PartitionError::Operation {
+            op: "ECDH derive",
+            detail: "token returned no shared secret".into(),
+        })
 }
 
 #[cfg(test)]
