@@ -31,7 +31,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vault_proto::vault::v1 as pb;
 use vault_proto::vault::v1::vault_client::VaultClient;
 
-use crate::{client_api, load_state, NodeState};
+use crate::{client_api, watched, NodeState};
 
 /// How often the poller looks, and how long a node has to answer.
 const POLL_EVERY: Duration = Duration::from_secs(1);
@@ -211,11 +211,20 @@ struct Probe {
 }
 
 /// Runs the dashboard on `listen` until interrupted.
-pub async fn serve(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
-    load_state(&dir)?.context("no fleet here: run `fleet up` first")?;
+/// (`fleet_file`: watch its nodes instead of the local fleet's.)
+pub async fn serve(
+    dir: PathBuf,
+    listen: SocketAddr,
+    fleet_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    watched(&dir, fleet_file.as_deref())?;
     let view = Arc::new(RwLock::new(View::default()));
     let metrics = Arc::new(FleetMetrics::new());
-    tokio::spawn(poll(dir, Arc::clone(&view), Arc::clone(&metrics)));
+    tokio::spawn(poll(
+        (dir, fleet_file),
+        Arc::clone(&view),
+        Arc::clone(&metrics),
+    ));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -267,7 +276,11 @@ pub async fn serve(dir: PathBuf, listen: SocketAddr) -> anyhow::Result<()> {
 const PAGE: &str = include_str!("dashboard.html");
 
 /// The poll loop: a new view every second.
-async fn poll(dir: PathBuf, view: Arc<RwLock<View>>, metrics: Arc<FleetMetrics>) {
+async fn poll(
+    (dir, fleet_file): (PathBuf, Option<PathBuf>),
+    view: Arc<RwLock<View>>,
+    metrics: Arc<FleetMetrics>,
+) {
     let mut last: BTreeMap<u64, Probe> = BTreeMap::new();
     let mut down_since: BTreeMap<u64, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(POLL_EVERY);
@@ -275,7 +288,7 @@ async fn poll(dir: PathBuf, view: Arc<RwLock<View>>, metrics: Arc<FleetMetrics>)
     loop {
         tick.tick().await;
         // Re-read each time: nodes are added, replaced and restarted.
-        let Ok(Some(state)) = load_state(&dir) else {
+        let Ok(state) = watched(&dir, fleet_file.as_deref()) else {
             continue;
         };
         let mut probes = tokio::task::JoinSet::new();

@@ -125,7 +125,12 @@ enum Cmd {
         out: Option<PathBuf>,
     },
     /// Show regions, nodes, roles, health and replication lag.
-    Status,
+    Status {
+        /// Watch the nodes of this fleet file instead of the fleet `fleet
+        /// up` started in DIR (DIR then needs only `tls/` and `operator/`).
+        #[arg(long)]
+        fleet_file: Option<PathBuf>,
+    },
     /// Flip fault switches: isolate nodes or regions, delay, loss; --heal clears them.
     Faults {
         #[arg(long)]
@@ -224,6 +229,11 @@ enum Cmd {
         /// behind the operators' proxy).
         #[arg(long, default_value = "127.0.0.1:9470")]
         listen: std::net::SocketAddr,
+        /// Watch the nodes of this fleet file (their `metrics_addr` for the
+        /// rates) instead of the fleet `fleet up` started in DIR. Audit
+        /// events are shown only for local fleets.
+        #[arg(long)]
+        fleet_file: Option<PathBuf>,
     },
     /// Verify and export the nodes' audit trails (security events chained
     /// by token MACs): JSON lines, each with its node, or a table.
@@ -326,6 +336,39 @@ fn load_state(dir: &Path) -> anyhow::Result<Option<State>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).context("reading state.json"),
     }
+}
+
+/// The nodes an operator command watches: those of `fleet_file` when one
+/// is given (a fleet this tool did not start, e.g. on Kubernetes: nothing
+/// of it is local but the fleet CA and the operator's certificate and key
+/// in DIR), else those `fleet up` recorded in DIR/state.json.
+fn watched(dir: &Path, fleet_file: Option<&Path>) -> anyhow::Result<State> {
+    let Some(path) = fleet_file else {
+        return load_state(dir)?
+            .context("no fleet here: run `fleet up` first, or give --fleet-file");
+    };
+    let fleet = FleetFile::load(path)?;
+    let nodes = fleet
+        .nodes
+        .iter()
+        .map(|n| {
+            let node = NodeState {
+                region: n.region.clone(),
+                addr: n.addr.clone(),
+                peer_addr: n.peer_addr.clone(),
+                label: format!("vault-node-{}", n.id),
+                pid: None,
+                group: n.group,
+                metrics_addr: n.metrics_addr.clone(),
+            };
+            (n.id, node)
+        })
+        .collect();
+    Ok(State {
+        fleet_file: path.to_owned(),
+        nodes,
+        ..State::default()
+    })
 }
 
 fn save_state(dir: &Path, state: &State) -> anyhow::Result<()> {
@@ -701,8 +744,8 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
     Ok(())
 }
 
-async fn status(dir: &Path) -> anyhow::Result<()> {
-    let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
+async fn status(dir: &Path, fleet_file: Option<&Path>) -> anyhow::Result<()> {
+    let state = watched(dir, fleet_file)?;
     let mut rows = Vec::new();
     for (id, node) in &state.nodes {
         let info = async {
@@ -1393,10 +1436,10 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Status => tokio::runtime::Builder::new_current_thread()
+        Cmd::Status { fleet_file } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(status(&cli.dir)),
+            .block_on(status(&cli.dir, fleet_file.as_deref())),
         Cmd::Faults {
             isolate_node,
             isolate_region,
@@ -1524,11 +1567,15 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::StopNode { id, kill } => down(&cli.dir, Some(id), kill),
         Cmd::Down => down(&cli.dir, None, false),
-        Cmd::Dashboard { listen } => tokio::runtime::Builder::new_multi_thread()
+        Cmd::Dashboard { listen, fleet_file } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?
-            .block_on(dashboard::serve(cli.dir.canonicalize()?, listen)),
+            .block_on(dashboard::serve(
+                cli.dir.canonicalize()?,
+                listen,
+                fleet_file,
+            )),
         Cmd::Audit { node, table } => audit(&cli.dir, node, table),
         Cmd::EnrollToken(args) => enroll_token(&args),
         Cmd::ExportKeys {

@@ -74,6 +74,11 @@ pub struct NodeSpec {
     /// The replica group the node belongs to.
     #[serde(default = "first_group")]
     pub group: GroupId,
+    /// The node's metrics listener (HOST:PORT, plain HTTP), for operator
+    /// tools watching the fleet from elsewhere (`fleet status` and `fleet
+    /// dashboard` with `--fleet-file`). The node itself ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<String>,
 }
 
 fn first_group() -> GroupId {

@@ -617,7 +617,7 @@ fn dashboard_shows_every_node_with_region_and_role_and_a_killed_node_turns_unhea
     for _ in 0..3 {
         ok(recover_key(&dir, &endpoint(3), "dana", "pw"));
     }
-    let api = |want: &dyn Fn(&serde_json::Value) -> bool| {
+    let api_of = |addr: std::net::SocketAddr, want: &dyn Fn(&serde_json::Value) -> bool| {
         let start = Instant::now();
         loop {
             if let Ok((200, body)) = vault_e2e::http_get(addr, "/api/fleet") {
@@ -630,6 +630,7 @@ fn dashboard_shows_every_node_with_region_and_role_and_a_killed_node_turns_unhea
             std::thread::sleep(Duration::from_millis(100));
         }
     };
+    let api = |want: &dyn Fn(&serde_json::Value) -> bool| api_of(addr, want);
     let up = |v: &serde_json::Value| v["totals"]["nodes_up"] == 5;
     let (view, _) = api(&|v| up(v) && !v["audit"].as_array().is_none_or(Vec::is_empty));
     assert_eq!(view["groups"][0]["leader"], leader_id);
@@ -697,6 +698,74 @@ fn dashboard_shows_every_node_with_region_and_role_and_a_killed_node_turns_unhea
         0.0
     );
     dashboard.0.kill().ok();
+
+    // From another machine: only the fleet CA and the operator's
+    // certificate and key, and a fleet file that names each node's metrics
+    // listener. `status` and a second dashboard see the same fleet.
+    let remote = work.path().join("remote");
+    for sub in ["tls", "operator"] {
+        copy_dir(&dir.join(sub), &remote.join(sub));
+    }
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).expect("state"))
+            .expect("state.json");
+    let mut toml = std::fs::read_to_string(&fleet_file).expect("fleet file");
+    for id in 1..=5u64 {
+        let metrics = state["nodes"][id.to_string()]["metrics_addr"]
+            .as_str()
+            .expect("metrics address");
+        toml = toml.replace(
+            &format!("[[node]]\nid = {id}\n"),
+            &format!("[[node]]\nid = {id}\nmetrics_addr = \"{metrics}\"\n"),
+        );
+    }
+    let remote_file = work.path().join("remote-fleet.toml");
+    std::fs::write(&remote_file, toml).expect("fleet file");
+    let remote_file = remote_file.to_str().expect("utf8");
+    let status = ok(fleet(&remote, &["status", "--fleet-file", remote_file]));
+    assert_eq!(leader(&status), Some(leader_id), "{status}");
+    assert_eq!(status.matches(" DOWN").count(), 1, "{status}");
+    assert_eq!(status.matches(" up ").count(), 4, "{status}");
+    let port = free_ports(1)[0];
+    let mut watching = vault_e2e::Reaped(
+        Command::new(bin("fleet"))
+            .arg("--dir")
+            .arg(&remote)
+            .args(["dashboard", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--fleet-file", remote_file])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("fleet dashboard"),
+    );
+    let remote_addr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let (view, _) = api_of(remote_addr, &|v| {
+        v["totals"]["nodes_up"] == 4
+            && v["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|n| n["health"] == "down" || n["term"].as_u64().is_some_and(|t| t >= 1))
+    });
+    assert_eq!(view["groups"][0]["leader"], leader_id);
+    assert_eq!(view["totals"]["nodes"], 5);
+    // Audit trails are files on the nodes' machines: none shown from here.
+    assert!(view["audit"].as_array().is_none_or(Vec::is_empty), "{view}");
+    watching.0.kill().ok();
+}
+
+/// Copies a directory tree (certificates and keys for a remote operator).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
 }
 
 /// The fleet tool on either PKCS#11 implementation (`VAULT_PKCS11`): a
