@@ -57,6 +57,19 @@ struct Cli {
     command: Cmd,
 }
 
+/// The PKCS#11 module, for the commands that touch tokens.
+#[derive(Debug, clap::Args)]
+struct ModuleArg {
+    /// PKCS#11 module (it finds its tokens through its usual
+    /// configuration, e.g. SOFTHSM2_CONF, where the fleet does not set it).
+    #[arg(
+        long,
+        env = "PKCS11_MODULE",
+        default_value = "/usr/lib/softhsm/libsofthsm2.so"
+    )]
+    pkcs11_module: PathBuf,
+}
+
 /// `fleet enroll-token`'s arguments.
 #[derive(Debug, clap::Args)]
 struct EnrollArgs {
@@ -65,14 +78,8 @@ struct EnrollArgs {
     label: String,
     #[arg(long)]
     pin_file: PathBuf,
-    /// PKCS#11 module (its configuration from the usual environment, e.g.
-    /// SOFTHSM2_CONF).
-    #[arg(
-        long,
-        env = "PKCS11_MODULE",
-        default_value = "/usr/lib/softhsm/libsofthsm2.so"
-    )]
-    pkcs11_module: PathBuf,
+    #[command(flatten)]
+    module: ModuleArg,
     /// The fleet's published vault public key (hex SEC1, `vault.pub`).
     #[arg(long)]
     vault_public_key: PathBuf,
@@ -96,13 +103,8 @@ enum Cmd {
         /// The `hsm-vault` binary (default: beside this one).
         #[arg(long)]
         hsm_vault_bin: Option<PathBuf>,
-        /// PKCS#11 module.
-        #[arg(
-            long,
-            env = "PKCS11_MODULE",
-            default_value = "/usr/lib/softhsm/libsofthsm2.so"
-        )]
-        pkcs11_module: PathBuf,
+        #[command(flatten)]
+        module: ModuleArg,
     },
     /// Issue the fleet's TLS certificates that are missing: a fleet CA,
     /// each node's server and client certificates, the operator's client
@@ -150,24 +152,16 @@ enum Cmd {
     ReplaceNode {
         #[arg(long)]
         id: u64,
-        #[arg(
-            long,
-            env = "PKCS11_MODULE",
-            default_value = "/usr/lib/softhsm/libsofthsm2.so"
-        )]
-        pkcs11_module: PathBuf,
+        #[command(flatten)]
+        module: ModuleArg,
     },
     /// Add a node declared in the fleet file: token, ceremony, process,
     /// then learner and voter through joint consensus.
     AddNode {
         #[arg(long)]
         id: u64,
-        #[arg(
-            long,
-            env = "PKCS11_MODULE",
-            default_value = "/usr/lib/softhsm/libsofthsm2.so"
-        )]
-        pkcs11_module: PathBuf,
+        #[command(flatten)]
+        module: ModuleArg,
     },
     /// Remove a node from its group (joint consensus), then stop it.
     RemoveNode {
@@ -1058,7 +1052,7 @@ fn enroll_token(args: &EnrollArgs) -> anyhow::Result<()> {
             args.package.display()
         );
     }
-    let module = Module::load(&args.pkcs11_module)?;
+    let module = Module::load(&args.module.pkcs11_module)?;
     let pin = zeroize::Zeroizing::new(
         std::fs::read_to_string(&args.pin_file)
             .with_context(|| format!("reading {}", args.pin_file.display()))?,
@@ -1401,7 +1395,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up {
             fleet_file,
             hsm_vault_bin,
-            pkcs11_module,
+            module: ModuleArg { pkcs11_module },
         } => up(&cli.dir, &fleet_file, hsm_vault_bin, &pkcs11_module),
         Cmd::Certs {
             fleet_file,
@@ -1464,7 +1458,10 @@ fn main() -> anyhow::Result<()> {
             println!("fault switches: {}", serde_json::to_string(&faults)?);
             Ok(())
         }
-        Cmd::ReplaceNode { id, pkcs11_module } => {
+        Cmd::ReplaceNode {
+            id,
+            module: ModuleArg { pkcs11_module },
+        } => {
             // The old incarnation's vote is gone with its token, so the new
             // one must not vote until it is a fresh member: remove the id,
             // enroll a new token, rejoin as a learner, promote once caught up.
@@ -1484,7 +1481,10 @@ fn main() -> anyhow::Result<()> {
             voters.insert(id);
             rt.block_on(membership(&dir, &state, (group, voters), Some(id)))
         }
-        Cmd::AddNode { id, pkcs11_module } => {
+        Cmd::AddNode {
+            id,
+            module: ModuleArg { pkcs11_module },
+        } => {
             let dir = cli.dir.canonicalize()?;
             let mut state = load_state(&dir)?.context("no fleet here")?;
             refuse_without_ceremony(&state)?;
