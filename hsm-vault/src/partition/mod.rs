@@ -847,18 +847,19 @@ impl PartitionSession {
     pub fn key_protection(&self) -> Result<Vec<KeyProtection>, PartitionError> {
         let s = self.s();
         let k = self.keys();
-        let probe = s
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(false),
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Wrap(true),
-                ],
-            )
-            .map_err(op_err("generate probe key"))?;
+        // A session AES-256 key with `extra` attributes.
+        let aes_key = |extra: &[Attribute], what: &'static str| {
+            let mut template = vec![
+                Attribute::Token(false),
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+            ];
+            template.extend_from_slice(extra);
+            s.generate_key(&Mechanism::AesKeyGen, &template)
+                .map_err(op_err(what))
+        };
+        let probe = aes_key(&[Attribute::Wrap(true)], "generate probe key")?;
         // Every AES wrap mechanism cryptoki can name: SoftHSM offers
         // CKM_AES_KEY_WRAP_PAD, kryoptic only CKM_AES_KEY_WRAP (and
         // CKM_AES_KEY_WRAP_KWP, which cryptoki 0.12 cannot name). A probe
@@ -870,19 +871,10 @@ impl PartitionSession {
                 .iter()
                 .any(|m| s.wrap_key(m, probe, handle).is_ok())
         };
-        let control = s
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(false),
-                    Attribute::Class(ObjectClass::SECRET_KEY),
-                    Attribute::KeyType(KeyType::AES),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(true),
-                ],
-            )
-            .map_err(op_err("generate control key"))?;
+        let control = aes_key(
+            &[Attribute::Sensitive(true), Attribute::Extractable(true)],
+            "generate control key",
+        )?;
         let control_wraps = wraps(control);
         let _ = s.destroy_object(control);
         if !control_wraps {
