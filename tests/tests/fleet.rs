@@ -102,10 +102,37 @@ fn recover_key(dir: &Path, endpoint: &str, account: &str, password: &str) -> Out
     )
 }
 
-/// Writes a fleet file for 5 nodes (eu, eu, us, us, ap) on free ports, one
-/// replica group.
-fn fleet_file(work: &std::path::Path) -> (std::path::PathBuf, Vec<u16>) {
-    fleet_file_with(work, &["eu", "eu", "us", "us", "ap"], &[1; 5])
+/// The regions of the usual 5-node test fleet (one replica group).
+const FIVE_NODES: [&str; 5] = ["eu", "eu", "us", "us", "ap"];
+
+/// A fleet `fleet up` runs in `work/fleet`, from a fleet file made by
+/// [`fleet_file_with`].
+struct UpFleet {
+    dir: std::path::PathBuf,
+    file: std::path::PathBuf,
+    /// The client API ports, node 1 first.
+    ports: Vec<u16>,
+    /// What `fleet up` printed.
+    up: String,
+    /// Stops the fleet when dropped.
+    _down: vault_e2e::FleetDown,
+}
+
+fn up_fleet(work: &Path, regions: &[&str], groups: &[u64]) -> UpFleet {
+    let dir = work.join("fleet");
+    let (file, ports) = fleet_file_with(work, regions, groups);
+    let _down = vault_e2e::FleetDown(dir.clone());
+    let up = ok(fleet(
+        &dir,
+        &["up", "--fleet-file", file.to_str().expect("utf8")],
+    ));
+    UpFleet {
+        dir,
+        file,
+        ports,
+        up,
+        _down,
+    }
 }
 
 /// Writes a fleet file: node i+1 in `regions[i]` and group `groups[i]`.
@@ -140,14 +167,13 @@ fn fleet_file_with(
 #[test]
 fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader_crash() {
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, ports) = fleet_file(work.path());
-
-    let _down = vault_e2e::FleetDown(dir.clone());
-    let up = ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
+    let UpFleet {
+        dir,
+        ports,
+        up,
+        _down,
+        ..
+    } = up_fleet(work.path(), &FIVE_NODES, &[1; 5]);
     // The domain keys reach the other four tokens by the ceremony, or where
     // the tokens cannot clone, by import into all five.
     if softhsm_test_harness::provider().can_clone() {
@@ -275,13 +301,9 @@ fn settled(dir: &std::path::Path, nodes: usize) -> String {
 #[test]
 fn fleet_replace_add_remove_and_drain_keep_every_record_recoverable() {
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, ports) = fleet_file(work.path());
-    let _down = vault_e2e::FleetDown(dir.clone());
-    ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
+    let UpFleet {
+        dir, ports, _down, ..
+    } = up_fleet(work.path(), &FIVE_NODES, &[1; 5]);
     let status = settled(&dir, 5);
     let endpoint = |id: u64| format!("https://127.0.0.1:{}", ports[id as usize - 1]);
 
@@ -362,13 +384,12 @@ fn operator_api_refuses_requests_not_signed_by_the_operator() {
     use vault_proto::vault::node::v1::OperatorRequest;
 
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, _) = fleet_file(work.path());
-    let _down = vault_e2e::FleetDown(dir.clone());
-    ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
+    let UpFleet {
+        dir,
+        file: fleet_file,
+        _down,
+        ..
+    } = up_fleet(work.path(), &FIVE_NODES, &[1; 5]);
     let peer_addr = hsm_vault::geo::FleetFile::load(&fleet_file)
         .expect("fleet file")
         .node(1)
@@ -435,17 +456,17 @@ fn operator_api_refuses_requests_not_signed_by_the_operator() {
 #[test]
 fn fleet_two_groups_serve_every_account_from_any_node_and_move_slots() {
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, ports) = fleet_file_with(
+    let UpFleet {
+        dir,
+        ports,
+        up,
+        _down,
+        ..
+    } = up_fleet(
         work.path(),
         &["eu", "eu", "us", "us", "ap", "ap"],
         &[1, 2, 1, 2, 1, 2],
     );
-    let _down = vault_e2e::FleetDown(dir.clone());
-    let up = ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
     assert_eq!(up.matches("listening on").count(), 6, "{up}");
     let start = Instant::now();
     let status = loop {
@@ -589,13 +610,13 @@ fn card(dom: &str, id: u64) -> String {
 #[test]
 fn dashboard_shows_every_node_with_region_and_role_and_a_killed_node_turns_unhealthy() {
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, ports) = fleet_file(work.path());
-    let _down = vault_e2e::FleetDown(dir.clone());
-    ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
+    let UpFleet {
+        dir,
+        file: fleet_file,
+        ports,
+        _down,
+        ..
+    } = up_fleet(work.path(), &FIVE_NODES, &[1; 5]);
     let status = settled(&dir, 5);
     let leader_id = leader(&status).expect("leader");
 
@@ -778,13 +799,13 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn fleet_up_serves_on_either_token_and_imports_keys_where_it_cannot_clone() {
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, ports) = fleet_file_with(work.path(), &["eu"], &[1]);
-    let _down = vault_e2e::FleetDown(dir.clone());
-    let up = ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
+    let UpFleet {
+        dir,
+        ports,
+        up,
+        _down,
+        ..
+    } = up_fleet(work.path(), &["eu"], &[1]);
     assert_eq!(up.matches("listening on").count(), 1, "{up}");
     let endpoint = format!("https://127.0.0.1:{}", ports[0]);
     let start = Instant::now();
@@ -809,13 +830,7 @@ fn fleet_up_serves_on_either_token_and_imports_keys_where_it_cannot_clone() {
     if softhsm_test_harness::provider() == softhsm_test_harness::Provider::Kryoptic {
         let two = work.path().join("two");
         std::fs::create_dir_all(&two).expect("dir");
-        let (fleet_file, _) = fleet_file_with(&two, &["eu", "us"], &[1, 1]);
-        let dir = two.join("fleet");
-        let _down = vault_e2e::FleetDown(dir.clone());
-        let up = ok(fleet(
-            &dir,
-            &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-        ));
+        let UpFleet { dir, up, _down, .. } = up_fleet(&two, &["eu", "us"], &[1, 1]);
         assert!(up.contains("cannot clone keys"), "{up}");
         assert_eq!(up.matches("domain keys imported").count(), 2, "{up}");
         assert_eq!(up.matches("listening on").count(), 2, "{up}");
@@ -940,13 +955,12 @@ fn fleet_enrolls_a_token_on_another_machine_by_request_and_package_files() {
     use hsm_vault::partition::{KeySetup, Module, Partition};
 
     let work = tempfile::tempdir().expect("dir");
-    let dir = work.path().join("fleet");
-    let (fleet_file, _) = fleet_file_with(work.path(), &["eu", "us", "ap"], &[1, 1, 1]);
-    let _down = vault_e2e::FleetDown(dir.clone());
-    ok(fleet(
-        &dir,
-        &["up", "--fleet-file", fleet_file.to_str().expect("utf8")],
-    ));
+    let UpFleet {
+        dir,
+        file: fleet_file,
+        _down,
+        ..
+    } = up_fleet(work.path(), &["eu", "us", "ap"], &[1, 1, 1]);
     let fleet_toml = std::fs::read_to_string(&fleet_file).expect("fleet file");
     let peer_addr = |id: usize| {
         fleet_toml
