@@ -961,16 +961,8 @@ fn fleet_enrolls_a_token_on_another_machine_by_request_and_package_files() {
         _down,
         ..
     } = up_fleet(work.path(), &["eu", "us", "ap"], &[1, 1, 1]);
-    let fleet_toml = std::fs::read_to_string(&fleet_file).expect("fleet file");
-    let peer_addr = |id: usize| {
-        fleet_toml
-            .lines()
-            .filter_map(|l| l.strip_prefix("peer_addr = \""))
-            .nth(id - 1)
-            .expect("peer_addr")
-            .trim_end_matches('"')
-            .to_owned()
-    };
+    let fleet_spec = hsm_vault::geo::FleetFile::load(&fleet_file).expect("fleet file");
+    let peer_addr = |id: u64| fleet_spec.node(id).expect("node").peer_addr.clone();
     let remote = softhsm_test_harness::TestToken::new("remote-node").expect("token");
     let (request, package) = (
         work.path().join("request.json"),
