@@ -6,6 +6,6 @@
 # most of it growing stores to a million records.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-deps.sh
+scripts/ensure-deps.sh --node
 cargo build --release --locked -p hsm-vault -p vault-bench
 exec target/release/vault-bench "$@"

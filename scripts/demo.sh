@@ -7,7 +7,7 @@
 # the loss of its leader. Everything lives in .demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-deps.sh
+scripts/ensure-deps.sh --node
 cargo build --locked --bins -q
 
 bin=$(pwd)/target/debug

@@ -10,7 +10,7 @@
 #   ./scripts/sim.sh 500        # a shorter run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-deps.sh
+scripts/ensure-deps.sh --node
 seeds=${1:-10000}
 jobs=${JOBS:-$(nproc)}
 cargo build --release --locked -p vault-sim
