@@ -30,8 +30,9 @@ fuzz_target!(init: vault_fuzz::seeds::init("snapshot"), |data: &[u8]| {
     }
 });
 
-fn encode(header: &[u8], records: &[SnapshotRecord<'_>]) -> Vec<u8> {
+fn encode(mac: &[u8; 32], header: &[u8], records: &[SnapshotRecord<'_>]) -> Vec<u8> {
     let mut out = SNAPSHOT_MAGIC.to_vec();
+    out.extend_from_slice(mac);
     out.extend_from_slice(&u32::try_from(header.len()).expect("small").to_be_bytes());
     out.extend_from_slice(header);
     for (id, seq, sealed) in records {
@@ -48,21 +49,21 @@ fn encode(header: &[u8], records: &[SnapshotRecord<'_>]) -> Vec<u8> {
 }
 
 fn snapshot_data(bytes: &[u8]) {
-    let Ok((header, records)) = parse_snapshot(bytes) else {
+    let Ok(parsed) = parse_snapshot(bytes) else {
         return;
     };
+    let records = &parsed.records;
     // Every record takes at least its 42-byte head: no amplification.
     assert!(records.len() * 42 <= bytes.len());
-    let head_len = u32::from_be_bytes(bytes[4..8].try_into().expect("parsed a length")) as usize;
     // The records are encoded canonically: re-encoding them after the
-    // header as read gives the input back.
-    assert_eq!(encode(&bytes[8..8 + head_len], &records), bytes);
+    // MAC and header as read gives the input back.
+    assert_eq!(encode(&parsed.mac, parsed.header_bytes, records), bytes);
     // The header as this node would write it.
-    let json = serde_json::to_vec(&header).expect("a header encodes");
-    let again = encode(&json, &records);
-    let (header2, records2) = parse_snapshot(&again).expect("a re-encoded snapshot parses");
-    assert_eq!(records2, records);
-    assert_eq!(serde_json::to_vec(&header2).expect("encodes"), json);
+    let json = serde_json::to_vec(&parsed.header).expect("a header encodes");
+    let again = encode(&parsed.mac, &json, records);
+    let again = parse_snapshot(&again).expect("a re-encoded snapshot parses");
+    assert_eq!(&again.records, records);
+    assert_eq!(serde_json::to_vec(&again.header).expect("encodes"), json);
 }
 
 fn chunk(bytes: &[u8]) {

@@ -42,6 +42,7 @@ pub const MAX_OPAQUE_MESSAGE: usize = 1024;
 pub const WIRE_LOGIN_LEN: usize = hsm_vault::service::WIRE_LOGIN_LEN;
 
 /// A software token with fixed keys.
+#[derive(Clone)]
 pub struct SoftToken {
     oprf_seed: [u8; 32],
     record_key: [u8; 32],
@@ -124,6 +125,35 @@ impl Token for SoftToken {
             .decrypt(Nonce::from_slice(iv), Payload { msg: sealed, aad })
             .map(Zeroizing::new)
             .map_err(|_| PartitionError::Integrity)
+    }
+}
+
+/// A replica's token in software: the [`SoftToken`]'s keys and an
+/// in-memory map for the state a token keeps (shared by clones).
+#[derive(Clone, Debug, Default)]
+pub struct SoftKeeper {
+    state: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
+}
+
+impl hsm_vault::replication::ReplicaToken for SoftKeeper {
+    type Session = SoftToken;
+    fn session(&self) -> Result<SoftToken, PartitionError> {
+        Ok(SoftToken::default())
+    }
+    fn app_state(&self, app: &str) -> Result<Vec<u8>, PartitionError> {
+        let state = self.state.lock().map_err(|_| PartitionError::Operation {
+            op: "state",
+            detail: "poisoned".into(),
+        })?;
+        Ok(state.get(app).cloned().unwrap_or_default())
+    }
+    fn set_app_state(&self, app: &str, bytes: &[u8]) -> Result<(), PartitionError> {
+        let mut state = self.state.lock().map_err(|_| PartitionError::Operation {
+            op: "state",
+            detail: "poisoned".into(),
+        })?;
+        state.insert(app.to_owned(), bytes.to_vec());
+        Ok(())
     }
 }
 

@@ -13,10 +13,8 @@ use hsm_vault::backend::Replica;
 use hsm_vault::geo::{FleetFile, Geography};
 use hsm_vault::limits::{Limits, Rate};
 use hsm_vault::partition::{KeySetup, Module, Partition};
-use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::{Channels, Network, NodeService, MAX_RAFT_MESSAGE};
 use hsm_vault::replication::operator::{OperatorService, MAX_HANDOVER_MESSAGE};
-use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::service::{from_client, VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::shard::{GroupId, ShardMap};
 use hsm_vault::store::Store;
@@ -384,22 +382,23 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             }
             let db = sled::open(&args.data_dir).context("opening the node's store")?;
             let tree = format!("g{group}");
-            let sm = StateMachine::open(&db, &tree)
-                .context("opening the state machine")?
-                .in_group(group);
-            let log = match LogStore::open(&db, partition.clone(), &tree) {
-                Err(LogOpenError::RolledBack { log, token }) => {
-                    tracing::warn!(
-                        log,
-                        token,
-                        "storage was rolled back: erasing the stale replica state and resyncing \
-                         from the group (no votes until caught up)"
-                    );
-                    LogStore::open_resync(&db, partition.clone(), &tree, &[sm.tree().clone()])
-                        .context("resyncing the Raft log")?
-                }
-                other => other.context("opening the Raft log")?,
-            };
+            let storage = hsm_vault::replication::open_replica(
+                &db,
+                partition.clone(),
+                &tree,
+                group,
+                hsm_vault::replication::Flush::Background,
+            )
+            .map_err(anyhow::Error::msg)
+            .context("opening the replica's storage")?;
+            if let Some(found) = &storage.resynced {
+                tracing::warn!(
+                    found = %found,
+                    "storage was rolled back or altered: erased the stale replica state; \
+                     resyncing from the group (no votes until caught up)"
+                );
+            }
+            let (log, sm) = (storage.log, storage.sm);
             let resync_floor = log.resync_floor();
             let heartbeat = args.raft_heartbeat_ms.unwrap_or_else(|| {
                 hsm_vault::replication::heartbeat_for(

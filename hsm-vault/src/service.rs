@@ -304,7 +304,18 @@ impl VaultService {
                     .await?
             }
             Finish::Delete => self.commit(seq, Write::Delete(id), expect).await?,
-            Finish::WrongPassword { .. } | Finish::Locked => {}
+            Finish::WrongPassword { .. } | Finish::Locked => {
+                // No write backs these answers: the view they come from must
+                // be current (a deposed leader, or a new one that has not
+                // applied everything committed, would answer from a stale
+                // record), as for a locked RecoverStart.
+                self.inner.backend.confirm().await?;
+                if self.stored(&id)?.index != expect {
+                    return Err(Status::aborted(
+                        "the record changed while this request ran; start the recovery again",
+                    ));
+                }
+            }
         }
         tracing::info!(record = %id, outcome = finish_name(&outcome), "login finished");
         let record = Event::record(&id);

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub lockouts: Counter,
     pub deletions: Counter,
     pub throttled: Counter,
+    pub snapshots_refused: Counter,
     pub raft_term: Gauge,
     pub raft_leader: Gauge,
     pub raft_is_leader: Gauge,
@@ -109,6 +110,7 @@ impl Metrics {
             lockouts: Counter::default(),
             deletions: Counter::default(),
             throttled: Counter::default(),
+            snapshots_refused: Counter::default(),
             raft_term: Gauge::default(),
             raft_leader: Gauge::default(),
             raft_is_leader: Gauge::default(),
@@ -163,6 +165,11 @@ impl Metrics {
             "recovery_starts_throttled",
             "Recovery starts refused by a rate limit",
             m.throttled.clone(),
+        );
+        r.register(
+            "snapshots_refused",
+            "Snapshots from a peer refused: their token MAC or their maps did not check",
+            m.snapshots_refused.clone(),
         );
         r.register(
             "raft_term",

@@ -31,7 +31,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let group = format!("suite-{n}");
         let log =
             LogStore::open(&db, self.partition.clone(), &group).map_err(|e| err(e.to_string()))?;
-        let sm = StateMachine::open(&db, &group).map_err(|e| err(e.to_string()))?;
+        let sm = StateMachine::open(&db, &group, 1, self.partition.clone())
+            .map_err(|e| err(e.to_string()))?;
         Ok((dir, log, sm))
     }
 }
@@ -203,11 +204,12 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
+    let (_token, p) = partition("slots");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open_db(dir.path());
-        let mut sm = StateMachine::open(&db, "g1").expect("open").in_group(1);
+        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
         let v1 = ShardMap::even(1, &[1, 2]);
         let mut same_owners = v1.clone();
         same_owners.version = 2;
@@ -238,7 +240,7 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
         assert_eq!(sm.shard_map().expect("read"), Some(same_owners.clone()));
 
         let snapshot = sm.build_snapshot().await.expect("snapshot");
-        let mut other = StateMachine::open(&db, "g1-copy").expect("open");
+        let mut other = StateMachine::open(&db, "g1-copy", 1, p.clone()).expect("open");
         other
             .install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
@@ -270,12 +272,13 @@ fn invariant2_slots_move_between_groups_only_through_freeze_and_import() {
             .remove(0)
     }
 
+    let (_token, p) = partition("import");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open_db(dir.path());
-        let mut old = StateMachine::open(&db, "g1").expect("open").in_group(1);
-        let mut new = StateMachine::open(&db, "g2").expect("open").in_group(2);
+        let mut old = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        let mut new = StateMachine::open(&db, "g2", 2, p.clone()).expect("open");
         let v1 = ShardMap::even(1, &[1, 2]);
         let mut v2 = v1.clone();
         v2.version = 2;
@@ -388,11 +391,12 @@ fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
+    let (_token, p) = partition("first");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open_db(dir.path());
-        let mut sm = StateMachine::open(&db, "g1").expect("open").in_group(1);
+        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
         let v1 = ShardMap::even(1, &[1, 2]);
         let v2 = v1.reassign(0, 99, 2, 2);
         let mut same_owners_v3 = v1.clone();
@@ -426,5 +430,208 @@ fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
         assert_eq!(applied[3..], [Applied::Done, Applied::Done]);
         assert_eq!(sm.frozen_map().expect("frozen"), None);
         assert_eq!(sm.shard_map().expect("map"), Some(after_v3));
+    });
+}
+
+fn put(
+    i: u64,
+    id: [u8; 32],
+    expect: Option<u64>,
+    seq: u64,
+    sealed: &[u8],
+) -> openraft::Entry<TypeConfig> {
+    openraft::Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+        payload: openraft::EntryPayload::Normal(hsm_vault::replication::Command::Put {
+            id,
+            expect,
+            seq,
+            sealed: sealed.to_vec(),
+        }),
+    }
+}
+
+/// A state machine with one record written twice and the shard map
+/// adopted; returns the record's first value (as stored) for splicing.
+async fn two_versions(sm: &mut StateMachine, id: [u8; 32]) -> sled::IVec {
+    use hsm_vault::replication::Command;
+    use openraft::storage::RaftStateMachine;
+    let map = openraft::Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+        payload: openraft::EntryPayload::Normal(Command::AdoptMap {
+            map: hsm_vault::shard::ShardMap::even(1, &[1]),
+        }),
+    };
+    sm.apply([map, put(2, id, None, 10, b"registered: 10 guesses left")])
+        .await
+        .expect("apply");
+    let first = sm.tree().get(id).expect("read").expect("stored");
+    sm.apply([put(3, id, Some(10), 11, b"locked: no secret left")])
+        .await
+        .expect("apply");
+    first
+}
+
+/// The splice attack on one replica's disk: the record's older copy (still
+/// sealed, still carrying its own sequence number, so it unseals and looks
+/// current) put back in place of the locked one, the applied index and the
+/// log left alone. The token's anchor over the state machine refuses it at
+/// open; so does a deleted map or an edited applied index. Erased, the
+/// replica opens empty (and resyncs from its peers).
+#[test]
+fn invariant7_replica_state_machine_spliced_from_an_older_copy_is_refused_at_open() {
+    use hsm_vault::replication::state_machine::SmOpenError;
+    let (_token, p) = partition("splice");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let id = [3u8; 32];
+    let first = rt.block_on(async {
+        let db = open_db(dir.path());
+        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        let first = two_versions(&mut sm, id).await;
+        drop(sm);
+        db.flush().expect("flush");
+        first
+    });
+    let edits: [(&str, &dyn Fn(&sled::Tree)); 4] = [
+        ("a record spliced", &|t| {
+            t.insert(id, first.clone()).expect("splice");
+        }),
+        ("the shard map deleted", &|t| {
+            t.remove("shard-map").expect("rm");
+        }),
+        ("applied edited", &|t| {
+            let applied = serde_json::to_vec(&Some(openraft::LogId::<NodeId>::new(
+                openraft::CommittedLeaderId::new(1, 1),
+                2,
+            )))
+            .expect("json");
+            t.insert("applied", applied).expect("edit");
+        }),
+        ("a record added", &|t| {
+            t.insert([9u8; 32], first.clone()).expect("add");
+        }),
+    ];
+    for (what, edit) in edits {
+        let copy = tempfile::tempdir().expect("copy");
+        {
+            let db = open_db(dir.path());
+            let sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("the original opens");
+            drop(sm);
+            db.flush().expect("flush");
+        }
+        copy_tree(dir.path(), copy.path());
+        let db = open_db(copy.path());
+        edit(&db.open_tree("raft-sm/g1").expect("tree"));
+        db.flush().expect("flush");
+        match StateMachine::open(&db, "g1", 1, p.clone()) {
+            Err(SmOpenError::Mismatch { .. }) => {}
+            other => panic!("{what}: must be refused, got {other:?}"),
+        }
+    }
+    // What a resync does: erase, then the empty state opens.
+    let db = open_db(dir.path());
+    let hostile = hsm_vault::replication::open_replica(
+        &db,
+        p.clone(),
+        "g1",
+        1,
+        hsm_vault::replication::Flush::Inline,
+    )
+    .expect("opens");
+    assert!(hostile.resynced.is_none(), "the untouched store is current");
+    drop(hostile);
+    db.open_tree("raft-sm/g1")
+        .expect("tree")
+        .insert(id, first.clone())
+        .expect("splice");
+    let resynced = hsm_vault::replication::open_replica(
+        &db,
+        p.clone(),
+        "g1",
+        1,
+        hsm_vault::replication::Flush::Inline,
+    )
+    .expect("opens for a resync");
+    assert!(resynced.resynced.is_some(), "the splice must be found");
+    assert_eq!(resynced.sm.record_count(), 0, "the stale state is erased");
+    drop(resynced);
+    StateMachine::open(&db, "g1", 1, p).expect("the erased state is what the token vouches for");
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Snapshots carry a token MAC over the group, the applied log id, the
+/// state digest and the header: one with a record's bytes changed, or its
+/// maps edited, is refused by the installing replica (which keeps its own
+/// state), and one from another group too. An untouched one installs.
+#[test]
+fn invariant7_snapshot_with_a_record_or_its_maps_edited_is_refused() {
+    use hsm_vault::replication::state_machine::{parse_snapshot, SNAPSHOT_MAGIC};
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    use std::io::Cursor;
+    let (_token, p) = partition("snapshot-mac");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let id = [4u8; 32];
+        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        two_versions(&mut sm, id).await;
+        let snapshot = sm.build_snapshot().await.expect("snapshot");
+        let data = snapshot.snapshot.into_inner();
+        let parsed = parse_snapshot(&data).expect("parses");
+        assert_eq!(parsed.records.len(), 1);
+        let header_end = SNAPSHOT_MAGIC.len() + 32 + 4 + parsed.header_bytes.len();
+
+        let mut record_edited = data.clone();
+        let last = record_edited.len() - 1;
+        record_edited[last] ^= 1;
+        let header = String::from_utf8(parsed.header_bytes.to_vec()).expect("utf-8");
+        let map_edited_header = header.replacen("\"version\":1", "\"version\":7", 1);
+        assert_ne!(
+            map_edited_header, header,
+            "the header names the map's version"
+        );
+        let mut map_edited = data[..SNAPSHOT_MAGIC.len() + 32].to_vec();
+        map_edited.extend_from_slice(&(map_edited_header.len() as u32).to_be_bytes());
+        map_edited.extend_from_slice(map_edited_header.as_bytes());
+        map_edited.extend_from_slice(&data[header_end..]);
+
+        let mut receiver = StateMachine::open(&db, "g1-receiver", 1, p.clone()).expect("open");
+        let mut other_group = StateMachine::open(&db, "g2-receiver", 2, p.clone()).expect("open");
+        for (what, bytes, elsewhere) in [
+            ("a record edited", record_edited, false),
+            ("the map edited", map_edited, false),
+            ("another group's", data.clone(), true),
+        ] {
+            let sm = if elsewhere {
+                &mut other_group
+            } else {
+                &mut receiver
+            };
+            let refused = sm
+                .install_snapshot(&snapshot.meta, Box::new(Cursor::new(bytes)))
+                .await;
+            assert!(refused.is_err(), "{what}: a snapshot must be refused");
+            assert_eq!(sm.record_count(), 0, "{what}: nothing of it was installed");
+        }
+        receiver
+            .install_snapshot(&snapshot.meta, Box::new(Cursor::new(data)))
+            .await
+            .expect("the untouched snapshot installs");
+        assert_eq!(receiver.get(&id).expect("read"), sm.get(&id).expect("read"));
+        assert_eq!(receiver.state_digest().await, sm.state_digest().await);
     });
 }

@@ -12,7 +12,6 @@ use hsm_vault::auth::Authorizer;
 use hsm_vault::backend::{Backend, Replica};
 use hsm_vault::geo::Geography;
 use hsm_vault::partition::Partition;
-use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::network::Channels;
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::replication::{raft_config, Flush, NodeId, TypeConfig};
@@ -408,19 +407,15 @@ impl<'a> World<'a> {
         let db = sled::Config::new().path(&dir).flush_every_ms(None).open()?;
         let name = replica_name(id);
         let p = self.fx.partition.clone();
-        let sm = StateMachine::open(&db, &name)?
-            .in_group(GROUP)
-            .flushing(Flush::Inline);
-        let log = match LogStore::open(&db, p.clone(), &name) {
-            Err(LogOpenError::RolledBack { log, token }) => {
-                self.shared.log(format!(
-                    "node {id}: disk behind its token ({log} < {token}): resyncing"
-                ));
-                LogStore::open_resync(&db, p.clone(), &name, &[sm.tree().clone()])?
-            }
-            other => other?,
+        let storage =
+            hsm_vault::replication::open_replica(&db, p.clone(), &name, GROUP, Flush::Inline)
+                .map_err(anyhow::Error::msg)?;
+        if let Some(found) = &storage.resynced {
+            self.shared.log(format!(
+                "node {id}: disk does not match its token ({found}): resyncing"
+            ));
         }
-        .flushing(Flush::Inline);
+        let (log, sm) = (storage.log, storage.sm);
         let floor = log.resync_floor();
         let config = Arc::new(raft_config(
             self.opts.snapshot_every,
@@ -853,12 +848,12 @@ impl<'a> World<'a> {
         let ids: Vec<NodeId> = (1..=self.opts.nodes).collect();
         for id in &ids {
             // A fresh replica: no vote, no watermarks.
-            let name = format!("hsm-vault/v1/raft/{}", replica_name(*id));
-            let reset = self
-                .fx
-                .partition
-                .session()
-                .and_then(|s| s.set_app_state(&name, b""));
+            let reset = self.fx.partition.session().and_then(|s| {
+                for app in ["raft", "raft-sm"] {
+                    s.set_app_state(&format!("hsm-vault/v1/{app}/{}", replica_name(*id)), b"")?;
+                }
+                Ok(())
+            });
             if let Err(e) = reset {
                 self.shared
                     .fail(format!("resetting node {id}'s token state: {e}"));

@@ -23,6 +23,7 @@ pub mod ecdh;
 pub mod index;
 pub mod pending;
 pub mod record;
+pub mod replica;
 
 use std::time::Instant;
 

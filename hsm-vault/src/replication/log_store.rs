@@ -14,6 +14,9 @@
 //! - The token also keeps the last log id this replica stored and
 //!   acknowledged (set after each append's flush, lowered only by Raft's own
 //!   truncation of uncommitted entries).
+//! - The token also keeps the last log id purged into a snapshot: what the
+//!   rollback check accepts as "no longer in the log" is never decided by
+//!   a value the host can edit.
 //! - On open, a log that ends before either watermark the token remembers
 //!   was rolled back: [`LogStore::open`] refuses it, so the node neither
 //!   votes nor acknowledges with stale state (it must be resynced).
@@ -30,8 +33,6 @@ use tokio::sync::{mpsc, oneshot};
 use super::{io_error, NodeId, TypeConfig};
 use crate::partition::Partition;
 
-const LAST_PURGED: &[u8] = b"last_purged";
-
 /// What the token keeps for one replica's log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenLogState {
@@ -41,6 +42,10 @@ pub struct TokenLogState {
     /// counted it toward a commit before this replica learned of the commit.
     #[serde(default)]
     last_log: Option<LogId<NodeId>>,
+    /// The last entry purged into a snapshot: kept here, not on the disk,
+    /// because the rollback check trusts the log up to it.
+    #[serde(default)]
+    purged: Option<LogId<NodeId>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +115,7 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StorageError<Node
 /// Token state is read and written through the user's login; a cloning
 /// ceremony on this node logs the user out for a few milliseconds. Raft
 /// treats a storage error as fatal, so such failures are retried briefly.
-fn retry<T>(
+pub(crate) fn retry<T>(
     mut op: impl FnMut() -> Result<T, crate::partition::PartitionError>,
 ) -> Result<T, crate::partition::PartitionError> {
     const ATTEMPTS: u32 = 50;
@@ -219,6 +224,10 @@ impl LogStore {
             .committed
             .map(|c| c.index)
             .max(token.last_log.map(|l| l.index));
+        // The log is empty now: nothing of it is purged.
+        store
+            .update_token(|s| s.purged = None)
+            .map_err(|e| LogOpenError::Storage(e.to_string()))?;
         Ok(store)
     }
 
@@ -311,14 +320,7 @@ impl LogStore {
     }
 
     fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        match self
-            .meta
-            .get(LAST_PURGED)
-            .map_err(|e| io_error(StorageIOError::read_logs, e))?
-        {
-            Some(v) => decode(&v),
-            None => Ok(None),
-        }
+        Ok(self.token_state()?.purged)
     }
 
     /// Index of the last entry present, or of the last purged one.
@@ -488,9 +490,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.meta
-            .insert(LAST_PURGED, encode(&Some(log_id))?)
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        // The token first: a crash after it leaves entries the log no longer
+        // needs; the other order would leave a log the token calls short.
+        self.update_token(|s| s.purged = s.purged.max(Some(log_id)))?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(..=log_id.index.to_be_bytes()) {
             let (k, _) = item.map_err(|e| io_error(StorageIOError::write_logs, e))?;

@@ -93,6 +93,38 @@ openraft::declare_raft_types!(
 
 pub type NodeId = u64;
 
+/// What a replica's storage needs of its token: MACs (through a session)
+/// and small state kept where the host cannot roll it back. The partition
+/// is the one implementation the vault runs; the fuzz targets use a
+/// software token.
+pub trait ReplicaToken: Clone + Send + Sync + 'static {
+    type Session: crate::core::Token + Send;
+    fn session(&self) -> Result<Self::Session, crate::partition::PartitionError>;
+    fn app_state(&self, app: &str) -> Result<Vec<u8>, crate::partition::PartitionError>;
+    fn set_app_state(
+        &self,
+        app: &str,
+        state: &[u8],
+    ) -> Result<(), crate::partition::PartitionError>;
+}
+
+impl ReplicaToken for std::sync::Arc<crate::partition::Partition> {
+    type Session = crate::partition::PartitionSession;
+    fn session(&self) -> Result<Self::Session, crate::partition::PartitionError> {
+        crate::partition::Partition::session(self)
+    }
+    fn app_state(&self, app: &str) -> Result<Vec<u8>, crate::partition::PartitionError> {
+        crate::partition::Partition::session(self)?.app_state(app)
+    }
+    fn set_app_state(
+        &self,
+        app: &str,
+        state: &[u8],
+    ) -> Result<(), crate::partition::PartitionError> {
+        crate::partition::Partition::session(self)?.set_app_state(app, state)
+    }
+}
+
 /// How a replica waits for sled to make its writes durable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Flush {
@@ -153,6 +185,62 @@ pub fn raft_config(
         ..Default::default()
     }
     .validate()
+}
+
+/// A replica's Raft storage, opened and checked against its token.
+#[derive(Debug)]
+pub struct ReplicaStorage {
+    pub log: log_store::LogStore,
+    pub sm: state_machine::StateMachine,
+    /// Set when the replica's disk did not match its token: what was found.
+    /// Its log and state machine were erased; it resyncs from its peers and
+    /// does not vote until its log reaches [`log_store::LogStore::resync_floor`].
+    pub resynced: Option<String>,
+}
+
+/// Opens the log and state machine of the replica `name` of group `group`
+/// and checks both against the token: the log must still hold the entries
+/// the token remembers, and the state machine must be the state the token
+/// vouches for. If either check fails, the replica's Raft state is erased
+/// (nothing stale is ever served, acknowledged or voted with) and it
+/// resyncs from its peers.
+pub fn open_replica(
+    db: &sled::Db,
+    partition: std::sync::Arc<crate::partition::Partition>,
+    name: &str,
+    group: crate::shard::GroupId,
+    flush: Flush,
+) -> Result<ReplicaStorage, String> {
+    use log_store::{LogOpenError, LogStore};
+    use state_machine::{SmOpenError, StateMachine};
+    let sm = StateMachine::unchecked(db, name, group, partition.clone())
+        .map_err(|e| e.to_string())?
+        .flushing(flush);
+    let mut found = match sm.verify() {
+        Ok(()) => None,
+        Err(e @ SmOpenError::Mismatch { .. }) => Some(e.to_string()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let log = match LogStore::open(db, partition.clone(), name) {
+        Ok(log) if found.is_none() => log,
+        Ok(_) => {
+            LogStore::open_resync(db, partition.clone(), name, &[]).map_err(|e| e.to_string())?
+        }
+        Err(e @ LogOpenError::RolledBack { .. }) => {
+            found.get_or_insert(e.to_string());
+            LogStore::open_resync(db, partition.clone(), name, &[]).map_err(|e| e.to_string())?
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    .flushing(flush);
+    if found.is_some() {
+        sm.erase().map_err(|e| e.to_string())?;
+    }
+    Ok(ReplicaStorage {
+        log,
+        sm,
+        resynced: found,
+    })
 }
 
 fn io_error(

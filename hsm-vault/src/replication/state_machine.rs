@@ -1,16 +1,35 @@
 //! The replicated state machine in sled: sealed records and their sequence
-//! numbers, applied from committed [`Command`]s as compare-and-set writes.
+//! numbers, applied from committed [`Command`]s as compare-and-set writes,
+//! with the applied state anchored in the token.
 //!
 //! Layout of the group's tree (keys of distinct lengths):
 //! `id (32 B) → seq:u64be || sealed record`, `"applied"` → last applied log
 //! id, `"membership"` → last membership, `"shard-map"` → the adopted shard
 //! map, `"frozen-map"` → the map of a move out of this group in progress,
-//! `"snapshot"` → the current snapshot.
-//! One apply call is one atomic sled batch, so a crash leaves the tree at a
-//! whole number of entries, and Raft re-applies the rest from the log.
+//! `"snapshot"` / `"snapshot-data"` → the current snapshot.
+//!
+//! Invariants:
+//! - **The token vouches for the applied state.** It keeps, under
+//!   `hsm-vault/v1/raft-sm/<name>`, the applied log id and the digest of
+//!   the records, maps and membership ([`crate::core::replica`]) of the
+//!   state as it is durable (`current`), and, while an apply is being made
+//!   durable, of the state after it (`next`). An apply records `next` in the
+//!   token, writes its batch and flushes: after a crash the tree is one of
+//!   the two. [`StateMachine::open`] recomputes the digest and refuses a tree
+//!   that is neither (one record spliced from an older copy, a map deleted,
+//!   `applied` edited, a whole older disk): the replica must be resynced.
+//! - One apply call is one atomic sled batch and one token update; applies,
+//!   snapshot builds and installs take turns (one lock), so a snapshot is
+//!   the state at exactly its `last_applied`.
+//! - **Snapshots carry a token MAC** over the group, the applied log id,
+//!   the state digest and the header; [`RaftStateMachine::install_snapshot`]
+//!   recomputes the digest from the data, checks the MAC with its own token
+//!   (the key is the fleet's), and puts the header's maps through the rules
+//!   of [`installable`] before anything is written.
 
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -19,7 +38,8 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{io_error, Applied, Command, ExportedRecord, NodeId, TypeConfig};
+use super::{io_error, Applied, Command, ExportedRecord, NodeId, ReplicaToken, TypeConfig};
+use crate::core::replica::{snapshot_mac, AppliedAt, Part, StateDigest};
 use crate::shard::{slot, GroupId, ShardMap};
 
 const APPLIED: &[u8] = b"applied";
@@ -42,10 +62,12 @@ pub struct SnapshotHeader {
 }
 
 /// Snapshot data, binary so that a million records stay a few hundred
-/// megabytes: `SNAPSHOT_MAGIC`, the header's length (u32 big-endian), the
-/// header as JSON, then each record as id (32 bytes), sequence number (u64
-/// big-endian), sealed length (u16 big-endian) and the sealed bytes.
-pub const SNAPSHOT_MAGIC: &[u8; 4] = b"HVS1";
+/// megabytes: `SNAPSHOT_MAGIC`, the token MAC (32 bytes, see
+/// [`crate::core::replica::snapshot_mac`]), the header's length (u32
+/// big-endian), the header as JSON, then each record as id (32 bytes),
+/// sequence number (u64 big-endian), sealed length (u16 big-endian) and the
+/// sealed bytes.
+pub const SNAPSHOT_MAGIC: &[u8; 4] = b"HVS2";
 
 /// The stored snapshot's metadata (its data is under `SNAPSHOT_DATA`).
 #[derive(Serialize, Deserialize)]
@@ -58,10 +80,18 @@ const SNAPSHOT_DATA: &[u8] = b"snapshot-data";
 /// A record in snapshot data: id, sequence number, sealed bytes.
 pub type SnapshotRecord<'a> = ([u8; 32], u64, &'a [u8]);
 
-/// Reads snapshot data back: the header and the records, in order.
-pub fn parse_snapshot(
-    data: &[u8],
-) -> Result<(SnapshotHeader, Vec<SnapshotRecord<'_>>), StorageError<NodeId>> {
+/// Snapshot data, parsed (nothing checked but the layout).
+#[derive(Debug)]
+pub struct ParsedSnapshot<'a> {
+    pub mac: [u8; 32],
+    pub header: SnapshotHeader,
+    /// The header as it was MAC'd.
+    pub header_bytes: &'a [u8],
+    pub records: Vec<SnapshotRecord<'a>>,
+}
+
+/// Reads snapshot data back: the MAC, the header and the records, in order.
+pub fn parse_snapshot(data: &[u8]) -> Result<ParsedSnapshot<'_>, StorageError<NodeId>> {
     let bad = |what: &str| {
         io_error(
             StorageIOError::read_state_machine,
@@ -71,14 +101,18 @@ pub fn parse_snapshot(
     let rest = data
         .strip_prefix(&SNAPSHOT_MAGIC[..])
         .ok_or_else(|| bad("unknown format"))?;
+    let (mac, rest) = rest
+        .split_at_checked(32)
+        .ok_or_else(|| bad("truncated MAC"))?;
+    let mac: [u8; 32] = mac.try_into().map_err(|_| bad("MAC"))?;
     let (len, rest) = rest
         .split_at_checked(4)
         .ok_or_else(|| bad("truncated header"))?;
     let len = u32::from_be_bytes(len.try_into().map_err(|_| bad("header length"))?) as usize;
-    let (header, mut rest) = rest
+    let (header_bytes, mut rest) = rest
         .split_at_checked(len)
         .ok_or_else(|| bad("truncated header"))?;
-    let header: SnapshotHeader = serde_json::from_slice(header)
+    let header: SnapshotHeader = serde_json::from_slice(header_bytes)
         .map_err(|e| io_error(StorageIOError::read_state_machine, e))?;
     let mut records = Vec::new();
     while !rest.is_empty() {
@@ -96,21 +130,123 @@ pub fn parse_snapshot(
         records.push((id, seq, sealed));
         rest = tail;
     }
-    Ok((header, records))
+    Ok(ParsedSnapshot {
+        mac,
+        header,
+        header_bytes,
+        records,
+    })
+}
+
+/// The ids of the records in the state machine `name` of a store, read
+/// without a token and without any check (for tests and audits of what is
+/// on a stopped node's disk).
+pub fn record_ids_in(db: &sled::Db, name: &str) -> sled::Result<Vec<[u8; 32]>> {
+    Ok(db
+        .open_tree(format!("raft-sm/{name}"))?
+        .iter()
+        .keys()
+        .flatten()
+        .filter_map(|k| <[u8; 32]>::try_from(k.as_ref()).ok())
+        .collect())
+}
+
+/// One point of the applied state: what the token vouches for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Anchor {
+    applied: Option<LogId<NodeId>>,
+    digest: StateDigest,
+}
+
+/// [`Anchor`] as the token keeps it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct AnchorText {
+    applied: Option<LogId<NodeId>>,
+    digest: String,
+}
+
+impl From<&Anchor> for AnchorText {
+    fn from(a: &Anchor) -> Self {
+        AnchorText {
+            applied: a.applied,
+            digest: hex::encode(a.digest.0),
+        }
+    }
+}
+
+impl TryFrom<&AnchorText> for Anchor {
+    type Error = String;
+    fn try_from(t: &AnchorText) -> Result<Self, String> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&t.digest, &mut digest).map_err(|e| e.to_string())?;
+        Ok(Anchor {
+            applied: t.applied,
+            digest: StateDigest(digest),
+        })
+    }
+}
+
+/// The token's record of one replica's state machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct TokenSmState {
+    current: AnchorText,
+    /// The state an apply in progress leads to (durable or not yet).
+    #[serde(default)]
+    next: Option<AnchorText>,
+}
+
+/// Why a state machine cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum SmOpenError {
+    #[error(
+        "the state machine does not match what the token vouches for (applied index {tree} on \
+         disk, {token} in the token; a record, a map or the applied index was changed or rolled \
+         back): this replica must be resynced from its peers"
+    )]
+    Mismatch { tree: u64, token: u64 },
+    #[error("state machine storage: {0}")]
+    Storage(String),
+}
+
+fn applied_at(id: Option<LogId<NodeId>>) -> Option<AppliedAt> {
+    id.map(|l| AppliedAt {
+        index: l.index,
+        term: l.leader_id.term,
+        node: l.leader_id.node_id,
+    })
 }
 
 /// One replica's state machine.
-#[derive(Clone, Debug)]
-pub struct StateMachine {
+#[derive(Clone)]
+pub struct StateMachine<K: ReplicaToken = Arc<crate::partition::Partition>> {
     db: sled::Db,
     tree: sled::Tree,
-    /// The replica group this state machine belongs to (0: unnamed).
+    /// The replica group this state machine belongs to.
     group: GroupId,
     flush: super::Flush,
+    token: K,
+    /// Application name of this state machine's anchor in the token.
+    app: String,
+    /// The anchor of the durable state; held by applies, installs and
+    /// snapshot builds, which therefore take turns.
+    anchor: Arc<tokio::sync::Mutex<Anchor>>,
+}
+
+impl<K: ReplicaToken> std::fmt::Debug for StateMachine<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachine")
+            .field("group", &self.group)
+            .field("app", &self.app)
+            .finish_non_exhaustive()
+    }
 }
 
 fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     io_error(StorageIOError::write_state_machine, e)
+}
+
+fn sm_fail(what: impl Into<String>) -> StorageError<NodeId> {
+    sm_err(std::io::Error::other(what.into()))
 }
 
 fn get_json<T: for<'de> Deserialize<'de>>(
@@ -132,27 +268,208 @@ fn split_value(v: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_be_bytes(seq.try_into().ok()?), sealed))
 }
 
-impl StateMachine {
-    pub fn open(db: &sled::Db, group: &str) -> Result<Self, sled::Error> {
+fn record_value(seq: u64, sealed: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + sealed.len());
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(sealed);
+    v
+}
+
+/// The membership part of the digest: the stored one, or the empty one
+/// when none was applied yet (as a snapshot installs it).
+fn membership_bytes(stored: Option<&[u8]>) -> Result<Vec<u8>, StorageError<NodeId>> {
+    match stored {
+        Some(b) => Ok(b.to_vec()),
+        None => json(&Membership::default()),
+    }
+}
+
+/// A record's current value during an apply: this batch's, else the tree's.
+type Pending = HashMap<[u8; 32], Option<(u64, Vec<u8>)>>;
+
+/// Token work of one apply, batch or install: toggles parts in a digest.
+struct Toggler<'a, K: ReplicaToken> {
+    session: K::Session,
+    group: GroupId,
+    digest: &'a mut StateDigest,
+}
+
+impl<K: ReplicaToken> Toggler<'_, K> {
+    fn part(&mut self, part: Part<'_>) -> Result<(), StorageError<NodeId>> {
+        self.digest
+            .toggle(&self.session, self.group, part)
+            .map_err(sm_err)
+    }
+
+    fn record(
+        &mut self,
+        id: &[u8; 32],
+        value: Option<&(u64, Vec<u8>)>,
+    ) -> Result<(), StorageError<NodeId>> {
+        match value {
+            Some((seq, sealed)) => self.part(Part::Record {
+                id,
+                seq: *seq,
+                sealed,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<K: ReplicaToken> StateMachine<K> {
+    /// Opens the state machine of replica group `group` (tree and token
+    /// state named `name`) and checks it against the token's anchor.
+    pub fn open(db: &sled::Db, name: &str, group: GroupId, token: K) -> Result<Self, SmOpenError> {
+        let sm = Self::unchecked(db, name, group, token)?;
+        sm.verify()?;
+        Ok(sm)
+    }
+
+    /// Opens the state machine without checking it: only to [`Self::verify`]
+    /// it, or to [`Self::erase`] it.
+    pub(crate) fn unchecked(
+        db: &sled::Db,
+        name: &str,
+        group: GroupId,
+        token: K,
+    ) -> Result<Self, SmOpenError> {
+        let storage = |e: sled::Error| SmOpenError::Storage(e.to_string());
         Ok(StateMachine {
             db: db.clone(),
-            tree: db.open_tree(format!("raft-sm/{group}"))?,
-            group: 0,
+            tree: db.open_tree(format!("raft-sm/{name}")).map_err(storage)?,
+            group,
             flush: super::Flush::default(),
+            token,
+            app: format!("hsm-vault/v1/raft-sm/{name}"),
+            anchor: Arc::new(tokio::sync::Mutex::new(Anchor::default())),
         })
     }
 
-    /// Names the replica group this state machine belongs to, so it can
-    /// tell slots moving away from it from slots moving to it.
-    pub fn in_group(mut self, group: GroupId) -> Self {
-        self.group = group;
-        self
+    /// Recomputes the digest of the tree and compares it (and the applied
+    /// log id) with what the token vouches for.
+    pub(crate) fn verify(&self) -> Result<(), SmOpenError> {
+        let failed = |e: StorageError<NodeId>| SmOpenError::Storage(e.to_string());
+        let on_disk = self.scan().map_err(failed)?;
+        let kept = self.token_state().map_err(failed)?;
+        let current = Anchor::try_from(&kept.current).map_err(SmOpenError::Storage)?;
+        let next = match &kept.next {
+            Some(n) => Some(Anchor::try_from(n).map_err(SmOpenError::Storage)?),
+            None => None,
+        };
+        if on_disk != current && Some(on_disk) != next {
+            let newest = next.map_or(current.applied, |n| n.applied.max(current.applied));
+            return Err(SmOpenError::Mismatch {
+                tree: on_disk.applied.map_or(0, |l| l.index),
+                token: newest.map_or(0, |l| l.index),
+            });
+        }
+        if let Ok(mut anchor) = self.anchor.try_lock() {
+            *anchor = on_disk;
+        }
+        Ok(())
+    }
+
+    /// Erases the state machine (a replica found rolled back, before it
+    /// resyncs) and tells the token it is empty.
+    pub fn erase(&self) -> Result<(), SmOpenError> {
+        let storage = |e: sled::Error| SmOpenError::Storage(e.to_string());
+        self.tree.clear().map_err(storage)?;
+        self.tree.flush().map_err(storage)?;
+        let empty = self
+            .scan()
+            .map_err(|e| SmOpenError::Storage(e.to_string()))?;
+        self.set_token_state(&TokenSmState {
+            current: AnchorText::from(&empty),
+            next: None,
+        })
+        .map_err(|e| SmOpenError::Storage(e.to_string()))?;
+        if let Ok(mut anchor) = self.anchor.try_lock() {
+            *anchor = empty;
+        }
+        Ok(())
     }
 
     /// Chooses how flushes wait (see [`super::Flush`]).
     pub fn flushing(mut self, flush: super::Flush) -> Self {
         self.flush = flush;
         self
+    }
+
+    fn token_state(&self) -> Result<TokenSmState, StorageError<NodeId>> {
+        let bytes = super::log_store::retry(|| self.token.app_state(&self.app)).map_err(sm_err)?;
+        if bytes.is_empty() {
+            // A fresh token: the empty state.
+            let empty = Anchor {
+                applied: None,
+                digest: self.digest_of_empty()?,
+            };
+            return Ok(TokenSmState {
+                current: AnchorText::from(&empty),
+                next: None,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(sm_err)
+    }
+
+    fn set_token_state(&self, state: &TokenSmState) -> Result<(), StorageError<NodeId>> {
+        let bytes = json(state)?;
+        super::log_store::retry(|| self.token.set_app_state(&self.app, &bytes)).map_err(sm_err)
+    }
+
+    fn toggler<'a>(
+        &self,
+        digest: &'a mut StateDigest,
+    ) -> Result<Toggler<'a, K>, StorageError<NodeId>> {
+        Ok(Toggler {
+            session: super::log_store::retry(|| self.token.session()).map_err(sm_err)?,
+            group: self.group,
+            digest,
+        })
+    }
+
+    /// The digest of a state with nothing applied (only the empty
+    /// membership).
+    fn digest_of_empty(&self) -> Result<StateDigest, StorageError<NodeId>> {
+        let mut digest = StateDigest::default();
+        let membership = membership_bytes(None)?;
+        self.toggler(&mut digest)?
+            .part(Part::Membership(&membership))?;
+        Ok(digest)
+    }
+
+    /// The applied log id and the digest of the tree as it is on disk.
+    fn scan(&self) -> Result<Anchor, StorageError<NodeId>> {
+        let mut digest = StateDigest::default();
+        let mut t = self.toggler(&mut digest)?;
+        let mut applied = None;
+        let mut membership = None;
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(sm_err)?;
+            match k.as_ref() {
+                APPLIED => {
+                    applied = serde_json::from_slice::<Option<LogId<NodeId>>>(&v).map_err(sm_err)?
+                }
+                MEMBERSHIP => membership = Some(v.to_vec()),
+                SHARD_MAP => t.part(Part::ShardMap(&v))?,
+                FROZEN => t.part(Part::Frozen(&v))?,
+                key => {
+                    if let (Ok(id), Some((seq, sealed))) =
+                        (<[u8; 32]>::try_from(key), split_value(&v))
+                    {
+                        t.part(Part::Record {
+                            id: &id,
+                            seq,
+                            sealed,
+                        })?;
+                    }
+                }
+            }
+        }
+        let membership = membership_bytes(membership.as_deref())?;
+        t.part(Part::Membership(&membership))?;
+        drop(t);
+        Ok(Anchor { applied, digest })
     }
 
     /// The map of a move of slots out of this group, while one is under way.
@@ -188,7 +505,7 @@ impl StateMachine {
         Ok(out)
     }
 
-    /// The tree holding this state machine (erased by a resync).
+    /// The tree holding this state machine.
     pub fn tree(&self) -> &sled::Tree {
         &self.tree
     }
@@ -226,48 +543,43 @@ impl StateMachine {
             .collect()
     }
 
-    fn current_seq(
-        &self,
-        pending: &HashMap<[u8; 32], Option<u64>>,
-        id: &[u8; 32],
-    ) -> Result<Option<u64>, StorageError<NodeId>> {
-        if let Some(p) = pending.get(id) {
-            return Ok(*p);
-        }
-        Ok(self.get(id).map_err(sm_err)?.map(|(s, _)| s))
+    /// The applied log index and state digest this replica's token vouches
+    /// for (equal on replicas that applied the same log).
+    pub async fn state_digest(&self) -> (u64, [u8; 32]) {
+        let anchor = self.anchor.lock().await;
+        (anchor.applied.map_or(0, |l| l.index), anchor.digest.0)
     }
 
-    /// This state machine as snapshot data, and what it was applied up to.
-    fn snapshot_data(&self) -> Result<(Vec<u8>, SnapshotHeader), StorageError<NodeId>> {
-        let header = SnapshotHeader {
-            last_applied: get_json(&self.tree, APPLIED)?.flatten(),
-            membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
-            shard_map: self.shard_map()?,
-            frozen: self.frozen_map()?,
-        };
-        let head = json(&header)?;
-        let mut data = Vec::with_capacity(8 + head.len() + 360 * self.tree.len());
-        data.extend_from_slice(SNAPSHOT_MAGIC);
-        let head_len = u32::try_from(head.len()).map_err(sm_err)?;
-        data.extend_from_slice(&head_len.to_be_bytes());
-        data.extend_from_slice(&head);
-        for item in self.tree.iter() {
-            let (k, v) = item.map_err(sm_err)?;
-            if k.len() != 32 {
-                continue;
-            }
-            if let Some((seq, sealed)) = split_value(&v) {
-                let n = u16::try_from(sealed.len()).map_err(sm_err)?;
-                data.extend_from_slice(&k);
-                data.extend_from_slice(&seq.to_be_bytes());
-                data.extend_from_slice(&n.to_be_bytes());
-                data.extend_from_slice(sealed);
-            }
+    fn current(
+        &self,
+        pending: &Pending,
+        id: &[u8; 32],
+    ) -> Result<Option<(u64, Vec<u8>)>, StorageError<NodeId>> {
+        if let Some(p) = pending.get(id) {
+            return Ok(p.clone());
         }
-        Ok((data, header))
+        self.get(id).map_err(sm_err)
+    }
+
+    /// Makes `batch` (which leads to `next`) durable, the token first.
+    async fn commit(
+        &self,
+        anchor: &mut Anchor,
+        next: Anchor,
+        batch: sled::Batch,
+    ) -> Result<(), StorageError<NodeId>> {
+        self.set_token_state(&TokenSmState {
+            current: AnchorText::from(&*anchor),
+            next: Some(AnchorText::from(&next)),
+        })?;
+        self.tree.apply_batch(batch).map_err(sm_err)?;
+        let started = std::time::Instant::now();
+        self.flush.tree(&self.tree).await.map_err(sm_err)?;
+        crate::telemetry::metrics().flushed("state_machine", started);
+        *anchor = next;
+        Ok(())
     }
 }
-
 /// Slots whose owner differs between `from` and `to`, as (slot, old, new).
 fn changes(from: &ShardMap, to: &ShardMap) -> Vec<(u16, Option<GroupId>, Option<GroupId>)> {
     (0..crate::shard::SLOTS)
@@ -390,9 +702,74 @@ fn importable(
     Ok(false)
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+/// Whether a snapshot's header may be installed by group `me`, which holds
+/// `current`: its maps must be valid, not older than the group's, and a
+/// frozen map must be a move out of this group from the snapshot's own map.
+/// (The MAC already says that a replica of this group built it.)
+fn installable(
+    me: GroupId,
+    current: Option<&ShardMap>,
+    header: &SnapshotHeader,
+) -> Result<(), String> {
+    let Some(map) = &header.shard_map else {
+        if current.is_some() || header.frozen.is_some() {
+            return Err("the snapshot has no shard map".into());
+        }
+        return Ok(());
+    };
+    map.validate()?;
+    if let Some(c) = current.filter(|c| map.version < c.version) {
+        return Err(format!(
+            "the snapshot's shard map (version {}) is older than this group's ({})",
+            map.version, c.version
+        ));
+    }
+    if let Some(frozen) = &header.frozen {
+        freezable(me, Some(map), None, frozen)?;
+    }
+    Ok(())
+}
+
+impl<K: ReplicaToken> RaftSnapshotBuilder<TypeConfig> for StateMachine<K> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (data, header) = self.snapshot_data()?;
+        let anchor = self.anchor.lock().await;
+        let header = SnapshotHeader {
+            last_applied: anchor.applied,
+            membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
+            shard_map: self.shard_map()?,
+            frozen: self.frozen_map()?,
+        };
+        let head = json(&header)?;
+        let mac = {
+            let session = super::log_store::retry(|| self.token.session()).map_err(sm_err)?;
+            snapshot_mac(
+                &session,
+                self.group,
+                applied_at(anchor.applied),
+                &anchor.digest,
+                &head,
+            )
+            .map_err(sm_err)?
+        };
+        let mut data = Vec::with_capacity(40 + head.len() + 360 * self.tree.len());
+        data.extend_from_slice(SNAPSHOT_MAGIC);
+        data.extend_from_slice(&mac);
+        let head_len = u32::try_from(head.len()).map_err(sm_err)?;
+        data.extend_from_slice(&head_len.to_be_bytes());
+        data.extend_from_slice(&head);
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(sm_err)?;
+            if k.len() != 32 {
+                continue;
+            }
+            if let Some((seq, sealed)) = split_value(&v) {
+                let n = u16::try_from(sealed.len()).map_err(sm_err)?;
+                data.extend_from_slice(&k);
+                data.extend_from_slice(&seq.to_be_bytes());
+                data.extend_from_slice(&n.to_be_bytes());
+                data.extend_from_slice(sealed);
+            }
+        }
         let meta = SnapshotMeta {
             last_log_id: header.last_applied,
             last_membership: header.membership,
@@ -406,6 +783,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
         batch.insert(SNAPSHOT_DATA, data.clone());
         self.tree.apply_batch(batch).map_err(sm_err)?;
+        drop(anchor);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -413,7 +791,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachine {
+impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
     type SnapshotBuilder = Self;
 
     async fn applied_state(
@@ -430,21 +808,26 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
+        let mut anchor = self.anchor.lock().await;
+        let mut digest = anchor.digest;
         let mut batch = sled::Batch::default();
-        let mut pending: HashMap<[u8; 32], Option<u64>> = HashMap::new();
+        let mut pending: Pending = HashMap::new();
         let mut map = self.shard_map()?;
         let mut frozen = self.frozen_map()?;
         let mut out = Vec::new();
         let mut last = None;
+        let mut t = self.toggler(&mut digest)?;
         for entry in entries {
             last = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => Applied::Done,
                 EntryPayload::Membership(m) => {
-                    batch.insert(
-                        MEMBERSHIP,
-                        json(&StoredMembership::new(Some(entry.log_id), m))?,
-                    );
+                    let old =
+                        membership_bytes(self.tree.get(MEMBERSHIP).map_err(sm_err)?.as_deref())?;
+                    let new = json(&StoredMembership::new(Some(entry.log_id), m))?;
+                    t.part(Part::Membership(&old))?;
+                    t.part(Part::Membership(&new))?;
+                    batch.insert(MEMBERSHIP, new);
                     Applied::Done
                 }
                 EntryPayload::Normal(Command::Put { id, .. } | Command::Delete { id, .. })
@@ -460,12 +843,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     seq,
                     sealed,
                 }) => {
-                    let current = self.current_seq(&pending, &id)?;
+                    let old = self.current(&pending, &id)?;
+                    let current = old.as_ref().map(|(s, _)| *s);
                     if current == expect {
-                        let mut v = seq.to_be_bytes().to_vec();
-                        v.extend_from_slice(&sealed);
-                        batch.insert(&id[..], v);
-                        pending.insert(id, Some(seq));
+                        t.record(&id, old.as_ref())?;
+                        let new = (seq, sealed);
+                        t.record(&id, Some(&new))?;
+                        batch.insert(&id[..], record_value(new.0, &new.1));
+                        pending.insert(id, Some(new));
                         Applied::Done
                     } else {
                         Applied::Conflict { current }
@@ -478,13 +863,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 // The handover is done: the moved records
                                 // now live in their new group only.
                                 for (id, _, _) in self.leaving(map.as_ref(), &next)? {
+                                    let old = self.current(&pending, &id)?;
+                                    t.record(&id, old.as_ref())?;
                                     batch.remove(&id[..]);
                                     pending.insert(id, None);
+                                }
+                                if let Some(f) = &frozen {
+                                    t.part(Part::Frozen(&json(f)?))?;
                                 }
                                 batch.remove(FROZEN);
                                 frozen = None;
                             }
-                            batch.insert(SHARD_MAP, json(&next)?);
+                            if let Some(m) = &map {
+                                t.part(Part::ShardMap(&json(m)?))?;
+                            }
+                            let new = json(&next)?;
+                            t.part(Part::ShardMap(&new))?;
+                            batch.insert(SHARD_MAP, new);
                             map = Some(next);
                             Applied::Done
                         }
@@ -494,8 +889,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(Command::Freeze { map: next }) => {
                     match freezable(self.group, map.as_ref(), frozen.as_ref(), &next) {
                         Ok(()) => {
-                            batch.insert(FROZEN, json(&next)?);
-                            frozen = Some(next);
+                            if frozen.as_ref() != Some(&next) {
+                                let new = json(&next)?;
+                                t.part(Part::Frozen(&new))?;
+                                batch.insert(FROZEN, new);
+                                frozen = Some(next);
+                            }
                             Applied::Done
                         }
                         Err(reason) => Applied::Refused(reason),
@@ -509,13 +908,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Ok(true) => Applied::Done,
                     Ok(false) => {
                         for (id, seq, sealed) in records {
-                            let mut v = seq.to_be_bytes().to_vec();
-                            v.extend_from_slice(&sealed);
-                            batch.insert(&id[..], v);
-                            pending.insert(id, Some(seq));
+                            let old = self.current(&pending, &id)?;
+                            t.record(&id, old.as_ref())?;
+                            let new = (seq, sealed);
+                            t.record(&id, Some(&new))?;
+                            batch.insert(&id[..], record_value(new.0, &new.1));
+                            pending.insert(id, Some(new));
                         }
                         if last {
-                            batch.insert(SHARD_MAP, json(&next)?);
+                            if let Some(m) = &map {
+                                t.part(Part::ShardMap(&json(m)?))?;
+                            }
+                            let new = json(&next)?;
+                            t.part(Part::ShardMap(&new))?;
+                            batch.insert(SHARD_MAP, new);
                             map = Some(next);
                         }
                         Applied::Done
@@ -523,8 +929,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     Err(reason) => Applied::Refused(reason),
                 },
                 EntryPayload::Normal(Command::Delete { id, expect }) => {
-                    let current = self.current_seq(&pending, &id)?;
+                    let old = self.current(&pending, &id)?;
+                    let current = old.as_ref().map(|(s, _)| *s);
                     if current == expect {
+                        t.record(&id, old.as_ref())?;
                         batch.remove(&id[..]);
                         pending.insert(id, None);
                         Applied::Done
@@ -535,10 +943,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             out.push(result);
         }
+        drop(t);
         if let Some(last) = last {
             batch.insert(APPLIED, json(&Some(last))?);
+            let next = Anchor {
+                applied: Some(last),
+                digest,
+            };
+            self.commit(&mut anchor, next, batch).await?;
         }
-        self.tree.apply_batch(batch).map_err(sm_err)?;
         Ok(out)
     }
 
@@ -558,33 +971,84 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
-        let (header, records) = parse_snapshot(&data)?;
+        let parsed = parse_snapshot(&data)?;
+        let header = &parsed.header;
+        if header.last_applied != meta.last_log_id || header.membership != meta.last_membership {
+            return Err(sm_fail(
+                "snapshot refused: its header does not match the snapshot's metadata",
+            ));
+        }
+        let mut anchor = self.anchor.lock().await;
+        // The digest of the state this snapshot describes, as this replica
+        // will store it.
+        let mut digest = StateDigest::default();
+        let mut t = self.toggler(&mut digest)?;
+        let mut latest: HashMap<[u8; 32], (u64, &[u8])> = HashMap::new();
+        for (id, seq, sealed) in &parsed.records {
+            latest.insert(*id, (*seq, sealed));
+        }
+        for (id, (seq, sealed)) in &latest {
+            t.part(Part::Record {
+                id,
+                seq: *seq,
+                sealed,
+            })?;
+        }
+        let map = header.shard_map.as_ref().map(json).transpose()?;
+        let frozen = header.frozen.as_ref().map(json).transpose()?;
+        let membership = json(&meta.last_membership)?;
+        if let Some(m) = &map {
+            t.part(Part::ShardMap(m))?;
+        }
+        if let Some(f) = &frozen {
+            t.part(Part::Frozen(f))?;
+        }
+        t.part(Part::Membership(&membership))?;
+        let expected = snapshot_mac(
+            &t.session,
+            self.group,
+            applied_at(meta.last_log_id),
+            t.digest,
+            parsed.header_bytes,
+        )
+        .map_err(sm_err)?;
+        drop(t);
+        if expected != parsed.mac {
+            crate::telemetry::metrics().snapshots_refused.inc();
+            return Err(sm_fail(
+                "snapshot refused: its token MAC does not match its contents (altered, or not \
+                 made by a replica of this group)",
+            ));
+        }
+        if let Err(reason) = installable(self.group, self.shard_map()?.as_ref(), header) {
+            crate::telemetry::metrics().snapshots_refused.inc();
+            return Err(sm_fail(format!("snapshot refused: {reason}")));
+        }
         let mut batch = sled::Batch::default();
         for item in self.tree.iter() {
             let (k, _) = item.map_err(sm_err)?;
             batch.remove(k);
         }
-        for (id, seq, sealed) in &records {
-            let mut v = seq.to_be_bytes().to_vec();
-            v.extend_from_slice(sealed);
-            batch.insert(&id[..], v);
+        for (id, (seq, sealed)) in &latest {
+            batch.insert(&id[..], record_value(*seq, sealed));
         }
-        if let Some(map) = &header.shard_map {
-            batch.insert(SHARD_MAP, json(map)?);
+        if let Some(m) = map {
+            batch.insert(SHARD_MAP, m);
         }
-        if let Some(map) = &header.frozen {
-            batch.insert(FROZEN, json(map)?);
+        if let Some(f) = frozen {
+            batch.insert(FROZEN, f);
         }
         batch.insert(APPLIED, json(&meta.last_log_id)?);
-        batch.insert(MEMBERSHIP, json(&meta.last_membership)?);
+        batch.insert(MEMBERSHIP, membership);
         batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
-        drop(records);
+        drop(latest);
+        drop(parsed);
         batch.insert(SNAPSHOT_DATA, data);
-        self.tree.apply_batch(batch).map_err(sm_err)?;
-        let started = std::time::Instant::now();
-        self.flush.tree(&self.tree).await.map_err(sm_err)?;
-        crate::telemetry::metrics().flushed("state_machine", started);
-        Ok(())
+        let next = Anchor {
+            applied: meta.last_log_id,
+            digest,
+        };
+        self.commit(&mut anchor, next, batch).await
     }
 
     async fn get_current_snapshot(
