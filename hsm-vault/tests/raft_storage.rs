@@ -493,7 +493,8 @@ fn invariant7_replica_state_machine_spliced_from_an_older_copy_is_refused_at_ope
         db.flush().expect("flush");
         first
     });
-    let edits: [(&str, &dyn Fn(&sled::Tree)); 4] = [
+    type Edit<'a> = (&'a str, &'a dyn Fn(&sled::Tree));
+    let edits: [Edit; 4] = [
         ("a record spliced", &|t| {
             t.insert(id, first.clone()).expect("splice");
         }),

@@ -18,4 +18,4 @@ pub mod model;
 pub mod net;
 mod world;
 
-pub use world::{run_seed, Figures, Fixture, Options, Outcome};
+pub use world::{run_seed, BrokenKind, Figures, Fixture, Options, Outcome};

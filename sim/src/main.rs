@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vault_sim::{run_seed, Figures, Fixture, Options};
+use vault_sim::{run_seed, BrokenKind, Figures, Fixture, Options};
 
 /// Deterministic simulation of a vault replica group under faults.
 #[derive(Parser, Debug)]
@@ -21,10 +21,12 @@ struct Args {
     /// healed and checked).
     #[arg(long, default_value_t = 8)]
     load_seconds: u64,
-    /// Run the deliberately broken recovery (KE2 released before the charge
-    /// is committed), to see the oracle catch it.
-    #[arg(long)]
-    broken: bool,
+    /// Run a deliberately broken vault, to see the simulation catch it:
+    /// `early-ke2` (the default: KE2 released before the charge is
+    /// committed) or `no-anchor` (a replica whose token does not vouch for
+    /// its state machine).
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "early-ke2")]
+    broken: Option<BrokenKind>,
     /// Print every event of every seed.
     #[arg(long)]
     trace: bool,
@@ -118,7 +120,11 @@ fn main() -> ExitCode {
             }
             println!(
                 "replay: cargo run --release -p vault-sim -- --first {seed} --seeds 1 --trace{}",
-                if args.broken { " --broken" } else { "" }
+                match args.broken {
+                    Some(BrokenKind::EarlyKe2) => " --broken early-ke2",
+                    Some(BrokenKind::NoAnchor) => " --broken no-anchor",
+                    None => "",
+                }
             );
             failed.push(seed);
             if !args.keep_going {

@@ -75,11 +75,24 @@ impl Fixture {
     }
 }
 
+/// A deliberately broken vault, to show that the simulation catches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BrokenKind {
+    /// The recovery releases the KE2 before its charge is committed
+    /// ([`crate::broken`]).
+    EarlyKe2,
+    /// A replica without the token anchor over its state machine: after each
+    /// edit of a stopped replica's state (a record spliced back, a map
+    /// deleted) the simulation makes the token vouch for the edited state,
+    /// as a vault that never checked would accept it.
+    NoAnchor,
+}
+
 /// The shape of a run.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Run the deliberately broken recovery ([`crate::broken`]).
-    pub broken: bool,
+    /// Run a deliberately broken vault.
+    pub broken: Option<BrokenKind>,
     pub nodes: u64,
     pub clients: usize,
     pub accounts: usize,
@@ -92,7 +105,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
-            broken: false,
+            broken: None,
             nodes: 3,
             clients: 3,
             accounts: 5,
@@ -351,7 +364,7 @@ struct Node {
 }
 
 enum Place {
-    Up(Node),
+    Up(Box<Node>),
     /// Down; its disk is this directory.
     Down(PathBuf),
 }
@@ -441,7 +454,7 @@ impl<'a> World<'a> {
             Backend::Replicated(replica(&raft)),
             Authorizer::new(*self.fx.issuer.verifying_key()),
         )?;
-        let broken = if self.opts.broken {
+        let broken = if self.opts.broken == Some(BrokenKind::EarlyKe2) {
             Some(Arc::new(Broken::new(
                 p,
                 Backend::Replicated(replica(&raft)),
@@ -514,7 +527,7 @@ impl<'a> World<'a> {
     async fn restart(&mut self, id: NodeId, disk: PathBuf) {
         match self.open_node(id, disk).await {
             Ok(node) => {
-                self.nodes.insert(id, Place::Up(node));
+                self.nodes.insert(id, Place::Up(Box::new(node)));
             }
             Err(e) => self.shared.fail(format!("node {id} does not start: {e:#}")),
         }
@@ -656,6 +669,15 @@ impl<'a> World<'a> {
                 );
                 self.net.set_weather(w);
             }
+            300..320 if self.degraded.is_none() && self.down().is_empty() => {
+                self.tamper(Tamper::Splice).await
+            }
+            320..330 if self.degraded.is_none() && self.down().is_empty() => {
+                self.tamper(Tamper::MapDeleted).await
+            }
+            330..340 if self.degraded.is_none() && self.down().is_empty() => {
+                self.tamper(Tamper::MetaEdited).await
+            }
             225..300 if !self.down().is_empty() => {
                 if let Some(id) = self.pick(&self.down()) {
                     self.fault("restart", format!("node {id}"));
@@ -666,6 +688,54 @@ impl<'a> World<'a> {
             }
             _ => {}
         }
+    }
+
+    /// Stops a replica and edits its disk as a hostile host would (see
+    /// [`Tamper`]); it is restarted later by the schedule. Must be found at
+    /// open (the replica resyncs), like a disk rolled back.
+    async fn tamper(&mut self, kind: Tamper) {
+        let Some(id) = self.pick(&self.up()) else {
+            return;
+        };
+        let target = self
+            .up()
+            .into_iter()
+            .filter(|o| *o != id)
+            .map(|o| self.applied(o))
+            .max()
+            .unwrap_or(0);
+        let Some(mut disk) = self.crash(id).await else {
+            return;
+        };
+        let name = replica_name(id);
+        if kind == Tamper::MetaEdited {
+            let saved = self.checkpoints.get(&id).cloned().unwrap_or_default();
+            if saved.is_empty() {
+                self.nodes.insert(id, Place::Down(disk));
+                return;
+            }
+            let from = saved[self.rng.gen_range(0..saved.len())].clone();
+            disk = self.fresh_dir(id, "restored");
+            if let Err(e) = copy_dir(&from, &disk) {
+                self.shared.fail(format!("restoring a checkpoint: {e}"));
+            }
+        }
+        let done = edit_disk(&self.fx.partition, &disk, &name, kind);
+        let reanchored = match (&done, self.opts.broken) {
+            (Ok(Some(_)), Some(BrokenKind::NoAnchor)) if kind != Tamper::MetaEdited => {
+                reanchor(&self.fx.partition, &disk, &name)
+            }
+            _ => Ok(()),
+        };
+        match (done, reanchored) {
+            (Ok(Some(detail)), Ok(())) => {
+                self.fault(kind.name(), format!("node {id}: {detail}"));
+                self.degraded = Some((id, target));
+            }
+            (Ok(None), Ok(())) => {}
+            (Err(e), _) | (_, Err(e)) => self.shared.fail(format!("editing node {id}'s disk: {e}")),
+        }
+        self.nodes.insert(id, Place::Down(disk));
     }
 
     /// Checks after every step: at most one leader per term, and whether
@@ -878,7 +948,7 @@ impl<'a> World<'a> {
                 self.shared.clone(),
                 self.fx.issuer.clone(),
                 rng,
-                self.opts.broken,
+                self.opts.broken == Some(BrokenKind::EarlyKe2),
             )));
             let _ = c;
         }
@@ -908,6 +978,119 @@ impl<'a> World<'a> {
             let _ = self.crash(id).await;
         }
     }
+}
+
+/// What a hostile host does to a stopped replica's disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tamper {
+    /// One record of the state machine put back to an older sealed copy
+    /// found in the replica's own log (it unseals: its sequence number is
+    /// its own), the applied index and the log left alone.
+    Splice,
+    /// The shard map (and a frozen map) deleted from the state machine.
+    MapDeleted,
+    /// The whole disk restored from an older copy, then `last_purged` in
+    /// the log's metadata and `applied` in the state machine raised to the
+    /// watermark the token remembers (what once passed the log's check).
+    MetaEdited,
+}
+
+impl Tamper {
+    fn name(self) -> &'static str {
+        match self {
+            Tamper::Splice => "record-splice",
+            Tamper::MapDeleted => "map-deleted",
+            Tamper::MetaEdited => "meta-edited",
+        }
+    }
+}
+
+/// Makes `kind`'s edit on the disk of replica `name`; what it did, or
+/// `None` when there was nothing to edit.
+fn edit_disk(
+    partition: &Arc<Partition>,
+    disk: &Path,
+    name: &str,
+    kind: Tamper,
+) -> anyhow::Result<Option<String>> {
+    use hsm_vault::replication::Command;
+    use openraft::{Entry, EntryPayload};
+    let db = sled::Config::new().path(disk).flush_every_ms(None).open()?;
+    let sm = db.open_tree(format!("raft-sm/{name}"))?;
+    let detail = match kind {
+        Tamper::Splice => {
+            let log = db.open_tree(format!("raft-log/{name}"))?;
+            let mut found = None;
+            for item in log.iter() {
+                let (_, v) = item?;
+                let Ok(entry) = serde_json::from_slice::<Entry<TypeConfig>>(&v) else {
+                    continue;
+                };
+                if let EntryPayload::Normal(Command::Put {
+                    id, seq, sealed, ..
+                }) = entry.payload
+                {
+                    if sm
+                        .get(id)?
+                        .is_some_and(|now| now.get(8..) != Some(&sealed[..]))
+                    {
+                        found = Some((id, seq, sealed));
+                        break;
+                    }
+                }
+            }
+            let Some((id, seq, sealed)) = found else {
+                return Ok(None);
+            };
+            let mut value = seq.to_be_bytes().to_vec();
+            value.extend_from_slice(&sealed);
+            sm.insert(id, value)?;
+            format!(
+                "record {}… back to its copy of seq {seq}",
+                hex::encode(&id[..4])
+            )
+        }
+        Tamper::MapDeleted => {
+            if sm.remove("shard-map")?.is_none() {
+                return Ok(None);
+            }
+            sm.remove("frozen-map")?;
+            "shard map deleted".to_owned()
+        }
+        Tamper::MetaEdited => {
+            let state = partition
+                .session()?
+                .app_state(&format!("hsm-vault/v1/raft/{name}"))?;
+            let state: serde_json::Value = serde_json::from_slice(&state)?;
+            let newest = ["last_log", "committed"]
+                .iter()
+                .map(|k| state[*k].clone())
+                .filter(|v| !v.is_null())
+                .max_by_key(|v| v["index"].as_u64().unwrap_or(0));
+            let Some(newest) = newest else {
+                return Ok(None);
+            };
+            db.open_tree(format!("raft-meta/{name}"))?
+                .insert("last_purged", serde_json::to_vec(&newest)?)?;
+            sm.insert("applied", serde_json::to_vec(&newest)?)?;
+            format!("last_purged and applied raised to {newest}")
+        }
+    };
+    db.flush()?;
+    Ok(Some(detail))
+}
+
+/// The attacker of [`BrokenKind::NoAnchor`]: makes the token vouch for the
+/// state machine as it now is on `disk`.
+fn reanchor(partition: &Arc<Partition>, disk: &Path, name: &str) -> anyhow::Result<()> {
+    let db = sled::Config::new().path(disk).flush_every_ms(None).open()?;
+    hsm_vault::replication::state_machine::vouch_for_disk_state(
+        &db,
+        name,
+        GROUP,
+        partition.clone(),
+    )?;
+    Ok(())
 }
 
 /// FNV-1a: a digest that is the same in every process.

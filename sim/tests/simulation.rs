@@ -2,7 +2,7 @@
 //! broken variant caught, and a seed replayed exactly. The long run is
 //! `scripts/sim.sh` (10,000 seeds by default).
 
-use vault_sim::{run_seed, Figures, Fixture, Options};
+use vault_sim::{run_seed, BrokenKind, Figures, Fixture, Options};
 
 /// Seeds a CI run checks (each is ~8 simulated seconds of load and faults).
 const CI_SEEDS: u64 = 25;
@@ -39,7 +39,15 @@ fn invariants_1_2_3_4_8_hold_under_simulated_faults_for_bounded_seeds() {
         total.operations_checked()
     );
     // The schedule really exercised what it claims to.
-    for fault in ["crash", "restart", "partition", "disk-lost"] {
+    for fault in [
+        "crash",
+        "restart",
+        "partition",
+        "disk-lost",
+        "record-splice",
+        "map-deleted",
+        "meta-edited",
+    ] {
         assert!(
             total.faults.get(fault).copied().unwrap_or(0) > 0,
             "no {fault} in {CI_SEEDS} seeds: {:?}",
@@ -65,7 +73,7 @@ fn invariants_1_2_3_4_8_hold_under_simulated_faults_for_bounded_seeds() {
 fn the_oracle_catches_a_vault_that_releases_ke2_before_the_charge_is_committed() {
     let fx = Fixture::new().expect("fixture");
     let opts = Options {
-        broken: true,
+        broken: Some(BrokenKind::EarlyKe2),
         ..Options::default()
     };
     let caught = (1..=20).find_map(|seed| run_seed(&fx, seed, &opts).violation);
@@ -93,4 +101,19 @@ fn a_seed_replays_exactly() {
     );
     let other = run_seed(&fx, 8, &opts);
     assert_ne!(first.digest, other.digest, "seeds 7 and 8 ran the same");
+}
+
+/// A replica whose token does not vouch for its state machine: the host of
+/// a stopped replica puts a record back to an older copy (or deletes the
+/// shard map) and the replica serves it. The simulation catches it.
+#[test]
+fn the_simulation_catches_a_replica_without_the_anchor() {
+    let fx = Fixture::new().expect("fixture");
+    let opts = Options {
+        broken: Some(BrokenKind::NoAnchor),
+        ..Options::default()
+    };
+    let caught = (1..=20).find_map(|seed| run_seed(&fx, seed, &opts).violation.map(|v| (seed, v)));
+    let (seed, why) = caught.expect("a replica without the anchor went unnoticed for 20 seeds");
+    println!("caught at seed {seed}: {why}");
 }

@@ -838,3 +838,209 @@ async fn invariant8_a_group_whose_members_are_a_long_round_trip_apart_commits_un
         .await;
     }
 }
+
+/// Makes member `t` the leader of a three-node group: the third member is
+/// cut off (fault switch) while `write` commits on the leader and `t` only,
+/// then the leader is killed and the third member reconnected: its log is
+/// behind, so only `t` can be elected. The killed leader is restarted.
+async fn steer_leadership_to(
+    nodes: &mut [VaultNode],
+    t: usize,
+    write: &(dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+          + Sync),
+) {
+    let start = Instant::now();
+    let l = vault_e2e::leader_of(nodes).await;
+    if l == t {
+        return;
+    }
+    let o = (0..nodes.len())
+        .find(|i| *i != l && *i != t)
+        .expect("three members");
+    nodes[o].set_faults(&format!(r#"{{"isolated_nodes":[{}]}}"#, o + 1));
+    tokio::time::sleep(hsm_vault::geo::FAULTS_POLL * 5).await;
+    write(nodes[l].endpoint()).await;
+    // `t` learns of the commit with the leader's next message.
+    while info(&nodes[o]).await.applied_index >= info(&nodes[t]).await.applied_index {
+        assert!(start.elapsed() < DEADLINE, "node {o} was not cut off");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    nodes[l].kill9();
+    nodes[o].set_faults("{}");
+    loop {
+        let now = info(&nodes[o]).await;
+        if now.leader_id == t as u64 + 1 && info(&nodes[t]).await.leader_id == t as u64 + 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "node {t} not elected"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    nodes[l].restart();
+    assert_eq!(vault_e2e::leader_of(nodes).await, t);
+}
+
+/// The splice attack on a replica (issue 14), with real processes: alice's
+/// record is locked by 10 wrong guesses; the host of a follower, stopped,
+/// puts the records of its state machine back to a copy of its disk taken
+/// while the record was still registered (the applied index, membership and
+/// log left alone) and restarts it. The follower finds that its state is
+/// not what its token vouches for, erases it and resyncs; made leader, it
+/// answers "locked", releases no KE2 and never the secret. At most 10 KE2s
+/// are released for the record across the whole run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_its_secret() {
+    let mut nodes = start_group(3, "splice");
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    let leader = vault_e2e::leader_of(&nodes).await;
+    let f = (leader + 1) % 3;
+    // The host keeps a copy of the follower's disk while alice is registered.
+    nodes[f].kill9();
+    let old = tempfile::tempdir().expect("old copy");
+    copy_dir(&nodes[f].data_dir(), old.path());
+    nodes[f].restart();
+
+    // Ten wrong passwords lock the record: ten KE2s released.
+    let mut released = 0;
+    for _ in 0..10 {
+        match eventually("wrong guess", || async {
+            client(&nodes[leader])
+                .await
+                .recover_key(b"alice", b"wrong")
+                .await
+                .map(|_| panic!("a wrong password recovered the key"))
+                .or_else(|e| match e {
+                    ClientError::WrongPassword { .. } | ClientError::Locked => Ok(e),
+                    e => Err(e),
+                })
+        })
+        .await
+        {
+            ClientError::WrongPassword { .. } | ClientError::Locked => released += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(matches!(
+        client(&nodes[leader])
+            .await
+            .recover_key(b"alice", PASSWORD)
+            .await,
+        Err(ClientError::Locked)
+    ));
+    // The follower applies the lockout, then its host splices.
+    let applied = info(&nodes[leader]).await.applied_index;
+    eventually("the follower applies the lockout", || async {
+        if info(&nodes[f]).await.applied_index >= applied {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol("behind"))
+        }
+    })
+    .await;
+    nodes[f].kill9();
+    {
+        let stale = vault_e2e::open_store(old.path());
+        let live = vault_e2e::open_store(&nodes[f].data_dir());
+        let (from, to) = (
+            stale.open_tree("raft-sm/g1").expect("tree"),
+            live.open_tree("raft-sm/g1").expect("tree"),
+        );
+        let mut spliced = 0;
+        for item in from.iter() {
+            let (k, v) = item.expect("record");
+            if k.len() == 32 {
+                assert_ne!(to.get(&k).expect("read").as_deref(), Some(v.as_ref()));
+                to.insert(k, v).expect("splice");
+                spliced += 1;
+            }
+        }
+        assert_eq!(spliced, 1, "alice's registered copy was spliced back");
+        live.flush().expect("flush");
+    }
+    nodes[f].restart();
+    let start = Instant::now();
+    while !std::fs::read_to_string(nodes[f].log_path())
+        .unwrap_or_default()
+        .contains("does not match what the token vouches for")
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the splice was not detected at open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Leadership steered to the spliced member (once it caught up again).
+    let applied = info(&nodes[leader]).await.applied_index;
+    eventually("the spliced member catches up", || async {
+        if info(&nodes[f]).await.applied_index >= applied {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol("behind"))
+        }
+    })
+    .await;
+    let steering_token = nodes[0].bearer("bob");
+    let pinned = nodes[0].pinned_key();
+    let write = move |endpoint: String| {
+        let token = steering_token.clone();
+        Box::pin(async move {
+            let start = Instant::now();
+            loop {
+                let c = VaultClient::connect_plaintext(&endpoint, pinned).await;
+                let done = match c {
+                    Ok(mut c) => {
+                        c.register_key(b"bob", &token, PASSWORD, &BackupKey::generate(), 0)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                if done.is_ok() {
+                    return;
+                }
+                assert!(start.elapsed() < DEADLINE, "the steering write: {done:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    };
+    steer_leadership_to(&mut nodes, f, &write).await;
+
+    // Through the spliced member, now the leader: locked, and no KE2.
+    assert!(
+        matches!(
+            eventually("recover through the spliced leader", || async {
+                match client(&nodes[f])
+                    .await
+                    .recover_key(b"alice", PASSWORD)
+                    .await
+                {
+                    Err(ClientError::Locked) => Ok(Err(ClientError::Locked)),
+                    Ok(k) => Ok(Ok(k)),
+                    Err(e) => Err(e),
+                }
+            })
+            .await,
+            Err(ClientError::Locked)
+        ),
+        "the locked record's secret came back"
+    );
+    for _ in 0..10 {
+        if wrong_guess_released(&nodes[f].endpoint(), nodes[f].pinned_key(), b"alice").await {
+            released += 1;
+        }
+    }
+    assert!(
+        released <= 10,
+        "{released} KE2s released for a 10-guess record"
+    );
+}

@@ -47,6 +47,11 @@ pub struct FillArgs {
     pub group: Option<u64>,
     #[arg(long)]
     pub also: Vec<PathBuf>,
+    /// With `--group`: only make this node's token vouch for its state
+    /// machine as filled (each member's own token keeps the anchor of its
+    /// state; a member refuses a state its token does not vouch for).
+    #[arg(long)]
+    pub vouch: bool,
 }
 
 /// One real client registration upload, made against this token.
@@ -142,6 +147,20 @@ pub async fn fill(args: FillArgs) -> Result<()> {
     let partition = Partition::open(&args.pkcs11_module, &args.token_label, pin.trim())
         .context("opening the token")?;
     let core = SecureCore::new(partition.ake_public_key()).context("secure core")?;
+    if let (Some(group), true) = (args.group, args.vouch) {
+        let db = sled::Config::new()
+            .path(&args.data_dir)
+            .open()
+            .with_context(|| format!("opening {}", args.data_dir.display()))?;
+        hsm_vault::replication::state_machine::vouch_for_disk_state(
+            &db,
+            &format!("g{group}"),
+            group,
+            partition,
+        )
+        .context("anchoring the filled state in the token")?;
+        return db.flush().map(|_| ()).context("flush");
+    }
     if let Some(group) = args.group {
         return fill_group(&args, group, &core, &partition);
     }

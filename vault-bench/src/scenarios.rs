@@ -614,7 +614,14 @@ fn fill_group(nodes: &[VaultNode], records: u64) -> Result<()> {
     for n in &nodes[1..] {
         cmd.arg(format!("--also={}", n.data_dir().display()));
     }
-    run_fill(cmd)
+    run_fill(cmd)?;
+    // Each member's token vouches for its own state machine.
+    for n in nodes {
+        let mut cmd = fill_command(n, 0, 0)?;
+        cmd.args(["--group=1", "--vouch"]);
+        run_fill(cmd)?;
+    }
+    Ok(())
 }
 
 /// `vault-bench fill` of filler accounts `from..to` into `node`'s data

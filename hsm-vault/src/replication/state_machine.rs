@@ -151,6 +151,28 @@ pub fn record_ids_in(db: &sled::Db, name: &str) -> sled::Result<Vec<[u8; 32]>> {
         .collect())
 }
 
+/// Makes the token vouch for the state machine `name` exactly as it is on
+/// disk now. Never called by a node: it is for tools that build a replica's
+/// state outside the log (the benchmark's filler records, written into
+/// every member as if replicated) and for the simulation's broken variant
+/// (a replica that never checked its state). Like every token operation,
+/// it needs the token's PIN.
+pub fn vouch_for_disk_state<K: ReplicaToken>(
+    db: &sled::Db,
+    name: &str,
+    group: GroupId,
+    token: K,
+) -> Result<(), SmOpenError> {
+    let failed = |e: StorageError<NodeId>| SmOpenError::Storage(e.to_string());
+    let sm = StateMachine::unchecked(db, name, group, token)?;
+    let state = sm.scan().map_err(failed)?;
+    sm.set_token_state(&TokenSmState {
+        current: AnchorText::from(&state),
+        next: None,
+    })
+    .map_err(failed)
+}
+
 /// One point of the applied state: what the token vouches for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Anchor {
