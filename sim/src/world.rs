@@ -561,6 +561,17 @@ impl<'a> World<'a> {
         }
     }
 
+    /// The highest index the running nodes other than `id` applied: what a
+    /// replica losing its state must reach again.
+    fn applied_elsewhere(&self, id: NodeId) -> u64 {
+        self.up()
+            .into_iter()
+            .filter(|o| *o != id)
+            .map(|o| self.applied(o))
+            .max()
+            .unwrap_or(0)
+    }
+
     fn pick(&mut self, ids: &[NodeId]) -> Option<NodeId> {
         if ids.is_empty() {
             return None;
@@ -585,13 +596,7 @@ impl<'a> World<'a> {
                 let Some(id) = self.pick(&self.up()) else {
                     return;
                 };
-                let target = self
-                    .up()
-                    .into_iter()
-                    .filter(|o| *o != id)
-                    .map(|o| self.applied(o))
-                    .max()
-                    .unwrap_or(0);
+                let target = self.applied_elsewhere(id);
                 if self.crash(id).await.is_none() {
                     return;
                 }
@@ -697,13 +702,7 @@ impl<'a> World<'a> {
         let Some(id) = self.pick(&self.up()) else {
             return;
         };
-        let target = self
-            .up()
-            .into_iter()
-            .filter(|o| *o != id)
-            .map(|o| self.applied(o))
-            .max()
-            .unwrap_or(0);
+        let target = self.applied_elsewhere(id);
         let Some(mut disk) = self.crash(id).await else {
             return;
         };

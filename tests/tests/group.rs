@@ -788,40 +788,9 @@ async fn invariant8_a_group_whose_members_are_a_long_round_trip_apart_commits_un
         })
         .await
     }
-    let start = Instant::now();
+    let write = async |n: &VaultNode| assert_eq!(recover(n).await.0, key.0);
     for t in 0..nodes.len() {
-        let l = vault_e2e::leader_of(&nodes).await;
-        if l != t {
-            let o = (0..nodes.len())
-                .find(|i| *i != l && *i != t)
-                .expect("three members");
-            nodes[o].set_faults(&format!(r#"{{"isolated_nodes":[{}]}}"#, o + 1));
-            // Once every member has read the switch (polled every
-            // FAULTS_POLL), a recovery commits on the leader and `t` only.
-            tokio::time::sleep(hsm_vault::geo::FAULTS_POLL * 5).await;
-            assert_eq!(recover(&nodes[t]).await.0, key.0);
-            let (behind, ahead) = (info(&nodes[o]).await, info(&nodes[t]).await);
-            assert!(
-                behind.applied_index < ahead.applied_index,
-                "node {o} was not cut off"
-            );
-            nodes[l].kill9();
-            nodes[o].set_faults("{}");
-            loop {
-                let now = info(&nodes[o]).await;
-                if now.leader_id == t as u64 + 1 && info(&nodes[t]).await.leader_id == t as u64 + 1
-                {
-                    break;
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(120),
-                    "node {t} not elected"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            nodes[l].restart();
-        }
-        assert_eq!(vault_e2e::leader_of(&nodes).await, t);
+        steer_leadership_to(&mut nodes, t, &write).await;
         // Under this leader a recovery commits its guess, entered through
         // a follower (forwarded over the long links) and through the leader.
         assert_eq!(recover(&nodes[(t + 1) % nodes.len()]).await.0, key.0);
@@ -843,12 +812,7 @@ async fn invariant8_a_group_whose_members_are_a_long_round_trip_apart_commits_un
 /// cut off (fault switch) while `write` commits on the leader and `t` only,
 /// then the leader is killed and the third member reconnected: its log is
 /// behind, so only `t` can be elected. The killed leader is restarted.
-async fn steer_leadership_to(
-    nodes: &mut [VaultNode],
-    t: usize,
-    write: &(dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-          + Sync),
-) {
+async fn steer_leadership_to(nodes: &mut [VaultNode], t: usize, write: impl AsyncFn(&VaultNode)) {
     let start = Instant::now();
     let l = vault_e2e::leader_of(nodes).await;
     if l == t {
@@ -859,7 +823,7 @@ async fn steer_leadership_to(
         .expect("three members");
     nodes[o].set_faults(&format!(r#"{{"isolated_nodes":[{}]}}"#, o + 1));
     tokio::time::sleep(hsm_vault::geo::FAULTS_POLL * 5).await;
-    write(nodes[l].endpoint()).await;
+    write(&nodes[t]).await;
     // `t` learns of the commit with the leader's next message.
     while info(&nodes[o]).await.applied_index >= info(&nodes[t]).await.applied_index {
         assert!(start.elapsed() < DEADLINE, "node {o} was not cut off");
@@ -991,27 +955,14 @@ async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_i
     })
     .await;
     let steering_token = nodes[0].bearer("bob");
-    let pinned = nodes[0].pinned_key();
-    let write = move |endpoint: String| {
-        let token = steering_token.clone();
-        Box::pin(async move {
-            let start = Instant::now();
-            loop {
-                let c = VaultClient::connect_plaintext(&endpoint, pinned).await;
-                let done = match c {
-                    Ok(mut c) => {
-                        c.register_key(b"bob", &token, PASSWORD, &BackupKey::generate(), 0)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                if done.is_ok() {
-                    return;
-                }
-                assert!(start.elapsed() < DEADLINE, "the steering write: {done:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+    let write = async |n: &VaultNode| {
+        eventually("the steering write", || async {
+            client(n)
+                .await
+                .register_key(b"bob", &steering_token, PASSWORD, &BackupKey::generate(), 0)
+                .await
+        })
+        .await;
     };
     steer_leadership_to(&mut nodes, f, &write).await;
 
