@@ -234,6 +234,31 @@ async fn node_without_the_ceremony_cannot_join_or_decrypt() {
     assert_eq!(got.0, key.0);
 }
 
+/// A three-node group where alice registered, and a copy of a follower's
+/// disk taken then (the follower was stopped for it and restarted): the
+/// nodes, alice's key, the leader, the follower, the copy.
+async fn alice_and_a_copy_of_a_follower(
+    prefix: &str,
+) -> (Vec<VaultNode>, BackupKey, usize, usize, tempfile::TempDir) {
+    let mut nodes = start_group(3, prefix);
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    let leader = vault_e2e::leader_of(&nodes).await;
+    let f = (leader + 1) % 3;
+    nodes[f].kill9();
+    let old = tempfile::tempdir().expect("old copy");
+    copy_dir(&nodes[f].data_dir(), old.path());
+    nodes[f].restart();
+    (nodes, key, leader, f, old)
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     for file in vault_e2e::files_under(from) {
         let dest = to.join(file.strip_prefix(from).expect("prefix"));
@@ -248,24 +273,8 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
 /// guess.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gains_guesses() {
-    let mut nodes = start_group(3, "resync");
-    let key = BackupKey::generate();
-    let token = nodes[0].bearer("alice");
-    eventually("register", || async {
-        client(&nodes[0])
-            .await
-            .register_key(b"alice", &token, PASSWORD, &key, 0)
-            .await
-    })
-    .await;
-    let leader = vault_e2e::leader_of(&nodes).await;
-    let f = (leader + 1) % 3;
-
-    nodes[f].kill9();
-    let old = tempfile::tempdir().expect("old copy");
-    copy_dir(&nodes[f].data_dir(), old.path());
+    let (mut nodes, _key, _leader, f, old) = alice_and_a_copy_of_a_follower("resync").await;
     let copied = Instant::now();
-    nodes[f].restart();
     // Three charges spread over the 30 s after the copy was taken: the copy
     // is 30 s old when it comes back.
     for i in 0..3u32 {
@@ -856,23 +865,7 @@ async fn steer_leadership_to(nodes: &mut [VaultNode], t: usize, write: impl Asyn
 /// are released for the record across the whole run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_its_secret() {
-    let mut nodes = start_group(3, "splice");
-    let key = BackupKey::generate();
-    let token = nodes[0].bearer("alice");
-    eventually("register", || async {
-        client(&nodes[0])
-            .await
-            .register_key(b"alice", &token, PASSWORD, &key, 0)
-            .await
-    })
-    .await;
-    let leader = vault_e2e::leader_of(&nodes).await;
-    let f = (leader + 1) % 3;
-    // The host keeps a copy of the follower's disk while alice is registered.
-    nodes[f].kill9();
-    let old = tempfile::tempdir().expect("old copy");
-    copy_dir(&nodes[f].data_dir(), old.path());
-    nodes[f].restart();
+    let (mut nodes, _key, leader, f, old) = alice_and_a_copy_of_a_follower("splice").await;
 
     // Ten wrong passwords lock the record: ten KE2s released.
     let mut released = 0;
