@@ -988,3 +988,78 @@ async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_i
         "{released} KE2s released for a 10-guess record"
     );
 }
+
+/// A leader that started a login, then was cut off while the group moved on
+/// (three more wrong guesses charged under a new leader), must not finish
+/// that login with a count from its stale view: "wrong password, 8 left"
+/// would be an answer no write backs. It confirms its leadership first and
+/// answers UNAVAILABLE (or ABORTED), never `WrongPassword` or `Locked`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant2_a_deposed_leader_does_not_finish_a_login_from_its_stale_view() {
+    let (nodes, _key, old_leader, f, _old) = alice_and_a_copy_of_a_follower("deposed").await;
+    let pinned = nodes[old_leader].pinned_key();
+    let mut raw = VaultClient::connect_plaintext(&nodes[old_leader].endpoint(), pinned)
+        .await
+        .expect("connect");
+    let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"wrong")
+        .expect("ke1")
+        .message
+        .serialize()
+        .to_vec();
+    let login_id = match raw
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: b"alice".to_vec(),
+            ke1,
+        })
+        .await
+        .expect("recover start")
+        .into_inner()
+        .outcome
+    {
+        Some(pb::recover_start_response::Outcome::Challenge(c)) => {
+            assert_eq!(c.guesses_remaining, 9);
+            c.login_id
+        }
+        other => panic!("unexpected {other:?}"),
+    };
+    // The leader is cut off; the others elect a new one and charge three
+    // more wrong guesses.
+    nodes[old_leader].set_faults(&format!(r#"{{"isolated_nodes":[{}]}}"#, old_leader + 1));
+    for _ in 0..3 {
+        let r = eventually("a wrong guess under the new leader", || async {
+            match client(&nodes[f])
+                .await
+                .recover_key(b"alice", b"wrong")
+                .await
+            {
+                Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
+                Err(e) => Err(e),
+                Ok(_) => panic!("a wrong password recovered the key"),
+            }
+        })
+        .await;
+        assert!(r < 9);
+    }
+    // The old leader still believes it leads; its view says 9 left.
+    let finished = raw
+        .raw()
+        .recover_finish(pb::RecoverFinishRequest {
+            login_id,
+            ke3: Vec::new(),
+        })
+        .await;
+    match finished {
+        Err(status) => assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Aborted
+            ),
+            "{status:?}"
+        ),
+        Ok(answer) => panic!(
+            "a cut-off leader answered from its stale view: {:?}",
+            answer.into_inner().outcome
+        ),
+    }
+}
