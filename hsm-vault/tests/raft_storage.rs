@@ -636,3 +636,43 @@ fn invariant7_snapshot_with_a_record_or_its_maps_edited_is_refused() {
         assert_eq!(receiver.state_digest().await, sm.state_digest().await);
     });
 }
+
+/// During a move of slots out of a group, the old group's replicas keep the
+/// move's map (`frozen-map`): without it a replica would serve, and take
+/// writes for, slots another group has already imported (two counters for
+/// one record). Deleting it from a stopped replica's disk is found at open.
+#[test]
+fn invariant7_frozen_map_deleted_during_a_move_is_refused_at_open() {
+    use hsm_vault::replication::state_machine::SmOpenError;
+    use hsm_vault::replication::{Applied, Command};
+    use hsm_vault::shard::ShardMap;
+    use openraft::storage::RaftStateMachine;
+    let (_token, p) = partition("frozen");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        let v1 = ShardMap::even(1, &[1, 2]);
+        let v2 = v1.reassign(0, 99, 2, 2);
+        let entries = [Command::AdoptMap { map: v1 }, Command::Freeze { map: v2 }]
+            .into_iter()
+            .zip(1..)
+            .map(|(c, i)| openraft::Entry::<TypeConfig> {
+                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+                payload: openraft::EntryPayload::Normal(c),
+            });
+        let applied = sm.apply(entries).await.expect("apply");
+        assert_eq!(applied, [Applied::Done, Applied::Done]);
+        assert!(sm.frozen_map().expect("read").is_some());
+    });
+    let db = open_db(dir.path());
+    db.open_tree("raft-sm/g1")
+        .expect("tree")
+        .remove("frozen-map")
+        .expect("delete");
+    match StateMachine::open(&db, "g1", 1, p) {
+        Err(SmOpenError::Mismatch { .. }) => {}
+        other => panic!("a deleted frozen map must be found, got {other:?}"),
+    }
+}
