@@ -1,7 +1,7 @@
 //! Snapshots (`hsm-vault/src/replication/`):
 //!
-//! 0. the binary snapshot data decoder (`HVS1`: magic, header length, JSON
-//!    header, then id/seq/length/sealed records), from a peer or from the
+//! 0. the binary snapshot data decoder (`HVS2`: magic, token MAC, header
+//!    length, JSON header, then id/seq/length/sealed records), from a peer or from the
 //!    state machine's tree: whatever parses is re-encoded by the format's
 //!    definition and must parse to the same header and records, and the
 //!    record bytes must be exactly the input's;
