@@ -107,7 +107,7 @@ fn command(c: &Command) {
             }
             let _ = seq;
         }
-        Command::Delete { .. } => {}
+        Command::Delete { .. } | Command::Check { .. } => {}
         Command::AdoptMap { map } | Command::Freeze { map } => shard_map(map),
         Command::Import { map, records, .. } => {
             shard_map(map);

@@ -199,6 +199,14 @@ fn store_status(e: StoreError) -> Status {
     )
 }
 
+/// The answer of a replica whose state diverged from its group's.
+fn diverged() -> Status {
+    Status::unavailable(
+        "this replica's state differs from its group's (found by a state check); it serves \
+         nothing until it is resynced; retry through another node",
+    )
+}
+
 fn no_quorum(detail: impl std::fmt::Display) -> Status {
     Status::unavailable(format!(
         "this vault node cannot reach a majority of its replica group ({detail}); \
@@ -257,6 +265,9 @@ impl Backend {
         match self {
             Backend::Local(store) => store.get(id).map_err(store_status),
             Backend::Replicated(r) => {
+                if r.sm.diverged() {
+                    return Err(diverged());
+                }
                 let got =
                     r.sm.get(&id.0)
                         .map_err(|e| store_status(StoreError::from(e)))?;
@@ -293,6 +304,9 @@ impl Backend {
         match self {
             Backend::Local(store) => store.commit(seq, write).await.map_err(store_status),
             Backend::Replicated(r) => {
+                if r.sm.diverged() {
+                    return Err(diverged());
+                }
                 let expect = expect.map(|s| s.0);
                 let command = match write {
                     Write::Put(id, sealed) => Command::Put {

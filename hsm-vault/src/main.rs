@@ -450,6 +450,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 id,
                 shard_map,
             ));
+            tokio::spawn(hsm_vault::replication::keep_state_checked(
+                raft.clone(),
+                sm.clone(),
+                id,
+            ));
             group_raft = Some(raft.clone());
             node_service = Some(NodeService {
                 id,

@@ -74,6 +74,7 @@ pub struct Metrics {
     pub deletions: Counter,
     pub throttled: Counter,
     pub snapshots_refused: Counter,
+    pub replica_diverged: Gauge,
     pub raft_term: Gauge,
     pub raft_leader: Gauge,
     pub raft_is_leader: Gauge,
@@ -111,6 +112,7 @@ impl Metrics {
             deletions: Counter::default(),
             throttled: Counter::default(),
             snapshots_refused: Counter::default(),
+            replica_diverged: Gauge::default(),
             raft_term: Gauge::default(),
             raft_leader: Gauge::default(),
             raft_is_leader: Gauge::default(),
@@ -170,6 +172,11 @@ impl Metrics {
             "snapshots_refused",
             "Snapshots from a peer refused: their token MAC or their maps did not check",
             m.snapshots_refused.clone(),
+        );
+        r.register(
+            "replica_diverged",
+            "1 once a leader's state check found this replica's state different from its group's (it then serves nothing)",
+            m.replica_diverged.clone(),
         );
         r.register(
             "raft_term",
@@ -563,7 +570,10 @@ pub async fn watch_raft(raft: openraft::Raft<crate::replication::TypeConfig>, se
                     .set(gauge(behind));
             }
         }
-        let up = now.current_leader.is_some() && now.running_state.is_ok();
+        // A replica whose state diverged from its group's serves nothing.
+        let up = now.current_leader.is_some()
+            && now.running_state.is_ok()
+            && m.replica_diverged.get() == 0;
         if shown != Some(up) {
             shown = Some(up);
             serving.set(up).await;

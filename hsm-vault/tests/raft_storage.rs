@@ -676,3 +676,47 @@ fn invariant7_frozen_map_deleted_during_a_move_is_refused_at_open() {
         other => panic!("a deleted frozen map must be found, got {other:?}"),
     }
 }
+
+/// Replicas that applied the same entries hold the same state digest; a
+/// leader's statement of its digest (`Command::Check`) lets every replica
+/// find, while it runs, that its state differs from its group's — here
+/// one replica whose record's bytes differ (as if changed under the
+/// running process). That replica flags itself and serves nothing; the
+/// others do not.
+#[test]
+fn invariant7_a_replica_whose_state_differs_from_its_leaders_finds_out_at_run_time() {
+    use hsm_vault::replication::Command;
+    use openraft::storage::RaftStateMachine;
+    let (_token, p) = partition("check");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let id = [5u8; 32];
+        let mut leader = StateMachine::open(&db, "leader", 1, p.clone()).expect("open");
+        let mut same = StateMachine::open(&db, "same", 1, p.clone()).expect("open");
+        let mut other = StateMachine::open(&db, "other", 1, p.clone()).expect("open");
+        for sm in [&mut leader, &mut same] {
+            sm.apply([put(1, id, None, 10, b"the committed bytes")])
+                .await
+                .expect("apply");
+        }
+        other
+            .apply([put(1, id, None, 10, b"other bytes")])
+            .await
+            .expect("apply");
+        let (index, digest) = leader.state_digest().await;
+        assert_eq!(index, 1);
+        assert_eq!(same.state_digest().await, (index, digest));
+        assert_ne!(other.state_digest().await, (index, digest));
+        let check = || openraft::Entry::<TypeConfig> {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 2),
+            payload: openraft::EntryPayload::Normal(Command::Check { index, digest }),
+        };
+        for sm in [&mut leader, &mut same, &mut other] {
+            sm.apply([check()]).await.expect("apply");
+        }
+        assert!(!leader.diverged() && !same.diverged());
+        assert!(other.diverged(), "the replica that differs must find out");
+    });
+}

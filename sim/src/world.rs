@@ -468,6 +468,11 @@ impl<'a> World<'a> {
             id,
             ShardMap::even(1, &[GROUP]),
         ));
+        let check_task = tokio::spawn(hsm_vault::replication::keep_state_checked(
+            raft.clone(),
+            sm.clone(),
+            id,
+        ));
         self.net.attach(
             id,
             Endpoint {
@@ -494,7 +499,7 @@ impl<'a> World<'a> {
             floor,
             sm,
             kill,
-            tasks: vec![map_task],
+            tasks: vec![map_task, check_task],
         })
     }
 
@@ -832,6 +837,15 @@ impl<'a> World<'a> {
                     }
                 }
                 views.push((*id, records));
+            }
+        }
+        for (id, place) in &self.nodes {
+            if let Place::Up(n) = place {
+                if n.sm.diverged() {
+                    self.shared.fail(format!(
+                        "replica {id}: a state check found its state different from its leader's"
+                    ));
+                }
             }
         }
         if let Some((first, reference)) = views.first() {

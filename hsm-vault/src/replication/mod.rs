@@ -62,6 +62,13 @@ pub enum Command {
         records: Vec<ExportedRecord>,
         last: bool,
     },
+    /// A leader's statement of its state: after applying entry `index`,
+    /// its state digest ([`crate::core::replica`]) was `digest`. Every
+    /// replica compares it with its own digest at that index; one that
+    /// differs has diverged from its group (its state was changed behind the
+    /// vault's back while it ran, or by a bug) and stops serving from it.
+    /// Always applies as [`Applied::Done`].
+    Check { index: u64, digest: [u8; 32] },
 }
 
 /// One record on its way between groups: id, sequence number, sealed bytes.
@@ -249,6 +256,36 @@ fn io_error(
 ) -> StorageError<NodeId> {
     StorageError::IO {
         source: make(AnyError::new(&e)),
+    }
+}
+
+/// How often a leader states its state digest ([`Command::Check`]) while
+/// entries are applied: a divergence is found within this (plus a round
+/// trip), and an idle group writes nothing.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs for the life of the node: while it leads and entries were applied
+/// since its last statement, commits a [`Command::Check`] of its state
+/// digest every [`CHECK_EVERY`], for every replica to compare with its own.
+pub async fn keep_state_checked(
+    raft: openraft::Raft<TypeConfig>,
+    sm: state_machine::StateMachine,
+    me: NodeId,
+) {
+    let mut stated = 0;
+    loop {
+        tokio::time::sleep(CHECK_EVERY).await;
+        if raft.metrics().borrow().current_leader != Some(me) {
+            continue;
+        }
+        let (index, digest) = sm.state_digest().await;
+        if index <= stated {
+            continue;
+        }
+        match raft.client_write(Command::Check { index, digest }).await {
+            Ok(_) => stated = index + 1,
+            Err(e) => tracing::debug!(error = %e, "state check not committed; retrying"),
+        }
     }
 }
 

@@ -249,10 +249,28 @@ pub struct StateMachine<K: ReplicaToken = Arc<crate::partition::Partition>> {
     token: K,
     /// Application name of this state machine's anchor in the token.
     app: String,
+    /// What the clones of this state machine share.
+    shared: Arc<Shared>,
+}
+
+#[derive(Default)]
+struct Shared {
     /// The anchor of the durable state; held by applies, installs and
     /// snapshot builds, which therefore take turns.
-    anchor: Arc<tokio::sync::Mutex<Anchor>>,
+    anchor: tokio::sync::Mutex<Anchor>,
+    /// The state digest after each recent applied entry, oldest first (at
+    /// most [`DIGEST_HISTORY`]), for [`Command::Check`].
+    history: std::sync::Mutex<std::collections::VecDeque<(u64, StateDigest)>>,
+    /// Set when a [`Command::Check`] found this replica's state different
+    /// from its leader's at the same index.
+    diverged: std::sync::atomic::AtomicBool,
 }
+
+/// How many applied entries' digests a replica remembers for
+/// [`Command::Check`]: a leader states the digest of an index it had just
+/// applied, which the followers apply within a round trip; far more than a
+/// group applies in that time.
+const DIGEST_HISTORY: usize = 4096;
 
 impl<K: ReplicaToken> std::fmt::Debug for StateMachine<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -364,7 +382,7 @@ impl<K: ReplicaToken> StateMachine<K> {
             flush: super::Flush::default(),
             token,
             app: format!("hsm-vault/v1/raft-sm/{name}"),
-            anchor: Arc::new(tokio::sync::Mutex::new(Anchor::default())),
+            shared: Arc::default(),
         })
     }
 
@@ -386,10 +404,64 @@ impl<K: ReplicaToken> StateMachine<K> {
                 token: newest.map_or(0, |l| l.index),
             });
         }
-        if let Ok(mut anchor) = self.anchor.try_lock() {
+        if let Ok(mut anchor) = self.shared.anchor.try_lock() {
             *anchor = on_disk;
         }
+        self.remember(on_disk.applied.map(|l| l.index), on_disk.digest, true);
         Ok(())
+    }
+
+    /// Remembers the digest of the state after entry `index` (after
+    /// `reset`, as the only one: the state jumped there).
+    fn remember(&self, index: Option<u64>, digest: StateDigest, reset: bool) {
+        let Some(index) = index else {
+            return;
+        };
+        if let Ok(mut history) = self.shared.history.lock() {
+            if reset {
+                history.clear();
+            }
+            if history.len() >= DIGEST_HISTORY {
+                history.pop_front();
+            }
+            history.push_back((index, digest));
+        }
+    }
+
+    /// Compares a leader's statement with this replica's digest at the same
+    /// index (if it still remembers it); a difference is reported loudly
+    /// and the replica stops serving.
+    fn check(&self, index: u64, stated: &[u8; 32]) {
+        let mine = self
+            .shared
+            .history
+            .lock()
+            .ok()
+            .and_then(|h| h.iter().rev().find(|(i, _)| *i == index).map(|(_, d)| *d));
+        match mine {
+            Some(d) if d.0 != *stated => {
+                self.shared
+                    .diverged
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                crate::telemetry::metrics().replica_diverged.set(1);
+                tracing::error!(
+                    index,
+                    "this replica's state differs from its leader's at the same log index: it \
+                     was changed behind the vault's back while the node ran, or by a bug; it \
+                     serves nothing from it and must be resynced (restart it: its token's check \
+                     then decides)"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a [`Command::Check`] found this replica's state different
+    /// from its group's.
+    pub fn diverged(&self) -> bool {
+        self.shared
+            .diverged
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Erases the state machine (a replica found rolled back, before it
@@ -406,7 +478,7 @@ impl<K: ReplicaToken> StateMachine<K> {
             next: None,
         })
         .map_err(|e| SmOpenError::Storage(e.to_string()))?;
-        if let Ok(mut anchor) = self.anchor.try_lock() {
+        if let Ok(mut anchor) = self.shared.anchor.try_lock() {
             *anchor = empty;
         }
         Ok(())
@@ -568,7 +640,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     /// The applied log index and state digest this replica's token vouches
     /// for (equal on replicas that applied the same log).
     pub async fn state_digest(&self) -> (u64, [u8; 32]) {
-        let anchor = self.anchor.lock().await;
+        let anchor = self.shared.anchor.lock().await;
         (anchor.applied.map_or(0, |l| l.index), anchor.digest.0)
     }
 
@@ -754,7 +826,7 @@ fn installable(
 
 impl<K: ReplicaToken> RaftSnapshotBuilder<TypeConfig> for StateMachine<K> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let anchor = self.anchor.lock().await;
+        let anchor = self.shared.anchor.lock().await;
         let header = SnapshotHeader {
             last_applied: anchor.applied,
             membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
@@ -830,7 +902,7 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut anchor = self.anchor.lock().await;
+        let mut anchor = self.shared.anchor.lock().await;
         let mut digest = anchor.digest;
         let mut batch = sled::Batch::default();
         let mut pending: Pending = HashMap::new();
@@ -838,6 +910,9 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
         let mut frozen = self.frozen_map()?;
         let mut out = Vec::new();
         let mut last = None;
+        // Each entry's digest, and the leader's statements to compare.
+        let mut digests = Vec::new();
+        let mut checks = Vec::new();
         let mut t = self.toggler(&mut digest)?;
         for entry in entries {
             last = Some(entry.log_id);
@@ -950,6 +1025,10 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
                     }
                     Err(reason) => Applied::Refused(reason),
                 },
+                EntryPayload::Normal(Command::Check { index, digest }) => {
+                    checks.push((index, digest));
+                    Applied::Done
+                }
                 EntryPayload::Normal(Command::Delete { id, expect }) => {
                     let old = self.current(&pending, &id)?;
                     let current = old.as_ref().map(|(s, _)| *s);
@@ -964,8 +1043,15 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
                 }
             };
             out.push(result);
+            digests.push((entry.log_id.index, *t.digest));
         }
         drop(t);
+        for (index, digest) in digests {
+            self.remember(Some(index), digest, false);
+        }
+        for (index, digest) in checks {
+            self.check(index, &digest);
+        }
         if let Some(last) = last {
             batch.insert(APPLIED, json(&Some(last))?);
             let next = Anchor {
@@ -1000,7 +1086,7 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
                 "snapshot refused: its header does not match the snapshot's metadata",
             ));
         }
-        let mut anchor = self.anchor.lock().await;
+        let mut anchor = self.shared.anchor.lock().await;
         // The digest of the state this snapshot describes, as this replica
         // will store it.
         let mut digest = StateDigest::default();
@@ -1070,7 +1156,9 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
             applied: meta.last_log_id,
             digest,
         };
-        self.commit(&mut anchor, next, batch).await
+        self.commit(&mut anchor, next, batch).await?;
+        self.remember(next.applied.map(|l| l.index), next.digest, true);
+        Ok(())
     }
 
     async fn get_current_snapshot(
