@@ -3,8 +3,10 @@
 # default, split over the machine's cores (JOBS), release build. Each seed is
 # ~8 simulated seconds of registrations, guesses and deletions on a 3-node
 # group under crashes, restarts, partitions, lost/duplicated/reordered
-# messages and a minority's disk rolled back or lost; the oracle checks every
-# answer. A failing seed is printed with the command that replays it.
+# messages, a minority's disk rolled back or lost, and a stopped replica's
+# state edited by its host (a record spliced back, a map deleted, metadata
+# raised); the oracle checks every answer. A failing seed is printed with the
+# command that replays it.
 #
 #   ./scripts/sim.sh            # 10,000 seeds
 #   ./scripts/sim.sh 500        # a shorter run
