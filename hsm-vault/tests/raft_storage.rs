@@ -720,3 +720,57 @@ fn invariant7_a_replica_whose_state_differs_from_its_leaders_finds_out_at_run_ti
         assert!(other.diverged(), "the replica that differs must find out");
     });
 }
+
+/// The token records each apply as `{current, next}` before its batch is
+/// written, so a tree still at `current` after a crash is accepted: Raft
+/// applies the rest again from its log. A host can put that older state
+/// back on purpose; that is harmless only while the log still holds the
+/// entries to re-apply. Once they were purged (after a snapshot, or with
+/// the log lost too), the replica must resync instead (found by the
+/// simulation, seed 2110: the node then could not start).
+#[test]
+fn invariant7_state_put_back_before_its_last_apply_resyncs_when_the_log_cannot_replay() {
+    use openraft::storage::RaftLogStorage;
+    let (_token, p) = partition("behind");
+    let dir = tempfile::tempdir().expect("dir");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let id = [6u8; 32];
+    let log_id = |i| openraft::LogId::<NodeId>::new(openraft::CommittedLeaderId::new(1, 1), i);
+    rt.block_on(async {
+        let db = open_db(dir.path());
+        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        // Two applies: entries 1–2, then entry 3 (the record's second copy).
+        let first = two_versions(&mut sm, id).await;
+        drop(sm);
+        let tree = db.open_tree("raft-sm/g1").expect("tree");
+        tree.insert(id, first).expect("put back");
+        tree.insert(
+            "applied",
+            serde_json::to_vec(&Some(log_id(2))).expect("json"),
+        )
+        .expect("put back");
+        let open = || {
+            hsm_vault::replication::open_replica(
+                &db,
+                p.clone(),
+                "g1",
+                1,
+                hsm_vault::replication::Flush::Inline,
+            )
+            .expect("opens")
+        };
+        assert!(
+            open().resynced.is_none(),
+            "one apply behind with the log able to replay it: a crash, accepted"
+        );
+        let mut log = LogStore::open(&db, p.clone(), "g1").expect("log");
+        log.purge(log_id(3)).await.expect("purge");
+        drop(log);
+        let reopened = open();
+        assert!(
+            reopened.resynced.is_some(),
+            "one apply behind with those entries purged must resync"
+        );
+        assert_eq!(reopened.sm.record_count(), 0);
+    });
+}

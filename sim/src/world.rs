@@ -400,6 +400,25 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Opens a replica's sled store. A store just closed by this process can
+/// still be locked for a moment while sled's own threads let go of it (seen
+/// under load): that is retried, for up to 10 s of real time (the simulated
+/// clock does not move meanwhile).
+fn open_disk(dir: &Path) -> sled::Result<sled::Db> {
+    let started = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && started.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The name a replica's Raft state goes by in the sled store and the token.
 fn replica_name(id: NodeId) -> String {
     format!("sim-n{id}")
@@ -417,7 +436,7 @@ impl<'a> World<'a> {
     }
 
     async fn open_node(&mut self, id: NodeId, dir: PathBuf) -> anyhow::Result<Node> {
-        let db = sled::Config::new().path(&dir).flush_every_ms(None).open()?;
+        let db = open_disk(&dir)?;
         let name = replica_name(id);
         let p = self.fx.partition.clone();
         let storage =
@@ -1028,7 +1047,7 @@ fn edit_disk(
 ) -> anyhow::Result<Option<String>> {
     use hsm_vault::replication::Command;
     use openraft::{Entry, EntryPayload};
-    let db = sled::Config::new().path(disk).flush_every_ms(None).open()?;
+    let db = open_disk(disk)?;
     let sm = db.open_tree(format!("raft-sm/{name}"))?;
     let detail = match kind {
         Tamper::Splice => {
@@ -1095,7 +1114,7 @@ fn edit_disk(
 /// The attacker of [`BrokenKind::NoAnchor`]: makes the token vouch for the
 /// state machine as it now is on `disk`.
 fn reanchor(partition: &Arc<Partition>, disk: &Path, name: &str) -> anyhow::Result<()> {
-    let db = sled::Config::new().path(disk).flush_every_ms(None).open()?;
+    let db = open_disk(disk)?;
     hsm_vault::replication::state_machine::vouch_for_disk_state(
         &db,
         name,

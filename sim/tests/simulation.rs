@@ -13,8 +13,12 @@ const CI_SEEDS: u64 = 25;
 /// copy whose log was as long as the token's but of another term (it
 /// opened, and openraft panicked at start); 2959, the schedule losing a
 /// second disk while the first replica still refused to vote; 6845, the
-/// final check asking a node that had just lost the leadership.
-const REGRESSION_SEEDS: [u64; 4] = [154, 2959, 3589, 6845];
+/// final check asking a node that had just lost the leadership; 2110 and
+/// 7890, a replica whose disk was lost right after it resynced through a
+/// snapshot: its empty state matched the token's record of the state before
+/// its last apply, while the log could not replay the rest (it could not
+/// start).
+const REGRESSION_SEEDS: [u64; 6] = [154, 2110, 2959, 3589, 6845, 7890];
 
 #[test]
 fn invariants_1_2_3_4_8_hold_under_simulated_faults_for_bounded_seeds() {

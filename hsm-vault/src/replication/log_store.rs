@@ -181,6 +181,20 @@ impl LogStore {
         Ok(store)
     }
 
+    /// Whether the entries after index `applied` (after none: all) are still
+    /// in this log, not purged into a snapshot: what a state machine that
+    /// is behind must apply again.
+    pub(crate) fn replays_after(&self, applied: Option<u64>) -> Result<bool, LogOpenError> {
+        let purged = self
+            .last_purged()
+            .map_err(|e| LogOpenError::Storage(e.to_string()))?;
+        Ok(match (purged, applied) {
+            (None, _) => true,
+            (Some(p), Some(a)) => p.index <= a,
+            (Some(_), None) => false,
+        })
+    }
+
     /// Whether this log still holds entry `id` (same index and term), or
     /// purged it (into a snapshot) at or after it.
     fn holds(&self, id: &LogId<NodeId>) -> Result<bool, StorageError<NodeId>> {

@@ -223,12 +223,27 @@ pub fn open_replica(
     let sm = StateMachine::unchecked(db, name, group, partition.clone())
         .map_err(|e| e.to_string())?
         .flushing(flush);
-    let mut found = match sm.verify() {
-        Ok(()) => None,
-        Err(e @ SmOpenError::Mismatch { .. }) => Some(e.to_string()),
+    let (mut found, behind) = match sm.verify() {
+        Ok(behind) => (None, behind),
+        Err(e @ SmOpenError::Mismatch { .. }) => (Some(e.to_string()), None),
         Err(e) => return Err(e.to_string()),
     };
     let log = match LogStore::open(db, partition.clone(), name) {
+        // The state machine is one apply behind its token: fine if the log
+        // can apply the rest again (a crash before that apply's flush);
+        // not if those entries were purged (a host put the older state
+        // back after a snapshot, or after the disk was lost).
+        Ok(log)
+            if found.is_none()
+                && behind.is_some_and(|applied| !log.replays_after(applied).unwrap_or(false)) =>
+        {
+            found = Some(
+                "the state machine is the state before the token's last apply, and the log no \
+                 longer holds the entries to apply again"
+                    .to_owned(),
+            );
+            LogStore::open_resync(db, partition.clone(), name, &[]).map_err(|e| e.to_string())?
+        }
         Ok(log) if found.is_none() => log,
         Ok(_) => {
             LogStore::open_resync(db, partition.clone(), name, &[]).map_err(|e| e.to_string())?

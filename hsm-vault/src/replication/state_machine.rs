@@ -360,6 +360,11 @@ impl<K: ReplicaToken> Toggler<'_, K> {
 impl<K: ReplicaToken> StateMachine<K> {
     /// Opens the state machine of replica group `group` (tree and token
     /// state named `name`) and checks it against the token's anchor.
+    ///
+    /// A tree that is the state before the token's last recorded apply is
+    /// accepted here (Raft re-applies the rest from its log); a replica
+    /// opens through [`super::open_replica`], which also checks that its log
+    /// can.
     pub fn open(db: &sled::Db, name: &str, group: GroupId, token: K) -> Result<Self, SmOpenError> {
         let sm = Self::unchecked(db, name, group, token)?;
         sm.verify()?;
@@ -388,7 +393,13 @@ impl<K: ReplicaToken> StateMachine<K> {
 
     /// Recomputes the digest of the tree and compares it (and the applied
     /// log id) with what the token vouches for.
-    pub(crate) fn verify(&self) -> Result<(), SmOpenError> {
+    ///
+    /// `Ok(Some(applied))` when the tree is the state *before* the last
+    /// apply the token recorded (that apply's batch never reached the disk,
+    /// or the host put the previous state back): the Raft log must still
+    /// hold the entries after `applied` to apply them again, which the
+    /// caller checks ([`super::open_replica`]).
+    pub(crate) fn verify(&self) -> Result<Option<Option<u64>>, SmOpenError> {
         let failed = |e: StorageError<NodeId>| SmOpenError::Storage(e.to_string());
         let on_disk = self.scan().map_err(failed)?;
         let kept = self.token_state().map_err(failed)?;
@@ -408,7 +419,8 @@ impl<K: ReplicaToken> StateMachine<K> {
             *anchor = on_disk;
         }
         self.remember(on_disk.applied.map(|l| l.index), on_disk.digest, true);
-        Ok(())
+        let behind = next.is_some_and(|n| n != on_disk);
+        Ok(behind.then_some(on_disk.applied.map(|l| l.index)))
     }
 
     /// Remembers the digest of the state after entry `index` (after
