@@ -408,8 +408,9 @@ fn open_disk(dir: &Path) -> sled::Result<sled::Db> {
     let started = std::time::Instant::now();
     loop {
         match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            // sled reports it as an `Other` I/O error naming the lock.
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
+                if e.to_string().contains("could not acquire lock")
                     && started.elapsed() < Duration::from_secs(10) =>
             {
                 std::thread::sleep(Duration::from_millis(10));
