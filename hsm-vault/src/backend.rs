@@ -383,6 +383,14 @@ impl Backend {
         match self {
             Backend::Local(_) => Ok(0),
             Backend::Replicated(r) => {
+                if matches!(r.sm.shard_map(), Ok(None))
+                    && r.raft.current_leader().await.is_some_and(|l| l != r.id)
+                {
+                    // A member that has not caught up (new, or resyncing
+                    // from a snapshot) holds no map yet: its leader, which
+                    // does, routes the request.
+                    return Ok(r.group);
+                }
                 let group = r.shard_map().await?.group_of(&id.0).ok_or_else(|| {
                     Status::internal("the adopted shard map does not cover a slot")
                 })?;
@@ -441,6 +449,15 @@ impl Backend {
                 .get_node(&leader)
                 .map(|n| n.addr.clone())
         }
+        .or_else(|| {
+            // A member that has not caught up knows no membership yet: the
+            // fleet's directory of its group does.
+            r.directory
+                .get(&r.group)?
+                .iter()
+                .find(|(id, _)| *id == leader)
+                .map(|(_, addr)| addr.clone())
+        })
         .ok_or_else(|| no_quorum("the leader's address is unknown"))?;
         r.client(leader, &addr).map(|c| Some((c, Hop::Leader)))
     }

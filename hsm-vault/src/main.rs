@@ -463,6 +463,10 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 partition: partition.clone(),
                 resync_floor,
                 peers: peer_check,
+                inbox: Arc::new(hsm_vault::replication::inbox::SnapshotInbox::new(
+                    raft.clone(),
+                    sm.clone(),
+                )),
             });
             Backend::Replicated(Replica::new(
                 (id, group),

@@ -622,12 +622,21 @@ fn invariant7_snapshot_with_a_record_or_its_maps_edited_is_refused() {
             } else {
                 &mut receiver
             };
+            // The receiver's check (the node keeps serving), then Raft's
+            // install (the last line).
+            let reason = sm
+                .check_snapshot(&snapshot.meta, &bytes)
+                .expect_err("the receiver refuses it");
+            assert!(reason.contains("MAC"), "{what}: {reason}");
             let refused = sm
                 .install_snapshot(&snapshot.meta, Box::new(Cursor::new(bytes)))
                 .await;
             assert!(refused.is_err(), "{what}: a snapshot must be refused");
             assert_eq!(sm.record_count(), 0, "{what}: nothing of it was installed");
         }
+        receiver
+            .check_snapshot(&snapshot.meta, &data)
+            .expect("the untouched snapshot passes the receiver's check");
         receiver
             .install_snapshot(&snapshot.meta, Box::new(Cursor::new(data)))
             .await

@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hsm_vault::replication::inbox::SnapshotInbox;
 use hsm_vault::replication::{NodeId, TypeConfig};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -34,13 +35,14 @@ pub struct Weather {
     pub max_delay_ms: u64,
 }
 
-/// A replica as the network sees it: its Raft, and whether it refuses votes
-/// because it is resyncing after a rollback.
+/// A replica as the network sees it: its Raft, whether it refuses votes
+/// because it is resyncing after a rollback, and its snapshot receiver.
 #[derive(Clone)]
 #[allow(missing_debug_implementations)]
 pub struct Endpoint {
     pub raft: Raft<TypeConfig>,
     pub resync_floor: Option<u64>,
+    pub inbox: Arc<SnapshotInbox>,
 }
 
 #[derive(Debug, Default)]
@@ -242,11 +244,25 @@ impl RaftNetwork<TypeConfig> for Link {
         rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Rpc<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.net
+        let to = self.to;
+        let answer = self
+            .net
             .carry(self.ends(), rpc, |t: Endpoint, r| async move {
-                t.raft.install_snapshot(r).await
+                // Through the node's own receiver, which checks a snapshot
+                // before Raft installs it.
+                match t.inbox.receive(r).await {
+                    Ok(answer) => answer.map(Ok),
+                    Err(refused) => Ok(Err(refused)),
+                }
             })
-            .await
+            .await?;
+        // A refusal reaches the sender as the node service's does: a failed
+        // call, which it retries later.
+        answer.map_err(|refused| {
+            RPCError::Network(NetworkError::new(&AnyError::error(format!(
+                "node {to}: {refused}"
+            ))))
+        })
     }
 
     async fn vote(

@@ -12,6 +12,7 @@ use hsm_vault::auth::Authorizer;
 use hsm_vault::backend::{Backend, Replica};
 use hsm_vault::geo::Geography;
 use hsm_vault::partition::Partition;
+use hsm_vault::replication::inbox::SnapshotInbox;
 use hsm_vault::replication::network::Channels;
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::replication::{raft_config, Flush, NodeId, TypeConfig};
@@ -498,6 +499,7 @@ impl<'a> World<'a> {
             Endpoint {
                 raft: raft.clone(),
                 resync_floor: floor,
+                inbox: Arc::new(SnapshotInbox::new(raft.clone(), sm.clone())),
             },
         );
         let (kill, down) = watch::channel(false);

@@ -1063,3 +1063,180 @@ async fn invariant2_a_deposed_leader_does_not_finish_a_login_from_its_stale_view
         ),
     }
 }
+
+/// How a host edits the snapshot a member sends (its `snapshot-data`, MAC
+/// left as it was).
+#[derive(Clone, Copy, Debug)]
+enum SnapshotEdit {
+    /// One byte of the last record's sealed bytes.
+    Record,
+    /// The header's shard map version (1 → 7, same length).
+    Map,
+}
+
+/// A member whose disk lost everything catches up from the leader's
+/// snapshot; the leader's host has edited that snapshot on disk. The
+/// receiver refuses it (its token MAC no longer matches), does not stop, and
+/// keeps serving through its leader; once the leader has a snapshot of its
+/// own again, the receiver installs that one and catches up.
+async fn edited_snapshot_is_refused_and_its_receiver_keeps_serving(
+    prefix: &str,
+    edit: SnapshotEdit,
+) {
+    use hsm_vault::replication::state_machine::{parse_snapshot, SNAPSHOT_MAGIC};
+    const EVERY: u64 = 60;
+    let mut nodes = vault_e2e::prepare_fleet(&[3], prefix);
+    for node in &mut nodes {
+        node.extra_args.push(format!("--snapshot-every={EVERY}"));
+        node.restart();
+    }
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    // Entries until every member has taken a snapshot (and purged the start
+    // of its log behind it): a member with an empty disk now needs one.
+    let fill = async |nodes: &[VaultNode], until: u64| {
+        let start = Instant::now();
+        let mut i = 0u32;
+        loop {
+            let mut lowest = u64::MAX;
+            for n in nodes {
+                lowest = lowest.min(info(n).await.snapshot_index);
+            }
+            if lowest >= until {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE * 4, "no snapshot at {until}");
+            for _ in 0..5 {
+                i += 1;
+                let account = format!("filler-{until}-{i}");
+                wrong_guess_released(
+                    &nodes[0].endpoint(),
+                    nodes[0].pinned_key(),
+                    account.as_bytes(),
+                )
+                .await;
+            }
+        }
+    };
+    fill(&nodes, EVERY).await;
+    let leader = vault_e2e::leader_of(&nodes).await;
+    let (s, f) = ((leader + 1) % 3, (leader + 2) % 3);
+
+    // The host of `s` edits its snapshot while it is stopped: the open check
+    // covers the state, not the snapshot blob, so `s` starts as before.
+    nodes[s].kill9();
+    {
+        let db = vault_e2e::open_store(&nodes[s].data_dir());
+        let tree = db.open_tree("raft-sm/g1").expect("tree");
+        let mut data = tree
+            .get("snapshot-data")
+            .expect("read")
+            .expect("a snapshot on disk")
+            .to_vec();
+        let parsed = parse_snapshot(&data).expect("parses");
+        assert!(!parsed.records.is_empty(), "the snapshot holds records");
+        let header_at = SNAPSHOT_MAGIC.len() + 32 + 4;
+        let header_end = header_at + parsed.header_bytes.len();
+        match edit {
+            SnapshotEdit::Record => {
+                let last = data.len() - 1;
+                data[last] ^= 1;
+            }
+            SnapshotEdit::Map => {
+                let header = &data[header_at..header_end];
+                let map = vault_e2e::find(header, b"\"shard_map\":{").expect("a shard map");
+                let version = map
+                    + vault_e2e::find(&header[map..], b"\"version\":1").expect("its version")
+                    + b"\"version\":".len();
+                data[header_at + version] = b'7';
+            }
+        }
+        tree.insert("snapshot-data", data).expect("edit");
+        db.flush().expect("flush");
+    }
+    nodes[s].restart();
+    let token = nodes[0].bearer("bob");
+    let write = async |n: &VaultNode| {
+        eventually("the steering write", || async {
+            client(n)
+                .await
+                .register_key(b"bob", &token, PASSWORD, &BackupKey::generate(), 0)
+                .await
+        })
+        .await;
+    };
+    steer_leadership_to(&mut nodes, s, &write).await;
+    let taken = info(&nodes[s]).await.snapshot_index;
+
+    // `f` loses its disk: it needs the leader's (edited) snapshot.
+    nodes[f].kill9();
+    std::fs::remove_dir_all(nodes[f].data_dir()).expect("rm");
+    std::fs::create_dir_all(nodes[f].data_dir()).expect("mkdir");
+    nodes[f].restart();
+    let start = Instant::now();
+    while vault_e2e::metric(&nodes[f].scrape(), "vault_snapshots_refused_total", &[]) < 1.0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{edit:?}: the edited snapshot was not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        info(&nodes[s]).await.snapshot_index,
+        taken,
+        "the leader sent the snapshot its host edited"
+    );
+    assert!(nodes[f].is_running(), "the receiver stopped");
+    assert!(info(&nodes[f]).await.applied_index < info(&nodes[s]).await.applied_index);
+    // It serves through its leader meanwhile.
+    let token = nodes[f].bearer("alice");
+    assert_eq!(
+        eventually("status through the receiver", || async {
+            client(&nodes[f]).await.status(b"alice", &token).await
+        })
+        .await,
+        RecordStatus::Registered {
+            guesses_remaining: 10,
+            max_guesses: 10
+        }
+    );
+    let got = eventually("recover through the receiver", || async {
+        client(&nodes[f])
+            .await
+            .recover_key(b"alice", PASSWORD)
+            .await
+    })
+    .await;
+    assert_eq!(got.0, key.0);
+
+    // The leader's next snapshot is its own: the receiver installs it.
+    fill(&nodes[s..=s], taken + EVERY).await;
+    let start = Instant::now();
+    loop {
+        let (want, got) = (info(&nodes[s]).await, info(&nodes[f]).await);
+        if got.applied_index >= want.snapshot_index && got.snapshot_index > 0 {
+            break;
+        }
+        assert!(start.elapsed() < DEADLINE, "the receiver did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(nodes[f].is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant7_a_snapshot_with_a_record_edited_is_refused_and_its_receiver_keeps_serving() {
+    edited_snapshot_is_refused_and_its_receiver_keeps_serving("snaprec", SnapshotEdit::Record)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant7_a_snapshot_with_its_map_edited_is_refused_and_its_receiver_keeps_serving() {
+    edited_snapshot_is_refused_and_its_receiver_keeps_serving("snapmap", SnapshotEdit::Map).await;
+}

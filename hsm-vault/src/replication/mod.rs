@@ -17,6 +17,7 @@
 // the helpers here return the same type rather than boxing and unboxing it.
 #![allow(clippy::result_large_err)]
 
+pub mod inbox;
 pub mod log_store;
 pub mod network;
 pub mod operator;

@@ -324,6 +324,8 @@ pub struct NodeService {
     /// Under mutual TLS: a message must come from the certificate of the
     /// node it names as its sender.
     pub peers: PeerCheck,
+    /// Gathers and checks snapshots before Raft installs them.
+    pub inbox: Arc<super::inbox::SnapshotInbox>,
 }
 
 impl NodeService {
@@ -423,7 +425,12 @@ impl Node for NodeService {
                 let mut rpc: InstallSnapshotRequest<TypeConfig> =
                     serde_json::from_slice(head).map_err(bad_request)?;
                 rpc.data = data.to_vec();
-                serde_json::to_vec(&self.raft.install_snapshot(rpc).await)
+                let answer = self
+                    .inbox
+                    .receive(rpc)
+                    .await
+                    .map_err(|refused| Status::failed_precondition(refused.to_string()))?;
+                serde_json::to_vec(&answer)
             }
             other => {
                 return Err(Status::invalid_argument(format!(

@@ -264,6 +264,8 @@ struct Shared {
     /// Set when a [`Command::Check`] found this replica's state different
     /// from its leader's at the same index.
     diverged: std::sync::atomic::AtomicBool,
+    /// The last snapshot [`StateMachine::check_snapshot`] passed.
+    vetted: std::sync::Mutex<Option<VettedSnapshot>>,
 }
 
 /// How many applied entries' digests a replica remembers for
@@ -836,6 +838,161 @@ fn installable(
     Ok(())
 }
 
+/// Why a snapshot was not vetted.
+enum Vet {
+    /// It is not to be installed here: the reason.
+    Refused(String),
+    /// The check itself failed (the token or the disk).
+    Storage(StorageError<NodeId>),
+}
+
+impl From<StorageError<NodeId>> for Vet {
+    fn from(e: StorageError<NodeId>) -> Self {
+        Vet::Storage(e)
+    }
+}
+
+/// A snapshot that passed every check: what installing it writes.
+struct Vetted<'a> {
+    /// Each record's last entry in the data.
+    latest: HashMap<[u8; 32], (u64, &'a [u8])>,
+    map: Option<Vec<u8>>,
+    frozen: Option<Vec<u8>>,
+    membership: Vec<u8>,
+    /// The digest of the state the snapshot describes.
+    digest: StateDigest,
+}
+
+/// A snapshot the receiver vetted: its identity, a hash of its data and
+/// the digest it computed, so that installing it does not redo the token
+/// work.
+struct VettedSnapshot {
+    id: String,
+    sha256: [u8; 32],
+    digest: StateDigest,
+}
+
+impl<K: ReplicaToken> StateMachine<K> {
+    /// Checks snapshot data before it is handed to Raft to install: the
+    /// header matches `meta`, the token MAC matches the records and header
+    /// (so no record, map or applied id was edited, and a replica of this
+    /// group made it), and the maps are [`installable`] here. A refusal is
+    /// counted in `vault_snapshots_refused` and leaves nothing changed; the
+    /// reason names what failed, never a secret.
+    pub fn check_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        data: &[u8],
+    ) -> Result<(), String> {
+        let refused = |reason: String| {
+            crate::telemetry::metrics().snapshots_refused.inc();
+            reason
+        };
+        let parsed = parse_snapshot(data).map_err(|e| refused(e.to_string()))?;
+        match self.vet(meta, &parsed, None) {
+            Ok(vetted) => {
+                if let Ok(mut last) = self.shared.vetted.lock() {
+                    *last = Some(VettedSnapshot {
+                        id: meta.snapshot_id.clone(),
+                        sha256: sha256(data),
+                        digest: vetted.digest,
+                    });
+                }
+                Ok(())
+            }
+            Err(Vet::Refused(reason)) => Err(refused(reason)),
+            Err(Vet::Storage(e)) => Err(format!("the snapshot could not be checked: {e}")),
+        }
+    }
+
+    /// The digest [`Self::check_snapshot`] computed for exactly this data,
+    /// if it was the last snapshot checked.
+    fn vetted_digest(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        data: &[u8],
+    ) -> Option<StateDigest> {
+        let last = self.shared.vetted.lock().ok()?.take()?;
+        (last.id == meta.snapshot_id && last.sha256 == sha256(data)).then_some(last.digest)
+    }
+
+    /// Every check of a snapshot; `known` is the digest of these exact
+    /// bytes when already verified against their MAC.
+    fn vet<'a>(
+        &self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        parsed: &ParsedSnapshot<'a>,
+        known: Option<StateDigest>,
+    ) -> Result<Vetted<'a>, Vet> {
+        let header = &parsed.header;
+        if header.last_applied != meta.last_log_id || header.membership != meta.last_membership {
+            return Err(Vet::Refused(
+                "its header does not match the snapshot's metadata".into(),
+            ));
+        }
+        let mut latest: HashMap<[u8; 32], (u64, &[u8])> = HashMap::new();
+        for (id, seq, sealed) in &parsed.records {
+            latest.insert(*id, (*seq, sealed));
+        }
+        let map = header.shard_map.as_ref().map(json).transpose()?;
+        let frozen = header.frozen.as_ref().map(json).transpose()?;
+        let membership = json(&meta.last_membership)?;
+        let digest = match known {
+            Some(digest) => digest,
+            None => {
+                // The digest of the state this snapshot describes, as this
+                // replica will store it.
+                let mut digest = StateDigest::default();
+                let mut t = self.toggler(&mut digest)?;
+                for (id, (seq, sealed)) in &latest {
+                    t.part(Part::Record {
+                        id,
+                        seq: *seq,
+                        sealed,
+                    })?;
+                }
+                if let Some(m) = &map {
+                    t.part(Part::ShardMap(m))?;
+                }
+                if let Some(f) = &frozen {
+                    t.part(Part::Frozen(f))?;
+                }
+                t.part(Part::Membership(&membership))?;
+                let expected = snapshot_mac(
+                    &t.session,
+                    self.group,
+                    applied_at(meta.last_log_id),
+                    t.digest,
+                    parsed.header_bytes,
+                )
+                .map_err(sm_err)?;
+                drop(t);
+                if expected != parsed.mac {
+                    return Err(Vet::Refused(
+                        "its token MAC does not match its contents (altered, or not made by a \
+                         replica of this group)"
+                            .into(),
+                    ));
+                }
+                digest
+            }
+        };
+        installable(self.group, self.shard_map()?.as_ref(), header).map_err(Vet::Refused)?;
+        Ok(Vetted {
+            latest,
+            map,
+            frozen,
+            membership,
+            digest,
+        })
+    }
+}
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
 impl<K: ReplicaToken> RaftSnapshotBuilder<TypeConfig> for StateMachine<K> {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let anchor = self.shared.anchor.lock().await;
@@ -1092,76 +1249,38 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
         let parsed = parse_snapshot(&data)?;
-        let header = &parsed.header;
-        if header.last_applied != meta.last_log_id || header.membership != meta.last_membership {
-            return Err(sm_fail(
-                "snapshot refused: its header does not match the snapshot's metadata",
-            ));
-        }
         let mut anchor = self.shared.anchor.lock().await;
-        // The digest of the state this snapshot describes, as this replica
-        // will store it.
-        let mut digest = StateDigest::default();
-        let mut t = self.toggler(&mut digest)?;
-        let mut latest: HashMap<[u8; 32], (u64, &[u8])> = HashMap::new();
-        for (id, seq, sealed) in &parsed.records {
-            latest.insert(*id, (*seq, sealed));
-        }
-        for (id, (seq, sealed)) in &latest {
-            t.part(Part::Record {
-                id,
-                seq: *seq,
-                sealed,
-            })?;
-        }
-        let map = header.shard_map.as_ref().map(json).transpose()?;
-        let frozen = header.frozen.as_ref().map(json).transpose()?;
-        let membership = json(&meta.last_membership)?;
-        if let Some(m) = &map {
-            t.part(Part::ShardMap(m))?;
-        }
-        if let Some(f) = &frozen {
-            t.part(Part::Frozen(f))?;
-        }
-        t.part(Part::Membership(&membership))?;
-        let expected = snapshot_mac(
-            &t.session,
-            self.group,
-            applied_at(meta.last_log_id),
-            t.digest,
-            parsed.header_bytes,
-        )
-        .map_err(sm_err)?;
-        drop(t);
-        if expected != parsed.mac {
-            crate::telemetry::metrics().snapshots_refused.inc();
-            return Err(sm_fail(
-                "snapshot refused: its token MAC does not match its contents (altered, or not \
-                 made by a replica of this group)",
-            ));
-        }
-        if let Err(reason) = installable(self.group, self.shard_map()?.as_ref(), header) {
-            crate::telemetry::metrics().snapshots_refused.inc();
-            return Err(sm_fail(format!("snapshot refused: {reason}")));
-        }
+        // The receiver ([`super::inbox`]) checked these very bytes; a
+        // snapshot that reaches this point without that check is checked
+        // here, and its refusal is fatal to this replica's Raft.
+        let known = self.vetted_digest(meta, &data);
+        let vetted = match self.vet(meta, &parsed, known) {
+            Ok(v) => v,
+            Err(Vet::Storage(e)) => return Err(e),
+            Err(Vet::Refused(reason)) => {
+                crate::telemetry::metrics().snapshots_refused.inc();
+                return Err(sm_fail(format!("snapshot refused: {reason}")));
+            }
+        };
         let mut batch = sled::Batch::default();
         for item in self.tree.iter() {
             let (k, _) = item.map_err(sm_err)?;
             batch.remove(k);
         }
-        for (id, (seq, sealed)) in &latest {
+        for (id, (seq, sealed)) in &vetted.latest {
             batch.insert(&id[..], record_value(*seq, sealed));
         }
-        if let Some(m) = map {
+        if let Some(m) = vetted.map {
             batch.insert(SHARD_MAP, m);
         }
-        if let Some(f) = frozen {
+        if let Some(f) = vetted.frozen {
             batch.insert(FROZEN, f);
         }
         batch.insert(APPLIED, json(&meta.last_log_id)?);
-        batch.insert(MEMBERSHIP, membership);
+        batch.insert(MEMBERSHIP, vetted.membership);
         batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
-        drop(latest);
+        let digest = vetted.digest;
+        drop(vetted.latest);
         drop(parsed);
         batch.insert(SNAPSHOT_DATA, data);
         let next = Anchor {
