@@ -486,6 +486,20 @@ impl VaultNode {
     }
 }
 
+impl VaultNode {
+    /// This node's own token (in a group, each node has its own), opened in
+    /// the test process; the node must be stopped.
+    pub fn own_partition(&self) -> Arc<Partition> {
+        assert!(
+            self.child.is_none(),
+            "stop the node before opening its token"
+        );
+        self.token.use_in_this_process().expect("token env");
+        let pin = std::fs::read_to_string(&self.pin_file).expect("pin");
+        Partition::open(&module_path(), &self.label, pin.trim()).expect("partition")
+    }
+}
+
 /// Issues owner bearer tokens the nodes accept (the identity service of
 /// local deployments).
 #[derive(Clone, Debug)]

@@ -310,6 +310,14 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    no_guess_was_gained(&mut nodes, f).await;
+}
+
+/// After member `f`'s disk was restored from a copy taken before three of
+/// alice's guesses were charged, and `f` found out and resynced: `f`
+/// serves the count of seven left, a guess through it counts, and once the
+/// leader dies the survivors agree on it.
+async fn no_guess_was_gained(nodes: &mut [VaultNode], f: usize) {
     let token = nodes[f].bearer("alice");
     let status = eventually("status through the restored node", || async {
         client(&nodes[f]).await.status(b"alice", &token).await
@@ -354,6 +362,84 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
             max_guesses: 10
         }
     );
+}
+
+/// The same restore, the host also raising `last_purged` (in `raft-meta`)
+/// and `applied` (in the state machine) to the newest log id the member's
+/// token vouches for. Before issue 14 that passed the log's check, which
+/// trusted `last_purged` from the disk; the purge mark is now kept in the
+/// token and the state checked against its anchor, so the member resyncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant7_member_restored_with_its_purge_and_applied_marks_raised_resyncs() {
+    let (mut nodes, _key, leader, f, old) = alice_and_a_copy_of_a_follower("metaedit").await;
+    for _ in 0..3 {
+        let r = eventually("wrong guess", || async {
+            match client(&nodes[leader])
+                .await
+                .recover_key(b"alice", b"wrong")
+                .await
+            {
+                Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
+                Err(e) => Err(e),
+                Ok(_) => panic!("a wrong password recovered the key"),
+            }
+        })
+        .await;
+        assert!(r < 10);
+    }
+    let applied = info(&nodes[leader]).await.applied_index;
+    eventually("the follower applies the charges", || async {
+        if info(&nodes[f]).await.applied_index >= applied {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol("behind"))
+        }
+    })
+    .await;
+    nodes[f].kill9();
+    std::fs::remove_dir_all(nodes[f].data_dir()).expect("rm");
+    copy_dir(old.path(), &nodes[f].data_dir());
+    {
+        let partition = nodes[f].own_partition();
+        let state = partition
+            .session()
+            .expect("session")
+            .app_state("hsm-vault/v1/raft/g1")
+            .expect("the token's log state");
+        let state: serde_json::Value = serde_json::from_slice(&state).expect("json");
+        let newest = ["last_log", "committed"]
+            .iter()
+            .map(|k| state[*k].clone())
+            .filter(|v| !v.is_null())
+            .max_by_key(|v| v["index"].as_u64().unwrap_or(0))
+            .expect("the token vouches for a log id");
+        let newest = serde_json::to_vec(&newest).expect("json");
+        let db = vault_e2e::open_store(&nodes[f].data_dir());
+        db.open_tree("raft-meta/g1")
+            .expect("tree")
+            .insert("last_purged", newest.clone())
+            .expect("edit");
+        db.open_tree("raft-sm/g1")
+            .expect("tree")
+            .insert("applied", newest)
+            .expect("edit");
+        db.flush().expect("flush");
+    }
+    nodes[f].restart();
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(nodes[f].log_path()).unwrap_or_default();
+        if log.contains("rolled back") || log.contains("does not match what the token vouches for")
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the edited restore was not detected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    no_guess_was_gained(&mut nodes, f).await;
 }
 
 async fn info(node: &VaultNode) -> pb::GetInfoResponse {
