@@ -344,7 +344,7 @@ async fn no_guess_was_gained(nodes: &mut [VaultNode], f: usize) {
         other => panic!("unexpected {other:?}"),
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let leader = vault_e2e::leader_of(&nodes).await;
+    let leader = vault_e2e::leader_of(nodes).await;
     nodes[leader].kill9();
     let survivor = if leader == f { (f + 1) % 3 } else { f };
     let token = nodes[survivor].bearer("alice");
