@@ -1326,3 +1326,193 @@ async fn invariant7_a_snapshot_with_a_record_edited_is_refused_and_its_receiver_
 async fn invariant7_a_snapshot_with_its_map_edited_is_refused_and_its_receiver_keeps_serving() {
     edited_snapshot_is_refused_and_its_receiver_keeps_serving("snapmap", SnapshotEdit::Map).await;
 }
+
+/// A recovery start for `account` through `node` with a made-up KE1: the
+/// outcome, or the status it was refused with.
+async fn start_login(
+    node: &VaultNode,
+    account: &[u8],
+) -> Result<Option<pb::recover_start_response::Outcome>, tonic::Status> {
+    let ke1 = ClientLogin::<Suite>::start(&mut OsRng, b"a guess")
+        .expect("ke1")
+        .message
+        .serialize()
+        .to_vec();
+    client(node)
+        .await
+        .raw()
+        .recover_start(pb::RecoverStartRequest {
+            account_id: account.to_vec(),
+            ke1,
+        })
+        .await
+        .map(|r| r.into_inner().outcome)
+}
+
+/// Whether `node` refuses `account` because its record is moving.
+async fn refused_as_moving(node: &VaultNode, account: &[u8]) -> bool {
+    match start_login(node, account).await {
+        Err(s) => s.code() == tonic::Code::Unavailable && s.message().contains("moving"),
+        Ok(outcome) => panic!("served a record that is moving: {outcome:?}"),
+    }
+}
+
+/// During a move of slots out of group 1 (frozen there, not handed over
+/// yet), the host of a group-1 member deletes its `frozen-map`. Without it
+/// the member, once leader, would serve and charge the moving records while
+/// the other group may already hold them (two counters for one record). It
+/// finds that its state is not what its token vouches for, resyncs, and made
+/// leader it still refuses the moving records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant2_a_member_whose_frozen_map_was_deleted_during_a_move_does_not_serve_the_moving_slots(
+) {
+    use hsm_vault::replication::operator::Reshard;
+    use hsm_vault::shard::{slot, ShardMap};
+    use vault_proto::vault::node::v1 as node_pb;
+
+    let mut nodes = vault_e2e::prepare_fleet(&[3, 1], "frozenmove");
+    let map = ShardMap::even(1, &[1, 2]);
+    // Two group-1 accounts: alice's slot moves, bob's stays.
+    let (alice, bob) = {
+        let inspector = nodes[0].inspector();
+        let mut in_group_1 = (0..)
+            .map(|i| format!("user-{i}"))
+            .map(|name| (inspector.record_id(&name).0, name))
+            .filter(|(id, _)| map.group_of(id) == Some(1));
+        let alice = in_group_1.next().expect("an account");
+        let bob = in_group_1
+            .find(|(id, _)| slot(id) != slot(&alice.0))
+            .expect("an account");
+        (alice, bob)
+    };
+    let operator = p256::ecdsa::SigningKey::random(&mut OsRng);
+    let key_file = nodes[0].token.dir().join("operator.pub");
+    std::fs::write(
+        &key_file,
+        hex::encode(operator.verifying_key().to_encoded_point(true).as_bytes()),
+    )
+    .expect("operator key");
+    for node in &mut nodes {
+        node.extra_args
+            .push(format!("--operator-public-key={}", key_file.display()));
+        node.restart();
+    }
+    let token = nodes[0].bearer(&alice.1);
+    eventually("register alice", || async {
+        client(&nodes[0])
+            .await
+            .register_key(
+                alice.1.as_bytes(),
+                &token,
+                PASSWORD,
+                &BackupKey::generate(),
+                0,
+            )
+            .await
+    })
+    .await;
+
+    // The first step of the move: group 1 freezes alice's slot.
+    let next = map.reassign(slot(&alice.0), slot(&alice.0), 2, 2);
+    let body = serde_json::to_vec(&Reshard::Freeze { map: next }).expect("json");
+    let peer_addr = |n: &VaultNode| {
+        n.extra_args
+            .iter()
+            .find_map(|a| a.strip_prefix("--peer-listen="))
+            .expect("a peer listener")
+            .to_owned()
+    };
+    let start = Instant::now();
+    'frozen: loop {
+        for n in &nodes[0..3] {
+            let issued_at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs();
+            let request = node_pb::OperatorRequest {
+                issued_at,
+                signature: vault_proto::operator::sign(&operator, "Reshard", issued_at, &body),
+                body: body.clone(),
+            };
+            let Ok(channel) =
+                tonic::transport::Channel::from_shared(format!("http://{}", peer_addr(n)))
+                    .expect("uri")
+                    .connect()
+                    .await
+            else {
+                continue;
+            };
+            if node_pb::operator_client::OperatorClient::new(channel)
+                .reshard(request)
+                .await
+                .is_ok()
+            {
+                break 'frozen;
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "the freeze was not committed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(refused_as_moving(&nodes[0], alice.1.as_bytes()).await);
+
+    // The host of a group-1 follower deletes its frozen map.
+    let group_1 = &mut nodes[0..3];
+    let leader = vault_e2e::leader_of(group_1).await;
+    let f = (leader + 1) % 3;
+    let applied = info(&group_1[leader]).await.applied_index;
+    eventually("the follower applies the freeze", || async {
+        if info(&group_1[f]).await.applied_index >= applied {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol("behind"))
+        }
+    })
+    .await;
+    group_1[f].kill9();
+    {
+        let db = vault_e2e::open_store(&group_1[f].data_dir());
+        let removed = db
+            .open_tree("raft-sm/g1")
+            .expect("tree")
+            .remove("frozen-map")
+            .expect("edit");
+        assert!(removed.is_some(), "the follower held the frozen map");
+        db.flush().expect("flush");
+    }
+    group_1[f].restart();
+    let start = Instant::now();
+    while !std::fs::read_to_string(group_1[f].log_path())
+        .unwrap_or_default()
+        .contains("does not match what the token vouches for")
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the deleted frozen map was not detected at open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Made leader, it still refuses alice's record, and serves bob's.
+    let token = group_1[0].bearer(&bob.1);
+    let write = async |n: &VaultNode| {
+        eventually("the steering write", || async {
+            client(n)
+                .await
+                .register_key(
+                    bob.1.as_bytes(),
+                    &token,
+                    PASSWORD,
+                    &BackupKey::generate(),
+                    0,
+                )
+                .await
+        })
+        .await;
+    };
+    steer_leadership_to(group_1, f, &write).await;
+    assert!(refused_as_moving(&group_1[f], alice.1.as_bytes()).await);
+    assert!(matches!(
+        start_login(&group_1[f], bob.1.as_bytes()).await,
+        Ok(Some(pb::recover_start_response::Outcome::Challenge(_)))
+    ));
+}
