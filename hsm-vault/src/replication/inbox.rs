@@ -11,6 +11,7 @@
 //! chunk overwrites), and a chunk from a vote older than this replica's is
 //! answered with its vote and ignored.
 
+use std::cmp::Ordering;
 use std::io::Cursor;
 
 use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
@@ -56,8 +57,9 @@ impl SnapshotInbox {
         mut req: InstallSnapshotRequest<TypeConfig>,
     ) -> Result<ChunkAnswer, Refused> {
         let vote = self.raft.metrics().borrow().vote;
-        if req.vote < vote {
-            // A deposed leader's chunk: our vote tells it so.
+        if matches!(req.vote.partial_cmp(&vote), None | Some(Ordering::Less)) {
+            // Not from the leader this replica follows (a deposed one, say):
+            // its vote tells the sender so.
             return Ok(Ok(InstallSnapshotResponse { vote }));
         }
         let id = req.meta.snapshot_id.clone();
@@ -85,8 +87,8 @@ impl SnapshotInbox {
             tracing::error!(
                 snapshot = %id,
                 reason = %reason,
-                "refused a snapshot from the leader: this replica stays as it is and keeps serving; \
-                 it installs a good snapshot from the next leader"
+                "refused a snapshot: this replica keeps its state, keeps serving through its \
+                 leader, and installs the next snapshot that checks"
             );
             return Err(Refused(reason));
         }
