@@ -202,7 +202,6 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
     use hsm_vault::replication::{Applied, Command};
     use hsm_vault::shard::ShardMap;
     use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
     let (_token, p) = partition("slots");
     let dir = tempfile::tempdir().expect("dir");
@@ -221,13 +220,7 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
         invalid.version = 4;
         invalid.ranges.pop();
         let maps = [v1.clone(), v1.clone(), moves, invalid, same_owners.clone()];
-        let entries = maps
-            .into_iter()
-            .zip(1..)
-            .map(|(map, i)| Entry::<TypeConfig> {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
-                payload: EntryPayload::Normal(Command::AdoptMap { map }),
-            });
+        let entries = entries(1, maps.map(|map| Command::AdoptMap { map }));
         let applied = sm.apply(entries).await.expect("apply");
         assert_eq!(applied[0], Applied::Done);
         for (i, why) in [(1, "not newer"), (2, "moves 5 slots"), (3, "cover")] {
@@ -257,14 +250,7 @@ fn invariant2_slots_move_between_groups_only_through_freeze_and_import() {
     use hsm_vault::replication::{Applied, Command};
     use hsm_vault::shard::ShardMap;
     use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
-    fn entry(i: u64, command: Command) -> Entry<TypeConfig> {
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
-            payload: EntryPayload::Normal(command),
-        }
-    }
     async fn one(sm: &mut StateMachine, i: u64, command: Command) -> Applied {
         sm.apply([entry(i, command)])
             .await
@@ -389,7 +375,6 @@ fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
     use hsm_vault::replication::{Applied, Command};
     use hsm_vault::shard::ShardMap;
     use openraft::storage::RaftStateMachine;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
 
     let (_token, p) = partition("first");
     let dir = tempfile::tempdir().expect("dir");
@@ -414,13 +399,7 @@ fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
                 map: after_v3.clone(),
             },
         ];
-        let entries = commands
-            .into_iter()
-            .zip(1..)
-            .map(|(c, i)| Entry::<TypeConfig> {
-                log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
-                payload: EntryPayload::Normal(c),
-            });
+        let entries = entries(1, commands);
         let applied = sm.apply(entries).await.expect("apply");
         assert_eq!(applied[..2], [Applied::Done, Applied::Done]);
         match &applied[2] {
@@ -440,15 +419,35 @@ fn put(
     seq: u64,
     sealed: &[u8],
 ) -> openraft::Entry<TypeConfig> {
-    openraft::Entry {
-        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-        payload: openraft::EntryPayload::Normal(hsm_vault::replication::Command::Put {
+    entry(
+        i,
+        hsm_vault::replication::Command::Put {
             id,
             expect,
             seq,
             sealed: sealed.to_vec(),
-        }),
+        },
+    )
+}
+
+/// The entry at `index` of term 1 (leader 1) carrying `command`.
+fn entry(index: u64, command: hsm_vault::replication::Command) -> openraft::Entry<TypeConfig> {
+    openraft::Entry {
+        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: openraft::EntryPayload::Normal(command),
     }
+}
+
+/// Entries of term 1 from index `first`, one per command.
+fn entries(
+    first: u64,
+    commands: impl IntoIterator<Item = hsm_vault::replication::Command>,
+) -> Vec<openraft::Entry<TypeConfig>> {
+    commands
+        .into_iter()
+        .zip(first..)
+        .map(|(c, i)| entry(i, c))
+        .collect()
 }
 
 /// A state machine with one record written twice and the shard map
@@ -456,12 +455,12 @@ fn put(
 async fn two_versions(sm: &mut StateMachine, id: [u8; 32]) -> sled::IVec {
     use hsm_vault::replication::Command;
     use openraft::storage::RaftStateMachine;
-    let map = openraft::Entry {
-        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
-        payload: openraft::EntryPayload::Normal(Command::AdoptMap {
+    let map = entry(
+        1,
+        Command::AdoptMap {
             map: hsm_vault::shard::ShardMap::even(1, &[1]),
-        }),
-    };
+        },
+    );
     sm.apply([map, put(2, id, None, 10, b"registered: 10 guesses left")])
         .await
         .expect("apply");
@@ -664,13 +663,10 @@ fn invariant7_frozen_map_deleted_during_a_move_is_refused_at_open() {
         let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
         let v1 = ShardMap::even(1, &[1, 2]);
         let v2 = v1.reassign(0, 99, 2, 2);
-        let entries = [Command::AdoptMap { map: v1 }, Command::Freeze { map: v2 }]
-            .into_iter()
-            .zip(1..)
-            .map(|(c, i)| openraft::Entry::<TypeConfig> {
-                log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-                payload: openraft::EntryPayload::Normal(c),
-            });
+        let entries = entries(
+            1,
+            [Command::AdoptMap { map: v1 }, Command::Freeze { map: v2 }],
+        );
         let applied = sm.apply(entries).await.expect("apply");
         assert_eq!(applied, [Applied::Done, Applied::Done]);
         assert!(sm.frozen_map().expect("read").is_some());
@@ -718,10 +714,7 @@ fn invariant7_a_replica_whose_state_differs_from_its_leaders_finds_out_at_run_ti
         assert_eq!(index, 1);
         assert_eq!(same.state_digest().await, (index, digest));
         assert_ne!(other.state_digest().await, (index, digest));
-        let check = || openraft::Entry::<TypeConfig> {
-            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), 2),
-            payload: openraft::EntryPayload::Normal(Command::Check { index, digest }),
-        };
+        let check = || entry(2, Command::Check { index, digest });
         for sm in [&mut leader, &mut same, &mut other] {
             sm.apply([check()]).await.expect("apply");
         }

@@ -234,6 +234,33 @@ async fn node_without_the_ceremony_cannot_join_or_decrypt() {
     assert_eq!(got.0, key.0);
 }
 
+/// One wrong password for alice through `node` (retried while the group
+/// elects): the guesses left it reports.
+async fn wrong_guess(node: &VaultNode, what: &str) -> u32 {
+    eventually(what, || async {
+        match client(node).await.recover_key(b"alice", b"wrong").await {
+            Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
+            Err(e) => Err(e),
+            Ok(_) => panic!("a wrong password recovered the key"),
+        }
+    })
+    .await
+}
+
+/// Waits until `node` has applied everything `leader` had applied when
+/// called.
+async fn applies_what_the_leader_did(node: &VaultNode, leader: &VaultNode, what: &str) {
+    let applied = info(leader).await.applied_index;
+    eventually(what, || async {
+        if info(node).await.applied_index >= applied {
+            Ok(())
+        } else {
+            Err(ClientError::Protocol("behind"))
+        }
+    })
+    .await;
+}
+
 /// A three-node group where alice registered, and a copy of a follower's
 /// disk taken then (the follower was stopped for it and restarted): the
 /// nodes, alice's key, the leader, the follower, the copy.
@@ -280,18 +307,7 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
     for i in 0..3u32 {
         let due = Duration::from_secs(10) * i;
         tokio::time::sleep(due.saturating_sub(copied.elapsed())).await;
-        let r = eventually("wrong guess", || async {
-            match client(&nodes[f])
-                .await
-                .recover_key(b"alice", b"wrong")
-                .await
-            {
-                Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
-                Err(e) => Err(e),
-                Ok(_) => panic!("a wrong password recovered the key"),
-            }
-        })
-        .await;
+        let r = wrong_guess(&nodes[f], "wrong guess").await;
         assert!(r < 10);
     }
     // Let the follower apply what was committed, then roll its disk back
@@ -373,28 +389,14 @@ async fn no_guess_was_gained(nodes: &mut [VaultNode], f: usize) {
 async fn invariant7_member_restored_with_its_purge_and_applied_marks_raised_resyncs() {
     let (mut nodes, _key, leader, f, old) = alice_and_a_copy_of_a_follower("metaedit").await;
     for _ in 0..3 {
-        let r = eventually("wrong guess", || async {
-            match client(&nodes[leader])
-                .await
-                .recover_key(b"alice", b"wrong")
-                .await
-            {
-                Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
-                Err(e) => Err(e),
-                Ok(_) => panic!("a wrong password recovered the key"),
-            }
-        })
-        .await;
+        let r = wrong_guess(&nodes[leader], "wrong guess").await;
         assert!(r < 10);
     }
-    let applied = info(&nodes[leader]).await.applied_index;
-    eventually("the follower applies the charges", || async {
-        if info(&nodes[f]).await.applied_index >= applied {
-            Ok(())
-        } else {
-            Err(ClientError::Protocol("behind"))
-        }
-    })
+    applies_what_the_leader_did(
+        &nodes[f],
+        &nodes[leader],
+        "the follower applies the charges",
+    )
     .await;
     nodes[f].kill9();
     std::fs::remove_dir_all(nodes[f].data_dir()).expect("rm");
@@ -502,18 +504,7 @@ async fn region_partitioned_away_refuses_writes_and_catches_up_after_healing() {
         }
     }
     // The majority side keeps serving.
-    let left = eventually("guess on the majority side", || async {
-        match client(&nodes[majority])
-            .await
-            .recover_key(b"alice", b"wrong")
-            .await
-        {
-            Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
-            Err(e) => Err(e),
-            Ok(_) => panic!("a wrong password recovered the key"),
-        }
-    })
-    .await;
+    let left = wrong_guess(&nodes[majority], "guess on the majority side").await;
 
     // Heal; the cut-off node catches up with the leader's applied index.
     nodes[0].set_faults("{}");
@@ -981,14 +972,11 @@ async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_i
         Err(ClientError::Locked)
     ));
     // The follower applies the lockout, then its host splices.
-    let applied = info(&nodes[leader]).await.applied_index;
-    eventually("the follower applies the lockout", || async {
-        if info(&nodes[f]).await.applied_index >= applied {
-            Ok(())
-        } else {
-            Err(ClientError::Protocol("behind"))
-        }
-    })
+    applies_what_the_leader_did(
+        &nodes[f],
+        &nodes[leader],
+        "the follower applies the lockout",
+    )
     .await;
     nodes[f].kill9();
     {
@@ -1024,15 +1012,7 @@ async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_i
     }
 
     // Leadership steered to the spliced member (once it caught up again).
-    let applied = info(&nodes[leader]).await.applied_index;
-    eventually("the spliced member catches up", || async {
-        if info(&nodes[f]).await.applied_index >= applied {
-            Ok(())
-        } else {
-            Err(ClientError::Protocol("behind"))
-        }
-    })
-    .await;
+    applies_what_the_leader_did(&nodes[f], &nodes[leader], "the spliced member catches up").await;
     let steering_token = nodes[0].bearer("bob");
     let write = async |n: &VaultNode| {
         eventually("the steering write", || async {
@@ -1113,18 +1093,7 @@ async fn invariant2_a_deposed_leader_does_not_finish_a_login_from_its_stale_view
     // more wrong guesses.
     nodes[old_leader].set_faults(&format!(r#"{{"isolated_nodes":[{}]}}"#, old_leader + 1));
     for _ in 0..3 {
-        let r = eventually("a wrong guess under the new leader", || async {
-            match client(&nodes[f])
-                .await
-                .recover_key(b"alice", b"wrong")
-                .await
-            {
-                Err(ClientError::WrongPassword { guesses_remaining }) => Ok(guesses_remaining),
-                Err(e) => Err(e),
-                Ok(_) => panic!("a wrong password recovered the key"),
-            }
-        })
-        .await;
+        let r = wrong_guess(&nodes[f], "a wrong guess under the new leader").await;
         assert!(r < 9);
     }
     // The old leader still believes it leads; its view says 9 left.
@@ -1459,14 +1428,11 @@ async fn invariant2_a_member_whose_frozen_map_was_deleted_during_a_move_does_not
     let group_1 = &mut nodes[0..3];
     let leader = vault_e2e::leader_of(group_1).await;
     let f = (leader + 1) % 3;
-    let applied = info(&group_1[leader]).await.applied_index;
-    eventually("the follower applies the freeze", || async {
-        if info(&group_1[f]).await.applied_index >= applied {
-            Ok(())
-        } else {
-            Err(ClientError::Protocol("behind"))
-        }
-    })
+    applies_what_the_leader_did(
+        &group_1[f],
+        &group_1[leader],
+        "the follower applies the freeze",
+    )
     .await;
     group_1[f].kill9();
     {
