@@ -90,9 +90,17 @@ async fn install(data: &[u8]) {
         snapshot_id: "9-1".into(),
     };
     let parsed = parse_snapshot(data);
+    // The receiver's check (before Raft sees the snapshot) and the install
+    // agree on every input.
+    let checked = sm.check_snapshot(&meta, data);
     let installed = sm
         .install_snapshot(&meta, Box::new(Cursor::new(data.to_vec())))
         .await;
+    assert_eq!(
+        checked.is_ok(),
+        installed.is_ok(),
+        "the receiver's check and the install disagree"
+    );
     let (header, records) = match (parsed, installed) {
         (Ok(p), Ok(())) => (p.header, p.records),
         (_, Err(_)) => return,
