@@ -441,7 +441,27 @@ async fn invariant7_member_restored_with_its_purge_and_applied_marks_raised_resy
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    no_guess_was_gained(&mut nodes, f).await;
+    // Made leader once it caught up, it answers from the group's state, not
+    // from the restored copy (which had all ten guesses left).
+    applies_what_the_leader_did(&nodes[f], &nodes[leader], "the restored member catches up").await;
+    steer_leadership_with(&mut nodes, f, "bob").await;
+    let token = nodes[f].bearer("alice");
+    let status = eventually("status through the restored leader", || async {
+        client(&nodes[f]).await.status(b"alice", &token).await
+    })
+    .await;
+    assert_eq!(
+        status,
+        RecordStatus::Registered {
+            guesses_remaining: 7,
+            max_guesses: 10
+        },
+        "the restored member serves the count it had before three charges"
+    );
+    assert_eq!(
+        wrong_guess(&nodes[f], "a guess through the restored leader").await,
+        6
+    );
 }
 
 async fn info(node: &VaultNode) -> pb::GetInfoResponse {
@@ -932,6 +952,28 @@ async fn steer_leadership_to(nodes: &mut [VaultNode], t: usize, write: impl Asyn
     assert_eq!(vault_e2e::leader_of(nodes).await, t);
 }
 
+/// [`steer_leadership_to`] member `t`, committing a registration of
+/// `account` (one of the group's) as the write.
+async fn steer_leadership_with(nodes: &mut [VaultNode], t: usize, account: &str) {
+    let token = nodes[0].bearer(account);
+    let write = async |n: &VaultNode| {
+        eventually("the steering write", || async {
+            client(n)
+                .await
+                .register_key(
+                    account.as_bytes(),
+                    &token,
+                    PASSWORD,
+                    &BackupKey::generate(),
+                    0,
+                )
+                .await
+        })
+        .await;
+    };
+    steer_leadership_to(nodes, t, &write).await;
+}
+
 /// The splice attack on a replica (issue 14), with real processes: alice's
 /// record is locked by 10 wrong guesses; the host of a follower, stopped,
 /// puts the records of its state machine back to a copy of its disk taken
@@ -1013,17 +1055,7 @@ async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_i
 
     // Leadership steered to the spliced member (once it caught up again).
     applies_what_the_leader_did(&nodes[f], &nodes[leader], "the spliced member catches up").await;
-    let steering_token = nodes[0].bearer("bob");
-    let write = async |n: &VaultNode| {
-        eventually("the steering write", || async {
-            client(n)
-                .await
-                .register_key(b"bob", &steering_token, PASSWORD, &BackupKey::generate(), 0)
-                .await
-        })
-        .await;
-    };
-    steer_leadership_to(&mut nodes, f, &write).await;
+    steer_leadership_with(&mut nodes, f, "bob").await;
 
     // Through the spliced member, now the leader: locked, and no KE2.
     assert!(
@@ -1217,17 +1249,7 @@ async fn edited_snapshot_is_refused_and_its_receiver_keeps_serving(
         db.flush().expect("flush");
     }
     nodes[s].restart();
-    let token = nodes[0].bearer("bob");
-    let write = async |n: &VaultNode| {
-        eventually("the steering write", || async {
-            client(n)
-                .await
-                .register_key(b"bob", &token, PASSWORD, &BackupKey::generate(), 0)
-                .await
-        })
-        .await;
-    };
-    steer_leadership_to(&mut nodes, s, &write).await;
+    steer_leadership_with(&mut nodes, s, "bob").await;
     let taken = info(&nodes[s]).await.snapshot_index;
 
     // `f` loses its disk: it needs the leader's (edited) snapshot.
@@ -1459,23 +1481,7 @@ async fn invariant2_a_member_whose_frozen_map_was_deleted_during_a_move_does_not
     }
 
     // Made leader, it still refuses alice's record, and serves bob's.
-    let token = group_1[0].bearer(&bob.1);
-    let write = async |n: &VaultNode| {
-        eventually("the steering write", || async {
-            client(n)
-                .await
-                .register_key(
-                    bob.1.as_bytes(),
-                    &token,
-                    PASSWORD,
-                    &BackupKey::generate(),
-                    0,
-                )
-                .await
-        })
-        .await;
-    };
-    steer_leadership_to(group_1, f, &write).await;
+    steer_leadership_with(group_1, f, &bob.1).await;
     assert!(refused_as_moving(&group_1[f], alice.1.as_bytes()).await);
     assert!(matches!(
         start_login(&group_1[f], bob.1.as_bytes()).await,
