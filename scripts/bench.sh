@@ -7,5 +7,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh --node
-cargo build --release --locked -p hsm-vault -p vault-bench
+# The `fleet` binary issues the TLS certificates the nodes run with.
+cargo build --release --locked -p hsm-vault -p vault-bench -p fleet-manager
 exec target/release/vault-bench "$@"

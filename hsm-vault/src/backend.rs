@@ -323,7 +323,11 @@ impl Backend {
                     .map_err(|_| {
                         no_quorum("timed out waiting for a majority; the write may still commit")
                     })?;
-                tracing::debug!(elapsed = ?started.elapsed(), "replicated write");
+                let elapsed = started.elapsed();
+                tracing::debug!(?elapsed, "replicated write");
+                crate::telemetry::metrics()
+                    .raft_write_seconds
+                    .observe(elapsed.as_secs_f64());
                 match written {
                     Ok(resp) => match resp.data {
                         Applied::Done => Ok(()),

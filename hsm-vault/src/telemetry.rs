@@ -86,6 +86,7 @@ pub struct Metrics {
     pub pkcs11_seconds: Family<OpLabels, Histogram, NewHistogram>,
     pub pkcs11_errors: Family<OpLabels, Counter>,
     pub flush_seconds: Family<StoreLabels, Histogram, NewHistogram>,
+    pub raft_write_seconds: Histogram,
 }
 
 fn rpc_buckets() -> Histogram {
@@ -124,6 +125,7 @@ impl Metrics {
             pkcs11_seconds: Family::new_with_constructor(fast_buckets),
             pkcs11_errors: Family::default(),
             flush_seconds: Family::new_with_constructor(fast_buckets),
+            raft_write_seconds: rpc_buckets(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -232,6 +234,11 @@ impl Metrics {
             "storage_flush_duration_seconds",
             "Time to make a batch of writes durable on disk, by store",
             m.flush_seconds.clone(),
+        );
+        r.register(
+            "raft_write_duration_seconds",
+            "On a leader: time for a replicated write to commit on a majority and apply here",
+            m.raft_write_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -225,6 +225,8 @@ async fn operations_metrics_of_every_node_move_under_load_and_json_logs_carry_re
         );
         assert!(d >= 1.0, "no {op} timed on the leader");
     }
+    // Each charge was a replicated write, timed by the leader.
+    assert!(delta("vault_raft_write_duration_seconds_count", &[]) >= 5.0);
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         // (Applying entries rides on the log's flush: the state machine
         // flushes on its own only when it installs a snapshot.)

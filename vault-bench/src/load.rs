@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use vault_client::{BackupKey, KeyStretching, VaultClient};
+use vault_client::{BackupKey, KeyStretching, Transport, VaultClient};
 use vault_e2e::Issuer;
 
 use crate::os;
@@ -29,6 +29,8 @@ pub struct Plan {
     pub op: Op,
     /// Endpoints the workers connect to, round robin.
     pub endpoints: Vec<String>,
+    /// TLS (with the fleet's CA) or plaintext, as the nodes run.
+    pub transport: Transport,
     pub pinned: [u8; 33],
     pub issuer: Issuer,
     pub workers: usize,
@@ -67,8 +69,8 @@ struct Account {
 
 const PASSWORD: &[u8] = b"correct horse battery staple";
 
-async fn connect(endpoint: &str, pinned: [u8; 33]) -> Result<VaultClient> {
-    Ok(VaultClient::connect_plaintext(endpoint, pinned)
+async fn connect(endpoint: &str, transport: &Transport, pinned: [u8; 33]) -> Result<VaultClient> {
+    Ok(VaultClient::connect(endpoint, transport, pinned)
         .await
         .with_context(|| format!("connecting to {endpoint}"))?
         .with_key_stretching(KeyStretching::MinimalForBenchmarks))
@@ -109,7 +111,7 @@ pub async fn run(plan: Plan) -> Result<Measured> {
     let mut workers = Vec::with_capacity(plan.workers);
     for w in 0..plan.workers {
         let endpoint = &plan.endpoints[w % plan.endpoints.len()];
-        let mut client = connect(endpoint, plan.pinned).await?;
+        let mut client = connect(endpoint, &plan.transport, plan.pinned).await?;
         let mut accounts = Vec::new();
         if plan.op == Op::Recover {
             for a in 0..plan.accounts_per_worker {

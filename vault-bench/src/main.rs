@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Where the JSON and SVG files go.
     #[arg(long, default_value = "bench-results")]
     out: PathBuf,
+    /// Run the nodes without TLS. By default they run as `fleet up` runs
+    /// them: TLS on the client API, mutual TLS between peers.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 impl RunArgs {
@@ -110,6 +114,7 @@ impl RunArgs {
                 format!("--baseline-logins={}", self.baseline_logins),
                 format!("--out={}", self.out.display()),
             ])
+            .chain(self.plaintext.then(|| "--plaintext".to_owned()))
             .collect()
     }
 

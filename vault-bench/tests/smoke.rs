@@ -30,7 +30,11 @@ fn scenario<'a>(summary: &'a Value, name: &str) -> &'a Value {
 #[test]
 fn bench_one_node_reports_recoveries_cpu_and_a_chart() {
     let out = tempfile::tempdir().expect("out dir");
-    let summary = bench(out.path(), &["--scenario=one-node", "--workers=4"]);
+    // Plaintext here; the catch-up below runs with TLS, the default.
+    let summary = bench(
+        out.path(),
+        &["--scenario=one-node", "--workers=4", "--plaintext"],
+    );
     assert!(
         summary["baseline"]["login"]["cpu_us"]
             .as_f64()
