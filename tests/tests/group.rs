@@ -119,21 +119,7 @@ async fn invariant2_leader_killed_loses_no_acknowledged_guess_and_service_resume
     let leader = vault_e2e::leader_of(&nodes).await;
     nodes[leader].kill9();
     let survivor = (leader + 1) % 3;
-    let token = nodes[survivor].bearer("alice");
-    let status = eventually("status after the election", || async {
-        client(&nodes[survivor])
-            .await
-            .status(b"alice", &token)
-            .await
-    })
-    .await;
-    assert_eq!(
-        status,
-        RecordStatus::Registered {
-            guesses_remaining: 9,
-            max_guesses: 10
-        }
-    );
+    alice_has_left(&nodes[survivor], 9, "status after the election").await;
 
     // Concurrent wrong guesses on bob through both survivors: at most 10 KE2.
     let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
@@ -261,6 +247,41 @@ async fn applies_what_the_leader_did(node: &VaultNode, leader: &VaultNode, what:
     .await;
 }
 
+/// Waits until `node`'s log holds one of `lines` (a check it reports at
+/// start), failing with `what` after [`DEADLINE`].
+async fn logs_one_of(node: &VaultNode, lines: &[&str], what: &str) {
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+        if lines.iter().any(|l| log.contains(l)) {
+            return;
+        }
+        assert!(start.elapsed() < DEADLINE, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The line a replica logs when its disk is not what its token vouches for.
+const NOT_VOUCHED: &str = "does not match what the token vouches for";
+
+/// Asserts, through `node` (retried while the group elects), that alice's
+/// record is registered with `left` of its 10 guesses.
+async fn alice_has_left(node: &VaultNode, left: u32, what: &str) {
+    let token = node.bearer("alice");
+    let status = eventually(what, || async {
+        client(node).await.status(b"alice", &token).await
+    })
+    .await;
+    assert_eq!(
+        status,
+        RecordStatus::Registered {
+            guesses_remaining: left,
+            max_guesses: 10
+        },
+        "{what}"
+    );
+}
+
 /// A three-node group where alice registered, and a copy of a follower's
 /// disk taken then (the follower was stopped for it and restarted): the
 /// nodes, alice's key, the leader, the follower, the copy.
@@ -317,14 +338,7 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
     std::fs::remove_dir_all(nodes[f].data_dir()).expect("rm");
     copy_dir(old.path(), &nodes[f].data_dir());
     nodes[f].restart();
-    let start = Instant::now();
-    while !std::fs::read_to_string(nodes[f].log_path())
-        .unwrap_or_default()
-        .contains("rolled back")
-    {
-        assert!(start.elapsed() < DEADLINE, "the rollback was not detected");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    logs_one_of(&nodes[f], &["rolled back"], "the rollback was not detected").await;
 
     no_guess_was_gained(&mut nodes, f).await;
 }
@@ -334,18 +348,7 @@ async fn invariant7_member_restored_from_an_older_copy_resyncs_and_no_record_gai
 /// serves the count of seven left, a guess through it counts, and once the
 /// leader dies the survivors agree on it.
 async fn no_guess_was_gained(nodes: &mut [VaultNode], f: usize) {
-    let token = nodes[f].bearer("alice");
-    let status = eventually("status through the restored node", || async {
-        client(&nodes[f]).await.status(b"alice", &token).await
-    })
-    .await;
-    assert_eq!(
-        status,
-        RecordStatus::Registered {
-            guesses_remaining: 7,
-            max_guesses: 10
-        }
-    );
+    alice_has_left(&nodes[f], 7, "status through the restored node").await;
 
     // One more charge, then the leader dies: the restored node must have
     // caught up for the survivors to serve the same count.
@@ -363,21 +366,7 @@ async fn no_guess_was_gained(nodes: &mut [VaultNode], f: usize) {
     let leader = vault_e2e::leader_of(nodes).await;
     nodes[leader].kill9();
     let survivor = if leader == f { (f + 1) % 3 } else { f };
-    let token = nodes[survivor].bearer("alice");
-    let status = eventually("status after the leader died", || async {
-        client(&nodes[survivor])
-            .await
-            .status(b"alice", &token)
-            .await
-    })
-    .await;
-    assert_eq!(
-        status,
-        RecordStatus::Registered {
-            guesses_remaining: 6,
-            max_guesses: 10
-        }
-    );
+    alice_has_left(&nodes[survivor], 6, "status after the leader died").await;
 }
 
 /// The same restore, the host also raising `last_purged` (in `raft-meta`)
@@ -428,36 +417,17 @@ async fn invariant7_member_restored_with_its_purge_and_applied_marks_raised_resy
         db.flush().expect("flush");
     }
     nodes[f].restart();
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(nodes[f].log_path()).unwrap_or_default();
-        if log.contains("rolled back") || log.contains("does not match what the token vouches for")
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the edited restore was not detected"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    logs_one_of(
+        &nodes[f],
+        &["rolled back", NOT_VOUCHED],
+        "the edited restore was not detected",
+    )
+    .await;
     // Made leader once it caught up, it answers from the group's state, not
     // from the restored copy (which had all ten guesses left).
     applies_what_the_leader_did(&nodes[f], &nodes[leader], "the restored member catches up").await;
     steer_leadership_with(&mut nodes, f, "bob").await;
-    let token = nodes[f].bearer("alice");
-    let status = eventually("status through the restored leader", || async {
-        client(&nodes[f]).await.status(b"alice", &token).await
-    })
-    .await;
-    assert_eq!(
-        status,
-        RecordStatus::Registered {
-            guesses_remaining: 7,
-            max_guesses: 10
-        },
-        "the restored member serves the count it had before three charges"
-    );
+    alice_has_left(&nodes[f], 7, "status through the restored leader").await;
     assert_eq!(
         wrong_guess(&nodes[f], "a guess through the restored leader").await,
         6
@@ -1041,17 +1011,12 @@ async fn invariant3_a_locked_record_spliced_back_into_a_replica_never_releases_i
         live.flush().expect("flush");
     }
     nodes[f].restart();
-    let start = Instant::now();
-    while !std::fs::read_to_string(nodes[f].log_path())
-        .unwrap_or_default()
-        .contains("does not match what the token vouches for")
-    {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the splice was not detected at open"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    logs_one_of(
+        &nodes[f],
+        &[NOT_VOUCHED],
+        "the splice was not detected at open",
+    )
+    .await;
 
     // Leadership steered to the spliced member (once it caught up again).
     applies_what_the_leader_did(&nodes[f], &nodes[leader], "the spliced member catches up").await;
@@ -1468,17 +1433,12 @@ async fn invariant2_a_member_whose_frozen_map_was_deleted_during_a_move_does_not
         db.flush().expect("flush");
     }
     group_1[f].restart();
-    let start = Instant::now();
-    while !std::fs::read_to_string(group_1[f].log_path())
-        .unwrap_or_default()
-        .contains("does not match what the token vouches for")
-    {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the deleted frozen map was not detected at open"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    logs_one_of(
+        &group_1[f],
+        &[NOT_VOUCHED],
+        "the deleted frozen map was not detected at open",
+    )
+    .await;
 
     // Made leader, it still refuses alice's record, and serves bob's.
     steer_leadership_with(group_1, f, &bob.1).await;

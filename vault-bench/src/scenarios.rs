@@ -310,22 +310,16 @@ impl Bench<'_> {
                     .collect::<serde_json::Map<_, _>>(),
             );
             if i == 0 {
-                let limit = 2.0 * rtt as f64 + 10.0;
-                let p50 = r.latency.p50_ms;
-                r.target(
-                    "p50 recovery latency",
-                    format!("≤ 2 × {rtt} ms + 10 ms = {limit:.0} ms"),
-                    format!("{p50:.1} ms"),
-                    p50 <= limit,
-                );
-                let limit = 3.0 * rtt as f64 + 20.0;
-                let p99 = r.latency.p99_ms;
-                r.target(
-                    "p99 recovery latency",
-                    format!("≤ 3 × {rtt} ms + 20 ms = {limit:.0} ms"),
-                    format!("{p99:.1} ms"),
-                    p99 <= limit,
-                );
+                let (p50, p99) = (r.latency.p50_ms, r.latency.p99_ms);
+                for (what, measured, rtts, plus) in [("p50", p50, 2, 10), ("p99", p99, 3, 20)] {
+                    let limit = (rtts * rtt + plus) as f64;
+                    r.target(
+                        &format!("{what} recovery latency"),
+                        format!("≤ {rtts} × {rtt} ms + {plus} ms = {limit:.0} ms"),
+                        format!("{measured:.1} ms"),
+                        measured <= limit,
+                    );
+                }
             }
             self.keep(r)?;
         }
