@@ -11,11 +11,12 @@
 //! number, so a leader whose view of a record was stale cannot commit a
 //! change computed from it (it gets `ABORTED`, and the client retries).
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::Raft;
+use crate::replication::Raft;
 use tonic::transport::Channel;
 use tonic::Status;
 use vault_proto::vault::v1::vault_client::VaultClient;
@@ -24,7 +25,7 @@ use crate::core::record::{SealedRecord, Stored};
 use crate::geo::{Geography, Route};
 use crate::replication::network::Channels;
 use crate::replication::state_machine::StateMachine;
-use crate::replication::{Applied, Command, NodeId, TypeConfig};
+use crate::replication::{Applied, Command, NodeId};
 use crate::shard::{GroupId, ShardMap};
 use crate::store::{Store, StoreError, Write};
 use crate::types::Seq;
@@ -33,7 +34,7 @@ use crate::types::Seq;
 pub struct Replica {
     pub id: NodeId,
     pub group: GroupId,
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     pub sm: StateMachine,
     /// Forwarded client requests cross the same emulated links as Raft.
     pub geo: Geography,
@@ -56,7 +57,7 @@ impl std::fmt::Debug for Replica {
 impl Replica {
     pub fn new(
         (id, group): (NodeId, GroupId),
-        raft: Raft<TypeConfig>,
+        raft: Raft,
         sm: StateMachine,
         geo: Geography,
         directory: BTreeMap<GroupId, Vec<(NodeId, String)>>,
@@ -217,12 +218,12 @@ fn no_quorum(detail: impl std::fmt::Display) -> Status {
 /// Confirms leadership with a majority before a read. Right after an
 /// election, or across slow links, one round may miss the quorum: it is
 /// retried until [`QUORUM_TIMEOUT`].
-async fn linearizable(raft: &Raft<TypeConfig>) -> Result<(), Status> {
+async fn linearizable(raft: &Raft) -> Result<(), Status> {
     let start = tokio::time::Instant::now();
     let mut pause = std::time::Duration::from_millis(20);
     loop {
         let left = QUORUM_TIMEOUT.saturating_sub(start.elapsed());
-        match tokio::time::timeout(left, raft.ensure_linearizable()).await {
+        match tokio::time::timeout(left, raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)).await {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(RaftError::APIError(e))) if start.elapsed() + pause < QUORUM_TIMEOUT => {
                 tracing::debug!(error = %e, "linearizable read not confirmed yet; retrying");
@@ -352,7 +353,7 @@ impl Backend {
             Backend::Replicated(r) => {
                 let (applied, snapshot, voters) = {
                     let metrics = r.raft.metrics();
-                    let m = metrics.borrow();
+                    let m = metrics.borrow_watched();
                     (
                         m.last_applied.map_or(0, |l| l.index),
                         m.snapshot.map_or(0, |l| l.index),
@@ -447,7 +448,7 @@ impl Backend {
         }
         let addr = {
             let metrics = r.raft.metrics();
-            let m = metrics.borrow();
+            let m = metrics.borrow_watched();
             m.membership_config
                 .membership()
                 .get_node(&leader)

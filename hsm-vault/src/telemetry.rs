@@ -13,6 +13,7 @@
 //! - [`watch_raft`]: copies a replica's Raft state into gauges and its health
 //!   into the gRPC health service.
 
+use openraft::async_runtime::WatchReceiver;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
@@ -551,7 +552,7 @@ impl Serving {
 /// Keeps the Raft gauges and the health service in step with a replica's
 /// Raft state: the node serves (SERVING) while it knows a leader of its
 /// group, since it can then answer or forward; NOT_SERVING otherwise.
-pub async fn watch_raft(raft: openraft::Raft<crate::replication::TypeConfig>, serving: Serving) {
+pub async fn watch_raft(raft: crate::replication::Raft, serving: Serving) {
     let mut rx = raft.metrics();
     let mut shown = None;
     loop {

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use hsm_vault::partition::Partition;
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::state_machine::StateMachine;
-use hsm_vault::replication::{NodeId, TypeConfig};
-use openraft::testing::{StoreBuilder, Suite};
-use openraft::{StorageError, StorageIOError};
+use hsm_vault::replication::{log_id, Entry, TypeConfig};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::{ErrorSubject, ErrorVerb, StorageError};
 use softhsm_test_harness::{module_path, TestToken};
 
 struct Builder {
@@ -20,10 +20,14 @@ struct Builder {
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let n = self.next.fetch_add(1, Ordering::SeqCst);
-        let err = |e: String| StorageError::IO {
-            source: StorageIOError::write_logs(openraft::AnyError::error(e)),
+        let err = |e: String| {
+            StorageError::from_io_error(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other(e),
+            )
         };
         let dir = tempfile::tempdir().map_err(|e| err(e.to_string()))?;
         let db = sled::open(dir.path()).map_err(|e| err(e.to_string()))?;
@@ -63,11 +67,17 @@ fn partition(label: &str) -> (TestToken, Arc<Partition>) {
 #[test]
 fn openraft_storage_conformance_suite_passes_on_sled() {
     let (_token, partition) = partition("raft-suite");
-    Suite::test_all(Builder {
-        partition,
-        next: AtomicU64::new(0),
-    })
-    .expect("conformance suite");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime
+        .block_on(Suite::test_all(Builder {
+            partition,
+            next: AtomicU64::new(0),
+        }))
+        .expect("conformance suite");
 }
 
 /// The vote and the commit watermark live in the token: a log directory
@@ -75,7 +85,7 @@ fn openraft_storage_conformance_suite_passes_on_sled() {
 #[test]
 fn invariant7_rolled_back_raft_log_is_refused() {
     use openraft::storage::{RaftLogReader, RaftLogStorage};
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+    use openraft::{EntryPayload, Vote};
 
     let (_token, partition) = partition("raft-rollback");
     let dir = tempfile::tempdir().expect("dir");
@@ -85,8 +95,8 @@ fn invariant7_rolled_back_raft_log_is_refused() {
         let db = open_db(dir.path());
         let mut log = LogStore::open(&db, partition.clone(), "g").expect("open");
         log.save_vote(&Vote::new(1, 1)).await.expect("vote");
-        let id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
-        let entries: Vec<Entry<TypeConfig>> = (1..=3)
+        let id = |i| log_id(1, 1, i);
+        let entries: Vec<Entry> = (1..=3)
             .map(|i| Entry {
                 log_id: id(i),
                 payload: EntryPayload::Blank,
@@ -145,15 +155,15 @@ fn invariant7_rolled_back_raft_log_is_refused() {
 #[test]
 fn invariant7_a_log_as_long_but_from_another_term_is_refused() {
     use openraft::storage::RaftLogStorage;
-    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use openraft::EntryPayload;
 
     let (_token, partition) = partition("raft-other-term");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let put = |db: &sled::Db, term: u64, index: u64| {
-            let e: Entry<TypeConfig> = Entry {
-                log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            let e: Entry = Entry {
+                log_id: log_id(term, 1, index),
                 payload: EntryPayload::Blank,
             };
             db.open_tree("raft-log/g")
@@ -167,7 +177,7 @@ fn invariant7_a_log_as_long_but_from_another_term_is_refused() {
             put(&db, 2, i);
         }
         db.flush().expect("flush");
-        log.save_committed(Some(LogId::new(CommittedLeaderId::new(2, 1), 3)))
+        log.save_committed(Some(log_id(2, 1, 3)))
             .await
             .expect("commit 3");
         // The committed watermark reaches the token with the next token
@@ -221,7 +231,7 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
         invalid.ranges.pop();
         let maps = [v1.clone(), v1.clone(), moves, invalid, same_owners.clone()];
         let entries = entries(1, maps.map(|map| Command::AdoptMap { map }));
-        let applied = sm.apply(entries).await.expect("apply");
+        let applied = sm.apply_entries(entries).await.expect("apply");
         assert_eq!(applied[0], Applied::Done);
         for (i, why) in [(1, "not newer"), (2, "moves 5 slots"), (3, "cover")] {
             match &applied[i] {
@@ -249,10 +259,9 @@ fn invariant2_a_group_refuses_a_shard_map_that_moves_slots() {
 fn invariant2_slots_move_between_groups_only_through_freeze_and_import() {
     use hsm_vault::replication::{Applied, Command};
     use hsm_vault::shard::ShardMap;
-    use openraft::storage::RaftStateMachine;
 
     async fn one(sm: &mut StateMachine, i: u64, command: Command) -> Applied {
-        sm.apply([entry(i, command)])
+        sm.apply_entries([entry(i, command)])
             .await
             .expect("apply")
             .remove(0)
@@ -374,14 +383,13 @@ fn invariant2_slots_move_between_groups_only_through_freeze_and_import() {
 fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
     use hsm_vault::replication::{Applied, Command};
     use hsm_vault::shard::ShardMap;
-    use openraft::storage::RaftStateMachine;
 
     let (_token, p) = partition("first");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open_db(dir.path());
-        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        let sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
         let v1 = ShardMap::even(1, &[1, 2]);
         let v2 = v1.reassign(0, 99, 2, 2);
         let mut same_owners_v3 = v1.clone();
@@ -400,7 +408,7 @@ fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
             },
         ];
         let entries = entries(1, commands);
-        let applied = sm.apply(entries).await.expect("apply");
+        let applied = sm.apply_entries(entries).await.expect("apply");
         assert_eq!(applied[..2], [Applied::Done, Applied::Done]);
         match &applied[2] {
             Applied::Refused(reason) => assert!(reason.contains("under way"), "{reason}"),
@@ -418,7 +426,7 @@ fn put(
     expect: Option<u64>,
     seq: u64,
     sealed: &[u8],
-) -> openraft::Entry<TypeConfig> {
+) -> Entry {
     entry(
         i,
         hsm_vault::replication::Command::Put {
@@ -431,9 +439,9 @@ fn put(
 }
 
 /// The entry at `index` of term 1 (leader 1) carrying `command`.
-fn entry(index: u64, command: hsm_vault::replication::Command) -> openraft::Entry<TypeConfig> {
-    openraft::Entry {
-        log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+fn entry(index: u64, command: hsm_vault::replication::Command) -> Entry {
+    Entry {
+        log_id: log_id(1, 1, index),
         payload: openraft::EntryPayload::Normal(command),
     }
 }
@@ -442,7 +450,7 @@ fn entry(index: u64, command: hsm_vault::replication::Command) -> openraft::Entr
 fn entries(
     first: u64,
     commands: impl IntoIterator<Item = hsm_vault::replication::Command>,
-) -> Vec<openraft::Entry<TypeConfig>> {
+) -> Vec<Entry> {
     commands
         .into_iter()
         .zip(first..)
@@ -454,18 +462,17 @@ fn entries(
 /// adopted; returns the record's first value (as stored) for splicing.
 async fn two_versions(sm: &mut StateMachine, id: [u8; 32]) -> sled::IVec {
     use hsm_vault::replication::Command;
-    use openraft::storage::RaftStateMachine;
     let map = entry(
         1,
         Command::AdoptMap {
             map: hsm_vault::shard::ShardMap::even(1, &[1]),
         },
     );
-    sm.apply([map, put(2, id, None, 10, b"registered: 10 guesses left")])
+    sm.apply_entries([map, put(2, id, None, 10, b"registered: 10 guesses left")])
         .await
         .expect("apply");
     let first = sm.tree().get(id).expect("read").expect("stored");
-    sm.apply([put(3, id, Some(10), 11, b"locked: no secret left")])
+    sm.apply_entries([put(3, id, Some(10), 11, b"locked: no secret left")])
         .await
         .expect("apply");
     first
@@ -501,11 +508,7 @@ fn invariant7_replica_state_machine_spliced_from_an_older_copy_is_refused_at_ope
             t.remove("shard-map").expect("rm");
         }),
         ("applied edited", &|t| {
-            let applied = serde_json::to_vec(&Some(openraft::LogId::<NodeId>::new(
-                openraft::CommittedLeaderId::new(1, 1),
-                2,
-            )))
-            .expect("json");
+            let applied = serde_json::to_vec(&Some(log_id(1, 1, 2))).expect("json");
             t.insert("applied", applied).expect("edit");
         }),
         ("a record added", &|t| {
@@ -628,7 +631,7 @@ fn invariant7_snapshot_with_a_record_or_its_maps_edited_is_refused() {
                 .expect_err("the receiver refuses it");
             assert!(reason.contains("MAC"), "{what}: {reason}");
             let refused = sm
-                .install_snapshot(&snapshot.meta, Box::new(Cursor::new(bytes)))
+                .install_snapshot(&snapshot.meta, Cursor::new(bytes))
                 .await;
             assert!(refused.is_err(), "{what}: a snapshot must be refused");
             assert_eq!(sm.record_count(), 0, "{what}: nothing of it was installed");
@@ -637,7 +640,7 @@ fn invariant7_snapshot_with_a_record_or_its_maps_edited_is_refused() {
             .check_snapshot(&snapshot.meta, &data)
             .expect("the untouched snapshot passes the receiver's check");
         receiver
-            .install_snapshot(&snapshot.meta, Box::new(Cursor::new(data)))
+            .install_snapshot(&snapshot.meta, Cursor::new(data))
             .await
             .expect("the untouched snapshot installs");
         assert_eq!(receiver.get(&id).expect("read"), sm.get(&id).expect("read"));
@@ -654,20 +657,19 @@ fn invariant7_frozen_map_deleted_during_a_move_is_refused_at_open() {
     use hsm_vault::replication::state_machine::SmOpenError;
     use hsm_vault::replication::{Applied, Command};
     use hsm_vault::shard::ShardMap;
-    use openraft::storage::RaftStateMachine;
     let (_token, p) = partition("frozen");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let db = open_db(dir.path());
-        let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
+        let sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");
         let v1 = ShardMap::even(1, &[1, 2]);
         let v2 = v1.reassign(0, 99, 2, 2);
         let entries = entries(
             1,
             [Command::AdoptMap { map: v1 }, Command::Freeze { map: v2 }],
         );
-        let applied = sm.apply(entries).await.expect("apply");
+        let applied = sm.apply_entries(entries).await.expect("apply");
         assert_eq!(applied, [Applied::Done, Applied::Done]);
         assert!(sm.frozen_map().expect("read").is_some());
     });
@@ -691,7 +693,6 @@ fn invariant7_frozen_map_deleted_during_a_move_is_refused_at_open() {
 #[test]
 fn invariant7_a_replica_whose_state_differs_from_its_leaders_finds_out_at_run_time() {
     use hsm_vault::replication::Command;
-    use openraft::storage::RaftStateMachine;
     let (_token, p) = partition("check");
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -702,12 +703,12 @@ fn invariant7_a_replica_whose_state_differs_from_its_leaders_finds_out_at_run_ti
         let mut same = StateMachine::open(&db, "same", 1, p.clone()).expect("open");
         let mut other = StateMachine::open(&db, "other", 1, p.clone()).expect("open");
         for sm in [&mut leader, &mut same] {
-            sm.apply([put(1, id, None, 10, b"the committed bytes")])
+            sm.apply_entries([put(1, id, None, 10, b"the committed bytes")])
                 .await
                 .expect("apply");
         }
         other
-            .apply([put(1, id, None, 10, b"other bytes")])
+            .apply_entries([put(1, id, None, 10, b"other bytes")])
             .await
             .expect("apply");
         let (index, digest) = leader.state_digest().await;
@@ -716,7 +717,7 @@ fn invariant7_a_replica_whose_state_differs_from_its_leaders_finds_out_at_run_ti
         assert_ne!(other.state_digest().await, (index, digest));
         let check = || entry(2, Command::Check { index, digest });
         for sm in [&mut leader, &mut same, &mut other] {
-            sm.apply([check()]).await.expect("apply");
+            sm.apply_entries([check()]).await.expect("apply");
         }
         assert!(!leader.diverged() && !same.diverged());
         assert!(other.diverged(), "the replica that differs must find out");
@@ -737,7 +738,7 @@ fn invariant7_state_put_back_before_its_last_apply_resyncs_when_the_log_cannot_r
     let dir = tempfile::tempdir().expect("dir");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let id = [6u8; 32];
-    let log_id = |i| openraft::LogId::<NodeId>::new(openraft::CommittedLeaderId::new(1, 1), i);
+    let log_id = |i| log_id(1, 1, i);
     rt.block_on(async {
         let db = open_db(dir.path());
         let mut sm = StateMachine::open(&db, "g1", 1, p.clone()).expect("open");

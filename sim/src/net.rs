@@ -40,7 +40,7 @@ pub struct Weather {
 #[derive(Clone)]
 #[allow(missing_debug_implementations)]
 pub struct Endpoint {
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     pub resync_floor: Option<u64>,
     pub inbox: Arc<SnapshotInbox>,
 }

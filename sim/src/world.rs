@@ -1,6 +1,7 @@
 //! One simulated run: the replicas, their disks, the fault schedule, the
 //! clients, and the checks.
 
+use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -212,7 +213,7 @@ struct Slot {
 
 /// What the controller and the clients share.
 struct Shared {
-    targets: Mutex<BTreeMap<NodeId, (Target, Raft<TypeConfig>)>>,
+    targets: Mutex<BTreeMap<NodeId, (Target, Raft)>>,
     accounts: Mutex<Vec<Slot>>,
     trace: Mutex<Vec<String>>,
     violation: Mutex<Option<String>>,
@@ -261,7 +262,7 @@ impl Shared {
         let targets = lock(&self.targets);
         let leader = targets
             .values()
-            .find_map(|(_, raft)| raft.metrics().borrow().current_leader)
+            .find_map(|(_, raft)| raft.metrics().borrow_watched().current_leader)
             .filter(|l| targets.contains_key(l));
         let ids: Vec<NodeId> = targets.keys().copied().collect();
         let pick = match leader {
@@ -355,7 +356,7 @@ async fn client(shared: Arc<Shared>, issuer: SigningKey, mut rng: StdRng, broken
 struct Node {
     dir: PathBuf,
     db: sled::Db,
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     /// Set when the node reopened behind its token: it votes again once its
     /// log reaches this index.
     floor: Option<u64>,
@@ -460,7 +461,7 @@ impl<'a> World<'a> {
             me: id,
         };
         let raft = Raft::new(id, config, net, log, sm.clone()).await?;
-        let replica = |raft: &Raft<TypeConfig>| {
+        let replica = |raft: &Raft| {
             Replica::new(
                 (id, GROUP),
                 raft.clone(),
@@ -581,7 +582,7 @@ impl<'a> World<'a> {
             Some(Place::Up(n)) => n
                 .raft
                 .metrics()
-                .borrow()
+                .borrow_watched()
                 .last_applied
                 .map_or(0, |l| l.index),
             _ => 0,
@@ -772,7 +773,7 @@ impl<'a> World<'a> {
             let Some(Place::Up(n)) = self.nodes.get(&id) else {
                 continue;
             };
-            let m = n.raft.metrics().borrow().clone();
+            let m = n.raft.metrics().borrow_watched().clone();
             if m.state == ServerState::Leader {
                 if let Some(other) = leaders.insert(m.current_term, id) {
                     self.shared.fail(format!(
@@ -825,7 +826,7 @@ impl<'a> World<'a> {
                 .nodes
                 .values()
                 .filter_map(|p| match p {
-                    Place::Up(n) => Some(n.raft.metrics().borrow().clone()),
+                    Place::Up(n) => Some(n.raft.metrics().borrow_watched().clone()),
                     Place::Down(_) => None,
                 })
                 .collect();
@@ -938,7 +939,7 @@ impl<'a> World<'a> {
             .iter()
             .filter_map(|(id, p)| match p {
                 Place::Up(n) => {
-                    let m = n.raft.metrics().borrow().clone();
+                    let m = n.raft.metrics().borrow_watched().clone();
                     (m.state == ServerState::Leader).then_some((m.current_term, *id))
                 }
                 Place::Down(_) => None,

@@ -1,30 +1,54 @@
-//! Receiving a snapshot. The chunks a leader sends are gathered here rather
-//! than by openraft, so that the whole snapshot is checked
-//! ([`StateMachine::check_snapshot`]: token MAC, digest, maps) before Raft
-//! sees it. openraft treats an error while installing a snapshot as fatal to
-//! the replica; a snapshot that fails its check is instead refused to its
-//! sender, and the replica keeps serving (through its leader) and takes a
-//! good snapshot from whichever member leads next.
+//! Receiving a snapshot. The leader's network sends a snapshot in chunks
+//! of its own ([`SnapshotChunk`]); they are gathered here, and the whole
+//! snapshot is checked ([`StateMachine::check_snapshot`]: token MAC,
+//! digest, maps) before Raft sees it. openraft treats an error while
+//! installing a snapshot as fatal to the replica, and panics on a snapshot
+//! inconsistent with its vote or its committed log; a snapshot that fails
+//! its check is instead refused to its sender, and the replica keeps
+//! serving (through its leader) and takes a good snapshot from whichever
+//! member leads next.
 //!
-//! Chunks follow openraft's own rules: a new snapshot id starts at offset
-//! 0, a chunk continues at or before the end of what was received (a resent
-//! chunk overwrites), and a chunk from a vote older than this replica's is
-//! answered with its vote and ignored.
+//! Chunks follow the rules openraft's own chunked receiver used: a new
+//! transfer starts at offset 0, a chunk continues at or before the end of
+//! what was received (a resent chunk overwrites), and a chunk from a vote
+//! older than this replica's is answered with its vote and ignored.
 
+use openraft::async_runtime::WatchReceiver;
 use std::cmp::Ordering;
-use std::io::Cursor;
 
-use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
-use openraft::raft::{InstallSnapshotRequest, InstallSnapshotResponse};
 use openraft::storage::Snapshot;
-use openraft::{Raft, SnapshotSegmentId};
+use serde::{Deserialize, Serialize};
 
 use super::state_machine::StateMachine;
-use super::{NodeId, TypeConfig};
+use super::{Raft, SnapshotMeta, Vote};
 
-/// The answer to one chunk, as openraft's own receiver gives it.
-pub type ChunkAnswer =
-    Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>;
+/// One chunk of a snapshot on its way to a follower (its data travels
+/// beside this header, not in it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    /// The sender's vote.
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    /// Names one transfer: a new one restarts the receiver's buffer.
+    pub transfer: u64,
+    /// Where `data` goes in the snapshot.
+    pub offset: u64,
+    /// Whether this is the last chunk.
+    pub done: bool,
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+/// The receiver's answer to one chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkAnswer {
+    /// Taken (the last one: installed); the receiver's vote.
+    Taken { vote: Vote },
+    /// Not taken: the transfer must go on from `offset` (0: start again).
+    Resend { offset: u64 },
+    /// The receiver's Raft has stopped.
+    Stopped(String),
+}
 
 /// A snapshot that failed its check: the reason (what failed, never data).
 #[derive(Debug, thiserror::Error)]
@@ -34,14 +58,14 @@ pub struct Refused(pub String);
 /// One replica's snapshot receiver.
 #[allow(missing_debug_implementations)]
 pub struct SnapshotInbox {
-    raft: Raft<TypeConfig>,
+    raft: Raft,
     sm: StateMachine,
-    /// The snapshot being received: its id and the bytes so far.
-    receiving: tokio::sync::Mutex<Option<(String, Vec<u8>)>>,
+    /// The transfer being received: its id and the bytes so far.
+    receiving: tokio::sync::Mutex<Option<(u64, Vec<u8>)>>,
 }
 
 impl SnapshotInbox {
-    pub fn new(raft: Raft<TypeConfig>, sm: StateMachine) -> Self {
+    pub fn new(raft: Raft, sm: StateMachine) -> Self {
         SnapshotInbox {
             raft,
             sm,
@@ -52,40 +76,39 @@ impl SnapshotInbox {
     /// Takes one chunk; on the last, checks the snapshot and has Raft
     /// install it. `Err` when the snapshot was refused (nothing installed,
     /// the bytes dropped).
-    pub async fn receive(
-        &self,
-        mut req: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<ChunkAnswer, Refused> {
-        let vote = self.raft.metrics().borrow().vote;
-        if matches!(req.vote.partial_cmp(&vote), None | Some(Ordering::Less)) {
+    pub async fn receive(&self, mut chunk: SnapshotChunk) -> Result<ChunkAnswer, Refused> {
+        let vote = self.raft.metrics().borrow_watched().vote;
+        if matches!(chunk.vote.partial_cmp(&vote), None | Some(Ordering::Less)) {
             // Not from the leader this replica follows (a deposed one, say):
             // its vote tells the sender so.
-            return Ok(Ok(InstallSnapshotResponse { vote }));
+            return Ok(ChunkAnswer::Taken { vote });
         }
-        let id = req.meta.snapshot_id.clone();
+        let id = chunk.transfer;
         let mut receiving = self.receiving.lock().await;
         if receiving.as_ref().is_none_or(|(current, _)| *current != id) {
-            if req.offset != 0 {
-                return Ok(Err(mismatch(&id, 0, req.offset)));
+            if chunk.offset != 0 {
+                return Ok(ChunkAnswer::Resend { offset: 0 });
             }
             *receiving = None;
         }
-        let (_, buf) = receiving.get_or_insert_with(|| (id.clone(), Vec::new()));
-        let offset = usize::try_from(req.offset).unwrap_or(usize::MAX);
+        let (_, buf) = receiving.get_or_insert_with(|| (id, Vec::new()));
+        let offset = usize::try_from(chunk.offset).unwrap_or(usize::MAX);
         if offset > buf.len() {
-            return Ok(Err(mismatch(&id, buf.len() as u64, req.offset)));
+            return Ok(ChunkAnswer::Resend {
+                offset: buf.len() as u64,
+            });
         }
         buf.truncate(offset);
-        buf.append(&mut req.data);
-        if !req.done {
-            return Ok(Ok(InstallSnapshotResponse { vote }));
+        buf.append(&mut chunk.data);
+        if !chunk.done {
+            return Ok(ChunkAnswer::Taken { vote });
         }
         let data = std::mem::take(buf);
         *receiving = None;
         drop(receiving);
-        if let Err(reason) = self.sm.check_snapshot(&req.meta, &data) {
+        if let Err(reason) = self.sm.check_snapshot(&chunk.meta, &data) {
             tracing::error!(
-                snapshot = %id,
+                snapshot = ?chunk.meta.last_log_id,
                 reason = %reason,
                 "refused a snapshot: this replica keeps its state, keeps serving through its \
                  leader, and installs the next snapshot that checks"
@@ -93,25 +116,14 @@ impl SnapshotInbox {
             return Err(Refused(reason));
         }
         let snapshot = Snapshot {
-            meta: req.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            meta: chunk.meta,
+            snapshot: std::io::Cursor::new(data),
         };
         Ok(
-            match self.raft.install_full_snapshot(req.vote, snapshot).await {
-                Ok(resp) => Ok(resp.into()),
-                Err(fatal) => Err(RaftError::Fatal(fatal)),
+            match self.raft.install_full_snapshot(chunk.vote, snapshot).await {
+                Ok(resp) => ChunkAnswer::Taken { vote: resp.vote },
+                Err(fatal) => ChunkAnswer::Stopped(fatal.to_string()),
             },
         )
     }
-}
-
-fn mismatch(id: &str, expect: u64, got: u64) -> RaftError<NodeId, InstallSnapshotError> {
-    let segment = |offset| SnapshotSegmentId {
-        id: id.to_owned(),
-        offset,
-    };
-    RaftError::APIError(InstallSnapshotError::SnapshotMismatch(SnapshotMismatch {
-        expect: segment(expect),
-        got: segment(got),
-    }))
 }

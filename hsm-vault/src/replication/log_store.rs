@@ -2,7 +2,7 @@
 //! token.
 //!
 //! Invariants:
-//! - `append` reports the entries flushed (openraft's `LogFlushed`
+//! - `append` reports the entries flushed (openraft's `IOFlushed`
 //!   callback, after which Raft may acknowledge them) only after sled's
 //!   flush and the token's watermark cover them, so an entry a node
 //!   acknowledged is on its disk. The flush runs on a task of its own:
@@ -25,27 +25,26 @@ use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::sync::Arc;
 
-use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{Entry, LogId, RaftLogId, StorageError, StorageIOError, Vote};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{io_error, NodeId, TypeConfig};
+use super::{io_error, Entry, LogId, TypeConfig, Vote};
 use crate::partition::Partition;
 
 /// What the token keeps for one replica's log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenLogState {
-    vote: Option<Vote<NodeId>>,
-    committed: Option<LogId<NodeId>>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
     /// The last entry this replica stored and acknowledged: a leader may have
     /// counted it toward a commit before this replica learned of the commit.
     #[serde(default)]
-    last_log: Option<LogId<NodeId>>,
+    last_log: Option<LogId>,
     /// The last entry purged into a snapshot: kept here, not on the disk,
     /// because the rollback check trusts the log up to it.
     #[serde(default)]
-    purged: Option<LogId<NodeId>>,
+    purged: Option<LogId>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +90,8 @@ struct Known {
 /// Work for the flusher: entries appended (to flush and report), or a
 /// barrier (answered once everything sent before it is flushed).
 struct FlushJob {
-    last: Option<LogId<NodeId>>,
-    callback: Option<LogFlushed<TypeConfig>>,
+    last: Option<LogId>,
+    callback: Option<IOFlushed<TypeConfig>>,
     barrier: Option<oneshot::Sender<()>>,
 }
 
@@ -104,12 +103,12 @@ impl Debug for LogStore {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
-    serde_json::to_vec(v).map_err(|e| io_error(StorageIOError::write_logs, e))
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, std::io::Error> {
+    serde_json::to_vec(v).map_err(|e| io_error(e))
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, StorageError<NodeId>> {
-    serde_json::from_slice(b).map_err(|e| io_error(StorageIOError::read_logs, e))
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, std::io::Error> {
+    serde_json::from_slice(b).map_err(|e| io_error(e))
 }
 
 /// Token state is read and written through the user's login; a cloning
@@ -197,7 +196,7 @@ impl LogStore {
 
     /// Whether this log still holds entry `id` (same index and term), or
     /// purged it (into a snapshot) at or after it.
-    fn holds(&self, id: &LogId<NodeId>) -> Result<bool, StorageError<NodeId>> {
+    fn holds(&self, id: &LogId) -> Result<bool, std::io::Error> {
         if let Some(purged) = self.last_purged()? {
             if purged.index > id.index || purged == *id {
                 return Ok(true);
@@ -206,9 +205,9 @@ impl LogStore {
         match self
             .log
             .get(id.index.to_be_bytes())
-            .map_err(|e| io_error(StorageIOError::read_logs, e))?
+            .map_err(|e| io_error(e))?
         {
-            Some(v) => Ok(*decode::<Entry<TypeConfig>>(&v)?.get_log_id() == *id),
+            Some(v) => Ok(decode::<Entry>(&v)?.log_id == *id),
             None => Ok(false),
         }
     }
@@ -257,7 +256,7 @@ impl LogStore {
         self.resync_floor
     }
 
-    fn token_state(&self) -> Result<TokenLogState, StorageError<NodeId>> {
+    fn token_state(&self) -> Result<TokenLogState, std::io::Error> {
         if let Some(state) = self.known.lock().ok().and_then(|k| k.state.clone()) {
             return Ok(state);
         }
@@ -266,11 +265,11 @@ impl LogStore {
                 .session()
                 .and_then(|s| s.app_state(&self.app))
         })
-        .map_err(|e| io_error(StorageIOError::read_vote, e))?;
+        .map_err(|e| io_error(e))?;
         let state = if bytes.is_empty() {
             TokenLogState::default()
         } else {
-            serde_json::from_slice(&bytes).map_err(|e| io_error(StorageIOError::read_vote, e))?
+            serde_json::from_slice(&bytes).map_err(|e| io_error(e))?
         };
         if let Ok(mut known) = self.known.lock() {
             known.state = Some(state.clone());
@@ -280,7 +279,7 @@ impl LogStore {
 
     /// Changes the token state; the token's label is rewritten only if
     /// something changed (or a committed id is waiting to be written).
-    fn update_token(&self, f: impl FnOnce(&mut TokenLogState)) -> Result<(), StorageError<NodeId>> {
+    fn update_token(&self, f: impl FnOnce(&mut TokenLogState)) -> Result<(), std::io::Error> {
         let before = self.token_state()?;
         let mut state = before.clone();
         f(&mut state);
@@ -289,7 +288,7 @@ impl LogStore {
             return Ok(());
         }
         let bytes =
-            serde_json::to_vec(&state).map_err(|e| io_error(StorageIOError::write_vote, e))?;
+            serde_json::to_vec(&state).map_err(|e| io_error(e))?;
         // Forget the cached state first: if the write fails, the next read
         // goes to the token.
         if let Ok(mut known) = self.known.lock() {
@@ -300,7 +299,7 @@ impl LogStore {
                 .session()
                 .and_then(|s| s.set_app_state(&self.app, &bytes))
         })
-        .map_err(|e| io_error(StorageIOError::write_vote, e))?;
+        .map_err(|e| io_error(e))?;
         if let Ok(mut known) = self.known.lock() {
             *known = Known {
                 state: Some(state),
@@ -333,25 +332,25 @@ impl LogStore {
         }
     }
 
-    fn last_purged(&self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+    fn last_purged(&self) -> Result<Option<LogId>, std::io::Error> {
         Ok(self.token_state()?.purged)
     }
 
     /// Index of the last entry present, or of the last purged one.
-    fn last_index(&self) -> Result<Option<u64>, StorageError<NodeId>> {
+    fn last_index(&self) -> Result<Option<u64>, std::io::Error> {
         let state = self.log_state()?;
         Ok(state.last_log_id.map(|l| l.index))
     }
 
-    fn log_state(&self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+    fn log_state(&self) -> Result<LogState<TypeConfig>, std::io::Error> {
         let last_purged_log_id = self.last_purged()?;
         let last = self
             .log
             .last()
-            .map_err(|e| io_error(StorageIOError::read_logs, e))?
-            .map(|(_, v)| decode::<Entry<TypeConfig>>(&v))
+            .map_err(|e| io_error(e))?
+            .map(|(_, v)| decode::<Entry>(&v))
             .transpose()?
-            .map(|e| *e.get_log_id());
+            .map(|e| e.log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id: last.or(last_purged_log_id),
@@ -360,12 +359,12 @@ impl LogStore {
 
     /// Makes every write to the log and meta trees durable: the trees of a
     /// sled database share one log, which one flush writes out.
-    async fn flush(&self) -> Result<(), StorageError<NodeId>> {
+    async fn flush(&self) -> Result<(), std::io::Error> {
         let started = std::time::Instant::now();
         self.flush
             .tree(&self.log)
             .await
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            .map_err(|e| io_error(e))?;
         crate::telemetry::metrics().flushed("raft_log", started);
         Ok(())
     }
@@ -375,7 +374,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+    ) -> Result<Vec<Entry>, std::io::Error> {
         let start = match range.start_bound() {
             std::ops::Bound::Included(i) => *i,
             std::ops::Bound::Excluded(i) => i + 1,
@@ -383,11 +382,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         for item in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = item.map_err(|e| io_error(StorageIOError::read_logs, e))?;
+            let (k, v) = item.map_err(|e| io_error(e))?;
             let index = u64::from_be_bytes(
                 k.as_ref()
                     .try_into()
-                    .map_err(|_| io_error(StorageIOError::read_logs, std::fmt::Error))?,
+                    .map_err(|_| io_error(std::fmt::Error))?,
             );
             if !range.contains(&index) {
                 break;
@@ -396,12 +395,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(out)
     }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
+        Ok(self.token_state()?.vote)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
         self.log_state()
     }
 
@@ -409,19 +412,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
         let vote = *vote;
         self.update_token(|s| s.vote = Some(vote))
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
-        Ok(self.token_state()?.vote)
-    }
-
     async fn save_committed(
         &mut self,
-        committed: Option<LogId<NodeId>>,
-    ) -> Result<(), StorageError<NodeId>> {
+        committed: Option<LogId>,
+    ) -> Result<(), std::io::Error> {
         // Kept in memory and written with the next watermark update: a
         // label update of its own per commit would double the token writes.
         // The token's `last_log` (written before any entry is acknowledged)
@@ -446,7 +445,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+    async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
         if self.resync_floor.is_some() {
             // The entries up to the watermark are gone from this disk: Raft
             // must not try to re-apply them; the leader sends them again.
@@ -458,21 +457,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError<NodeId>>
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), std::io::Error>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let mut batch = sled::Batch::default();
         let mut last = None;
         for entry in entries {
-            last = Some(*entry.get_log_id());
-            batch.insert(&entry.get_log_id().index.to_be_bytes()[..], encode(&entry)?);
+            last = Some(entry.log_id);
+            batch.insert(&entry.log_id.index.to_be_bytes()[..], encode(&entry)?);
         }
         self.log
             .apply_batch(batch)
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            .map_err(|e| io_error(e))?;
         let job = FlushJob {
             last,
             callback: Some(callback),
@@ -480,41 +479,42 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         };
         if let Err(mpsc::error::SendError(job)) = self.flusher().send(job) {
             if let Some(callback) = job.callback {
-                callback.log_io_completed(Err(std::io::Error::other("log flusher stopped")));
+                callback.io_completed(Err(std::io::Error::other("log flusher stopped")));
             }
         }
         Ok(())
     }
 
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+    async fn truncate_after(&mut self, last: Option<LogId>) -> Result<(), std::io::Error> {
         // Appends still being flushed would raise the watermark after it.
         self.appends_flushed().await;
         let mut batch = sled::Batch::default();
-        for item in self.log.range(log_id.index.to_be_bytes()..) {
-            let (k, _) = item.map_err(|e| io_error(StorageIOError::write_logs, e))?;
+        let first = last.map_or(0, |l| l.index + 1);
+        for item in self.log.range(first.to_be_bytes()..) {
+            let (k, _) = item.map_err(|e| io_error(e))?;
             batch.remove(k);
         }
         self.log
             .apply_batch(batch)
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            .map_err(|e| io_error(e))?;
         self.flush().await?;
         // Raft removed uncommitted entries: the watermark follows the log.
         let end = self.log_state()?.last_log_id;
         self.update_token(|s| s.last_log = end)
     }
 
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+    async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
         // The token first: a crash after it leaves entries the log no longer
         // needs; the other order would leave a log the token calls short.
         self.update_token(|s| s.purged = s.purged.max(Some(log_id)))?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = item.map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            let (k, _) = item.map_err(|e| io_error(e))?;
             batch.remove(k);
         }
         self.log
             .apply_batch(batch)
-            .map_err(|e| io_error(StorageIOError::write_logs, e))?;
+            .map_err(|e| io_error(e))?;
         self.flush().await
     }
 }
@@ -542,7 +542,7 @@ async fn flush_appends(store: LogStore, mut rx: mpsc::UnboundedReceiver<FlushJob
         }
         for job in jobs {
             if let Some(callback) = job.callback {
-                callback.log_io_completed(
+                callback.io_completed(
                     result
                         .as_ref()
                         .map(|_| ())

@@ -13,10 +13,6 @@
 //! of the shard map ([`crate::shard`]); each group commits the map it serves
 //! in its own log ([`Command::AdoptMap`]).
 
-// openraft's storage traits fix the error type (`StorageError`, ~224 bytes);
-// the helpers here return the same type rather than boxing and unboxing it.
-#![allow(clippy::result_large_err)]
-
 pub mod inbox;
 pub mod log_store;
 pub mod network;
@@ -24,9 +20,7 @@ pub mod operator;
 pub mod runtime;
 pub mod state_machine;
 
-use std::io::Cursor;
-
-use openraft::{AnyError, StorageError, StorageIOError};
+use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 
 use crate::shard::ShardMap;
@@ -72,6 +66,31 @@ pub enum Command {
     Check { index: u64, digest: [u8; 32] },
 }
 
+/// What a log shows of a command: its kind and record, never sealed bytes.
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = |id: &[u8; 32]| hex::encode(&id[..4]);
+        match self {
+            Command::Put { id, expect, seq, .. } => {
+                write!(f, "put {}… seq {seq} (expect {expect:?})", short(id))
+            }
+            Command::Delete { id, expect } => {
+                write!(f, "delete {}… (expect {expect:?})", short(id))
+            }
+            Command::AdoptMap { map } => write!(f, "adopt map v{}", map.version),
+            Command::Freeze { map } => write!(f, "freeze for map v{}", map.version),
+            Command::Import { map, records, last } => write!(
+                f,
+                "import {} records for map v{}{}",
+                records.len(),
+                map.version,
+                if *last { " (last)" } else { "" }
+            ),
+            Command::Check { index, .. } => write!(f, "state check at {index}"),
+        }
+    }
+}
+
 /// One record on its way between groups: id, sequence number, sealed bytes.
 pub type ExportedRecord = ([u8; 32], u64, Vec<u8>);
 
@@ -87,6 +106,16 @@ pub enum Applied {
     Refused(String),
 }
 
+impl std::fmt::Display for Applied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Applied::Done => f.write_str("done"),
+            Applied::Conflict { current } => write!(f, "conflict (current {current:?})"),
+            Applied::Refused(reason) => write!(f, "refused: {reason}"),
+        }
+    }
+}
+
 openraft::declare_raft_types!(
     /// Raft types of a vault replica group.
     pub TypeConfig:
@@ -94,12 +123,35 @@ openraft::declare_raft_types!(
         R = Applied,
         NodeId = u64,
         Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
         AsyncRuntime = runtime::VaultRuntime,
 );
 
 pub type NodeId = u64;
+
+/// A log entry's id: the leader's term and node, and its index.
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+/// A vote (term, candidate, whether committed).
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+/// A log entry.
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+/// A snapshot's metadata.
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+/// The membership a replica has applied, with the id of its entry.
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+/// A snapshot's data: the bytes described at [`state_machine::SNAPSHOT_MAGIC`].
+pub type SnapshotData = std::io::Cursor<Vec<u8>>;
+/// A snapshot: metadata and data.
+pub type VaultSnapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
+/// The id of entry `index` written by leader `node` in term `term`.
+pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {
+    openraft::LogId {
+        leader_id: openraft::impls::leader_id_adv::LeaderId { term, node_id: node },
+        index,
+    }
+}
+
+/// A replica group's Raft.
+pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachine>;
 
 /// What a replica's storage needs of its token: MACs (through a session)
 /// and small state kept where the host cannot roll it back. The partition
@@ -189,7 +241,7 @@ pub fn raft_config(
         election_timeout_max: election.saturating_mul(2),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1000),
-        snapshot_max_chunk_size: 4 * 1024 * 1024,
+        allow_log_reversion: Some(true),
         ..Default::default()
     }
     .validate()
@@ -266,13 +318,10 @@ pub fn open_replica(
     })
 }
 
-fn io_error(
-    make: fn(AnyError) -> StorageIOError<NodeId>,
-    e: impl std::error::Error + 'static,
-) -> StorageError<NodeId> {
-    StorageError::IO {
-        source: make(AnyError::new(&e)),
-    }
+/// A storage failure as openraft takes it: an `io::Error` carrying what
+/// failed.
+fn io_error(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 /// How often a leader states its state digest ([`Command::Check`]) while
@@ -284,14 +333,14 @@ pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// since its last statement, commits a [`Command::Check`] of its state
 /// digest every [`CHECK_EVERY`], for every replica to compare with its own.
 pub async fn keep_state_checked(
-    raft: openraft::Raft<TypeConfig>,
+    raft: Raft,
     sm: state_machine::StateMachine,
     me: NodeId,
 ) {
     let mut stated = 0;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;
-        if raft.metrics().borrow().current_leader != Some(me) {
+        if raft.metrics().borrow_watched().current_leader != Some(me) {
             continue;
         }
         let (index, digest) = sm.state_digest().await;
@@ -310,7 +359,7 @@ pub async fn keep_state_checked(
 /// proposes `map` through the log. A map the group refuses (one that moves
 /// slots) is reported once and not proposed again.
 pub async fn keep_map_adopted(
-    raft: openraft::Raft<TypeConfig>,
+    raft: Raft,
     sm: state_machine::StateMachine,
     me: NodeId,
     map: ShardMap,
@@ -318,7 +367,7 @@ pub async fn keep_map_adopted(
     let mut refused = false;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let leading = raft.metrics().borrow().current_leader == Some(me);
+        let leading = raft.metrics().borrow_watched().current_leader == Some(me);
         let adopted = match sm.shard_map() {
             Ok(m) => m.map_or(0, |m| m.version),
             Err(_) => continue,

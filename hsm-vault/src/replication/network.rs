@@ -9,28 +9,32 @@
 //! message is taken only from the certificate of the node it names as its
 //! sender.
 
+use openraft::async_runtime::WatchReceiver;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use futures_util::{Stream, StreamExt};
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     VoteRequest, VoteResponse,
 };
-use openraft::{AnyError, BasicNode, Raft};
+use openraft::{AnyError, BasicNode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use vault_proto::vault::node::v1 as pb;
 use vault_proto::vault::node::v1::node_client::NodeClient;
 use vault_proto::vault::node::v1::node_server::Node;
 
-use super::{NodeId, TypeConfig};
+use super::inbox::{ChunkAnswer, SnapshotChunk};
+use super::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use crate::geo::{Geography, Route};
 use crate::partition::{MacKey, Partition, PartitionError};
 use crate::shard::GroupId;
@@ -147,74 +151,47 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
         PeerClient {
-            hop: Hop {
-                group: self.group,
-                from: self.id,
-                to: target,
+            link: Link {
+                hop: Hop {
+                    group: self.group,
+                    from: self.id,
+                    to: target,
+                },
+                partition: Arc::clone(&self.partition),
+                geo: self.geo.clone(),
             },
             addr: node.addr.clone(),
-            partition: Arc::clone(&self.partition),
-            geo: self.geo.clone(),
             channels: self.channels.clone(),
             client: None,
         }
     }
 }
 
-/// The connection to one peer.
-#[derive(Debug)]
-pub struct PeerClient {
+/// The largest snapshot chunk sent in one message.
+pub const SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
+
+/// One direction of the path to a peer: who talks to whom, the token that
+/// MACs, and the emulated geography.
+#[derive(Clone, Debug)]
+struct Link {
     hop: Hop,
-    /// The peer's peer listener (HOST:PORT).
-    addr: String,
     partition: Arc<Partition>,
     geo: Geography,
-    channels: Channels,
-    client: Option<NodeClient<Channel>>,
 }
 
-type Rpc<T, E> = Result<T, RPCError<NodeId, BasicNode, E>>;
-
-impl PeerClient {
-    async fn call<Req, Resp, E>(
-        &mut self,
-        kind: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Rpc<Resp, RaftError<NodeId, E>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
-        let payload = serde_json::to_vec(req)
-            .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
-        self.send(kind, payload, timeout).await
+impl Link {
+    /// The emulated one-way delay to the peer now, or `None` when the fault
+    /// switches drop the message.
+    fn delay(&self) -> Option<Duration> {
+        match self.geo.route(self.hop.to) {
+            Route::Drop => None,
+            Route::Deliver(d) => Some(d),
+        }
     }
 
-    /// Sends `payload` (the encoded request) as a MAC'd Raft message of
-    /// `kind` over the emulated link, and checks and decodes the answer.
-    async fn send<Resp, E>(
-        &mut self,
-        kind: &str,
-        payload: Vec<u8>,
-        timeout: Duration,
-    ) -> Rpc<Resp, RaftError<NodeId, E>>
-    where
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
-        let unreachable = |e: &dyn std::fmt::Display| {
-            RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
-        };
-        let network = |e: &dyn std::fmt::Display| {
-            RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
-        };
-        let delay = match self.geo.route(self.hop.to) {
-            Route::Drop => return Err(unreachable(&"link cut or message lost (fault switch)")),
-            Route::Deliver(d) => d,
-        };
-        tokio::time::sleep(delay).await;
+    /// A request of `kind` carrying `payload`, with a fresh nonce and its
+    /// token MAC.
+    fn request(&self, kind: &str, payload: Vec<u8>) -> Result<pb::RaftRequest, PartitionError> {
         let mut nonce = [0u8; 16];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
         let tag = mac(
@@ -225,23 +202,8 @@ impl PeerClient {
                 self.hop,
                 &[&nonce[..], &payload].concat(),
             ),
-        )
-        .map_err(|e| network(&e))?;
-        if self.client.is_none() {
-            let channel = self
-                .channels
-                .get(self.hop.to, &self.addr)
-                .map_err(|e| unreachable(&e))?;
-            self.client = Some(
-                NodeClient::new(channel)
-                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                    .max_encoding_message_size(MAX_RAFT_MESSAGE),
-            );
-        }
-        let Some(client) = self.client.as_mut() else {
-            return Err(unreachable(&"no connection"));
-        };
-        let mut request = Request::new(pb::RaftRequest {
+        )?;
+        Ok(pb::RaftRequest {
             kind: kind.to_owned(),
             group: self.hop.group,
             from: self.hop.from,
@@ -249,64 +211,292 @@ impl PeerClient {
             payload,
             mac: tag.to_vec(),
             nonce: nonce.to_vec(),
-        });
+        })
+    }
+
+    /// Checks the answer to the request whose MAC was `request_mac`, and
+    /// decodes it.
+    fn answer<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        request_mac: &[u8],
+        response: &pb::RaftResponse,
+    ) -> Result<T, RPCError<TypeConfig>> {
+        let input = mac_input(
+            RESPONSE_LABEL,
+            kind,
+            self.hop,
+            &[request_mac, &response.payload].concat(),
+        );
+        if !verify(&self.partition, &input, &response.mac) {
+            return Err(network(&"peer response MAC does not verify"));
+        }
+        serde_json::from_slice(&response.payload).map_err(|e| network(&e))
+    }
+}
+
+fn unreachable(e: &dyn std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&AnyError::error(e.to_string())))
+}
+
+fn network(e: &dyn std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+}
+
+/// The connection to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    link: Link,
+    /// The peer's peer listener (HOST:PORT).
+    addr: String,
+    channels: Channels,
+    client: Option<NodeClient<Channel>>,
+}
+
+type Rpc<T> = Result<T, RPCError<TypeConfig>>;
+
+/// What the server answers to a request, before its MAC: the result, or
+/// the text of a fatal error of the peer's Raft.
+type Remote<T> = Result<T, String>;
+
+impl PeerClient {
+    fn client(&mut self) -> Rpc<NodeClient<Channel>> {
+        if self.client.is_none() {
+            let channel = self
+                .channels
+                .get(self.link.hop.to, &self.addr)
+                .map_err(|e| unreachable(&e))?;
+            self.client = Some(
+                NodeClient::new(channel)
+                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                    .max_encoding_message_size(MAX_RAFT_MESSAGE),
+            );
+        }
+        self.client
+            .clone()
+            .ok_or_else(|| unreachable(&"no connection"))
+    }
+
+    async fn call<Req, Resp>(&mut self, kind: &str, req: &Req, timeout: Duration) -> Rpc<Resp>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let payload = serde_json::to_vec(req).map_err(|e| network(&e))?;
+        self.send(kind, payload, timeout).await
+    }
+
+    /// Sends `payload` (the encoded request) as a MAC'd Raft message of
+    /// `kind` over the emulated link, and checks and decodes the answer.
+    async fn send<Resp>(&mut self, kind: &str, payload: Vec<u8>, timeout: Duration) -> Rpc<Resp>
+    where
+        Resp: DeserializeOwned,
+    {
+        let delay = self
+            .link
+            .delay()
+            .ok_or_else(|| unreachable(&"link cut or message lost (fault switch)"))?;
+        tokio::time::sleep(delay).await;
+        let request = self.link.request(kind, payload).map_err(|e| network(&e))?;
+        let tag = request.mac.clone();
+        let mut request = Request::new(request);
         request.set_timeout(timeout);
-        let response = match client.raft(request).await {
+        let response = match self.client()?.raft(request).await {
             Ok(r) => r.into_inner(),
             // The shared channel reconnects by itself.
             Err(status) => return Err(unreachable(&status)),
         };
         // The answer travels back over the same emulated link.
         tokio::time::sleep(delay).await;
-        let input = mac_input(
-            RESPONSE_LABEL,
-            kind,
-            self.hop,
-            &[&tag[..], &response.payload].concat(),
-        );
-        if !verify(&self.partition, &input, &response.mac) {
-            return Err(network(&Status::unauthenticated(
-                "peer response MAC does not verify",
-            )));
+        let answer: Remote<Resp> = self.link.answer(kind, &tag, &response)?;
+        answer.map_err(|fatal| unreachable(&format!("the peer's Raft stopped: {fatal}")))
+    }
+
+    /// Sends a snapshot in chunks of [`SNAPSHOT_CHUNK`], each a MAC'd
+    /// message the receiver gathers and checks before installing.
+    async fn send_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: VaultSnapshot,
+        timeout: Duration,
+    ) -> Rpc<SnapshotResponse<TypeConfig>> {
+        let data = snapshot.snapshot.into_inner();
+        let transfer = rand::random::<u64>();
+        let mut offset = 0usize;
+        loop {
+            let end = data.len().min(offset + SNAPSHOT_CHUNK);
+            let chunk = SnapshotChunk {
+                vote,
+                meta: snapshot.meta.clone(),
+                transfer,
+                offset: offset as u64,
+                done: end == data.len(),
+                data: Vec::new(),
+            };
+            let head = serde_json::to_vec(&chunk).map_err(|e| network(&e))?;
+            let answer: ChunkAnswer = self
+                .send(
+                    "install_snapshot",
+                    frame_snapshot_chunk(&head, &data[offset..end]),
+                    timeout,
+                )
+                .await?;
+            match answer {
+                ChunkAnswer::Taken { vote: theirs } if theirs > vote || chunk.done => {
+                    return Ok(SnapshotResponse { vote: theirs });
+                }
+                ChunkAnswer::Taken { .. } => offset = end,
+                ChunkAnswer::Resend { offset: from } => {
+                    offset = usize::try_from(from).unwrap_or(0).min(offset);
+                }
+                ChunkAnswer::Stopped(fatal) => {
+                    return Err(unreachable(&format!("the peer's Raft stopped: {fatal}")));
+                }
+            }
         }
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&response.payload).map_err(|e| network(&e))?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.hop.to, e)))
+    }
+
+    /// Opens the pipelined AppendEntries stream: requests go out as openraft
+    /// produces them, each delayed by the emulated link and MAC'd as one
+    /// frame; answers come back in order, each checked against its request.
+    async fn open_stream<S>(&mut self, input: S) -> Rpc<AppendStream>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        const KIND: &str = "append_entries";
+        let link = self.link.clone();
+        let (to_peer, outgoing) = tokio::sync::mpsc::unbounded_channel::<pb::RaftRequest>();
+        let (sent_tags, tags) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        // Frames leave in order, each once its emulated delay has passed
+        // since openraft produced it, so the link stays full.
+        let (stamped, mut due) = tokio::sync::mpsc::unbounded_channel();
+        let sender = link.clone();
+        tokio::spawn(async move {
+            let mut input = input;
+            while let Some(req) = input.next().await {
+                let Some(delay) = sender.delay() else {
+                    break;
+                };
+                let Ok(payload) = serde_json::to_vec(&req) else {
+                    break;
+                };
+                let Ok(frame) = sender.request(KIND, payload) else {
+                    break;
+                };
+                if stamped.send((Instant::now() + delay, frame)).is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            while let Some((at, frame)) = due.recv().await {
+                tokio::time::sleep_until(at).await;
+                if sent_tags.send(frame.mac.clone()).is_err() || to_peer.send(frame).is_err() {
+                    break;
+                }
+            }
+        });
+        let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
+        let responses = match self.client()?.raft_stream(outgoing).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Err(unreachable(&status)),
+        };
+        // Answers come back over the same emulated link.
+        let (back, arrived) = tokio::sync::mpsc::unbounded_channel();
+        let receiver = link.clone();
+        tokio::spawn(async move {
+            let mut responses = responses;
+            loop {
+                let next = responses.next().await;
+                let delay = receiver.delay().unwrap_or_default();
+                let end = !matches!(next, Some(Ok(_)));
+                if back.send((Instant::now() + delay, next)).is_err() || end {
+                    break;
+                }
+            }
+        });
+        let answers = futures_util::stream::unfold(
+            (link, arrived, tags),
+            |(link, mut arrived, mut tags)| async move {
+                let (at, next) = arrived.recv().await?;
+                tokio::time::sleep_until(at).await;
+                let response = match next {
+                    Some(Ok(r)) => r,
+                    Some(Err(status)) => return Some((Err(unreachable(&status)), (link, arrived, tags))),
+                    None => return None,
+                };
+                let answer = match tags.recv().await {
+                    None => Err(network(&"an answer to no request")),
+                    Some(tag) => link
+                        .answer::<Remote<StreamAppendResult<TypeConfig>>>(KIND, &tag, &response)
+                        .and_then(|a| {
+                            a.map_err(|fatal| {
+                                unreachable(&format!("the peer's Raft stopped: {fatal}"))
+                            })
+                        }),
+                };
+                Some((answer, (link, arrived, tags)))
+            },
+        );
+        Ok(Box::pin(answers))
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+/// The answers of an AppendEntries stream.
+type AppendStream = BoxStream<'static, Rpc<StreamAppendResult<TypeConfig>>>;
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotData;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Rpc<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
+    ) -> Rpc<AppendEntriesResponse<TypeConfig>> {
         self.call("append_entries", &rpc, option.hard_ttl()).await
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Rpc<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        let mut rpc = rpc;
-        let data = std::mem::take(&mut rpc.data);
-        let head = serde_json::to_vec(&rpc)
-            .map_err(|e| RPCError::Network(NetworkError::new(&AnyError::error(e.to_string()))))?;
-        self.send(
-            "install_snapshot",
-            frame_snapshot_chunk(&head, &data),
-            option.hard_ttl(),
-        )
-        .await
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        _option: RPCOption,
+    ) -> BoxFuture<'s, Rpc<BoxStream<'s, Rpc<StreamAppendResult<TypeConfig>>>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let answers: BoxStream<'s, _> = self.open_stream(input).await?;
+            Ok(answers)
+        })
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Rpc<VoteResponse<NodeId>, RaftError<NodeId>> {
+    ) -> Rpc<VoteResponse<TypeConfig>> {
         self.call("vote", &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: VaultSnapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let timeout = option.hard_ttl();
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = self.send_snapshot(vote, snapshot, timeout) => sent.map_err(|e| match e {
+                RPCError::Timeout(e) => StreamingError::Timeout(e),
+                RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+                RPCError::Network(e) => StreamingError::Network(e),
+                RPCError::RemoteError(e) => {
+                    StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
+                }
+            }),
+        }
     }
 }
 
@@ -316,7 +506,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub struct NodeService {
     pub id: NodeId,
     pub group: GroupId,
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     pub partition: Arc<Partition>,
     /// While resyncing after a rollback: the log index to reach before this
     /// node votes again (its old votes were cast on a log it no longer has).
@@ -332,16 +522,83 @@ impl NodeService {
     fn resyncing(&self) -> bool {
         resyncing(&self.raft, self.resync_floor)
     }
+
+    /// Checks a request's addressing and MAC: the hop it travelled.
+    fn check(&self, req: &pb::RaftRequest) -> Result<Hop, Status> {
+        check_request(self.id, self.group, &self.partition, req)
+    }
+
+    /// The MAC'd answer to the request `req` (of hop `hop`).
+    fn answer(&self, req: &pb::RaftRequest, hop: Hop, payload: Vec<u8>) -> Result<pb::RaftResponse, Status> {
+        let input = mac_input(
+            RESPONSE_LABEL,
+            &req.kind,
+            hop,
+            &[&req.mac[..], &payload].concat(),
+        );
+        let tag =
+            mac(&self.partition, &input).map_err(|_| Status::internal("HSM operation failed"))?;
+        Ok(pb::RaftResponse {
+            payload,
+            mac: tag.to_vec(),
+        })
+    }
+}
+
+/// Checks a request to node `me` of group `group`: addressed here, a
+/// 16-byte nonce, and a MAC the token verifies.
+fn check_request(
+    me: NodeId,
+    group: GroupId,
+    partition: &Arc<Partition>,
+    req: &pb::RaftRequest,
+) -> Result<Hop, Status> {
+    if req.to != me {
+        return Err(Status::failed_precondition(
+            "message addressed to another node",
+        ));
+    }
+    if req.group != group {
+        return Err(Status::failed_precondition(format!(
+            "message for group {}, this node is in group {group}",
+            req.group
+        )));
+    }
+    let hop = Hop {
+        group: req.group,
+        from: req.from,
+        to: req.to,
+    };
+    if req.nonce.len() != 16 {
+        return Err(Status::invalid_argument(
+            "peer message nonce must be 16 bytes",
+        ));
+    }
+    let input = mac_input(
+        REQUEST_LABEL,
+        &req.kind,
+        hop,
+        &[&req.nonce[..], &req.payload].concat(),
+    );
+    // One token HMAC (a session object's): cheaper inline than a hop to
+    // a blocking thread and back.
+    if !verify(partition, &input, &req.mac) {
+        tracing::warn!(from = req.from, kind = %req.kind, "refused a peer message whose MAC does not verify");
+        return Err(Status::unauthenticated(
+            "peer message MAC does not verify: the sender is not a member of this domain",
+        ));
+    }
+    Ok(hop)
 }
 
 /// Whether a replica that reopened after a rollback with `floor` (see
 /// [`super::log_store::LogStore::resync_floor`]) must still refuse to vote:
 /// its log has not reached the floor again.
-pub fn resyncing(raft: &Raft<TypeConfig>, floor: Option<u64>) -> bool {
+pub fn resyncing(raft: &Raft, floor: Option<u64>) -> bool {
     let Some(floor) = floor else {
         return false;
     };
-    let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let last = raft.metrics().borrow_watched().last_log_index.unwrap_or(0);
     last < floor
 }
 
@@ -358,6 +615,14 @@ fn bad_request(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("malformed Raft message: {e}"))
 }
 
+/// A Raft result as sent back: a fatal error of this node's Raft travels as
+/// its text.
+fn remote<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> serde_json::Result<Vec<u8>> {
+    serde_json::to_vec(&result.map_err(|e| e.to_string()))
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::RaftResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn raft(
@@ -367,46 +632,12 @@ impl Node for NodeService {
         let from = request.get_ref().from;
         self.peers.require(&request, &node_name(from))?;
         let req = request.into_inner();
-        if req.to != self.id {
-            return Err(Status::failed_precondition(
-                "message addressed to another node",
-            ));
-        }
-        if req.group != self.group {
-            return Err(Status::failed_precondition(format!(
-                "message for group {}, this node is in group {}",
-                req.group, self.group
-            )));
-        }
-        let hop = Hop {
-            group: req.group,
-            from: req.from,
-            to: req.to,
-        };
-        if req.nonce.len() != 16 {
-            return Err(Status::invalid_argument(
-                "peer message nonce must be 16 bytes",
-            ));
-        }
-        let input = mac_input(
-            REQUEST_LABEL,
-            &req.kind,
-            hop,
-            &[&req.nonce[..], &req.payload].concat(),
-        );
-        // One token HMAC (a session object's): cheaper inline than a hop to
-        // a blocking thread and back.
-        if !verify(&self.partition, &input, &req.mac) {
-            tracing::warn!(from = req.from, kind = %req.kind, "refused a peer message whose MAC does not verify");
-            return Err(Status::unauthenticated(
-                "peer message MAC does not verify: the sender is not a member of this domain",
-            ));
-        }
+        let hop = self.check(&req)?;
         let payload = match req.kind.as_str() {
             "append_entries" => {
                 let rpc: AppendEntriesRequest<TypeConfig> =
                     serde_json::from_slice(&req.payload).map_err(bad_request)?;
-                serde_json::to_vec(&self.raft.append_entries(rpc).await)
+                remote(self.raft.append_entries(rpc).await)
             }
             "vote" => {
                 if self.resyncing() {
@@ -415,19 +646,19 @@ impl Node for NodeService {
                         "resyncing after a storage rollback: not voting until caught up",
                     ));
                 }
-                let rpc: VoteRequest<NodeId> =
+                let rpc: VoteRequest<TypeConfig> =
                     serde_json::from_slice(&req.payload).map_err(bad_request)?;
-                serde_json::to_vec(&self.raft.vote(rpc).await)
+                remote(self.raft.vote(rpc).await)
             }
             "install_snapshot" => {
                 let (head, data) = unframe_snapshot_chunk(&req.payload)
                     .ok_or_else(|| Status::invalid_argument("malformed snapshot chunk"))?;
-                let mut rpc: InstallSnapshotRequest<TypeConfig> =
+                let mut chunk: SnapshotChunk =
                     serde_json::from_slice(head).map_err(bad_request)?;
-                rpc.data = data.to_vec();
+                chunk.data = data.to_vec();
                 let answer = self
                     .inbox
-                    .receive(rpc)
+                    .receive(chunk)
                     .await
                     .map_err(|refused| Status::failed_precondition(refused.to_string()))?;
                 serde_json::to_vec(&answer)
@@ -439,17 +670,84 @@ impl Node for NodeService {
             }
         }
         .map_err(|e| Status::internal(e.to_string()))?;
-        let input = mac_input(
-            RESPONSE_LABEL,
-            &req.kind,
-            hop,
-            &[&req.mac[..], &payload].concat(),
+        Ok(Response::new(self.answer(&req, hop, payload)?))
+    }
+
+    type RaftStreamStream = ResponseStream;
+
+    /// A leader's pipelined AppendEntries to this follower: each frame is
+    /// checked as a message of its own (addressing, the sender's
+    /// certificate, the token MAC) and answered in order, its answer MAC'd
+    /// over its request's MAC. The first frame that fails ends the stream
+    /// with its status.
+    async fn raft_stream(
+        &self,
+        request: Request<Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        // One connection, one certificate: it must name the sender of the
+        // first frame, and every frame names the same sender.
+        let mut request = request;
+        let Some(first) = request.get_mut().message().await? else {
+            return Err(Status::invalid_argument("an empty AppendEntries stream"));
+        };
+        let from = first.from;
+        self.peers.require(&request, &node_name(from))?;
+        let mut frames = request.into_inner();
+        let (requests, input) = tokio::sync::mpsc::unbounded_channel();
+        let (checked, pending) = tokio::sync::mpsc::unbounded_channel();
+        let (refusal, refused) = tokio::sync::oneshot::channel::<Status>();
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            let failure = loop {
+                let req = match next.take() {
+                    Some(req) => req,
+                    None => match frames.next().await {
+                        Some(Ok(req)) => req,
+                        Some(Err(status)) => break status,
+                        None => return,
+                    },
+                };
+                if req.kind != "append_entries" {
+                    break Status::invalid_argument("only AppendEntries travel on a stream");
+                }
+                if req.from != from {
+                    break Status::permission_denied("every frame of a stream has one sender");
+                }
+                let hop = match service.check(&req) {
+                    Ok(hop) => hop,
+                    Err(status) => break status,
+                };
+                let rpc: AppendEntriesRequest<TypeConfig> =
+                    match serde_json::from_slice(&req.payload) {
+                        Ok(rpc) => rpc,
+                        Err(e) => break bad_request(e),
+                    };
+                if checked.send((req, hop)).is_err() || requests.send(rpc).is_err() {
+                    return;
+                }
+            };
+            let _ = refusal.send(failure);
+        });
+        let input = tokio_stream::wrappers::UnboundedReceiverStream::new(input);
+        let results = Box::pin(self.raft.stream_append(input));
+        let answers = futures_util::stream::unfold(
+            (self.clone(), results, pending, Some(refused)),
+            |(service, mut results, mut pending, mut refused)| async move {
+                let answer = match results.next().await {
+                    Some(result) => {
+                        let (req, hop) = pending.recv().await?;
+                        remote(result)
+                            .map_err(|e| Status::internal(e.to_string()))
+                            .and_then(|payload| service.answer(&req, hop, payload))
+                    }
+                    // The input ended: say why, if a frame was refused.
+                    None => Err(refused.take()?.await.ok()?),
+                };
+                Some((answer, (service, results, pending, refused)))
+            },
         );
-        let tag =
-            mac(&self.partition, &input).map_err(|_| Status::internal("HSM operation failed"))?;
-        Ok(Response::new(pb::RaftResponse {
-            payload,
-            mac: tag.to_vec(),
-        }))
+        let answers: ResponseStream = Box::pin(answers);
+        Ok(Response::new(answers))
     }
 }

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::{BasicNode, Raft};
+use openraft::BasicNode;
+use super::Raft;
 use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -21,7 +22,7 @@ use vault_proto::vault::node::v1::operator_server::Operator;
 use zeroize::Zeroizing;
 
 use super::state_machine::StateMachine;
-use super::{Applied, Command, ExportedRecord, NodeId, TypeConfig};
+use super::{Applied, Command, ExportedRecord, NodeId};
 use crate::partition::{MacKey, Partition};
 use crate::shard::{GroupId, ShardMap};
 use crate::tls::{PeerCheck, OPERATOR_NAME};
@@ -105,7 +106,7 @@ fn handover_input(map: &ShardMap, records: &[ExportedRecord]) -> Result<Vec<u8>,
 pub struct OperatorService {
     pub group: GroupId,
     pub sm: StateMachine,
-    pub raft: Raft<TypeConfig>,
+    pub raft: Raft,
     pub partition: Arc<Partition>,
     pub operator_key: VerifyingKey,
     /// This token's user PIN, kept to log the user back in after the
@@ -184,7 +185,7 @@ impl OperatorService {
 
     async fn settled(&self) -> Result<(), Status> {
         self.raft
-            .ensure_linearizable()
+            .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
             .await
             .map(|_| ())
             .map_err(|e| Status::unavailable(format!("not the group's leader: {e}")))

@@ -5,6 +5,7 @@
 //! as openraft's default is.
 
 use std::cell::RefCell;
+use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;
 
@@ -22,31 +23,31 @@ pub fn seed_this_thread(seed: u64) {
     RNG.with(|rng| *rng.borrow_mut() = StdRng::seed_from_u64(seed));
 }
 
-/// A handle on this thread's generator.
-#[derive(Debug, Clone, Copy, Default)]
+/// A handle on this thread's generator (openraft asks for rand_core 0.10's
+/// `Rng`; the generator itself is the workspace's rand 0.8 `StdRng`).
+#[derive(Debug, Default)]
 pub struct ThreadRng;
 
-impl RngCore for ThreadRng {
-    fn next_u32(&mut self) -> u32 {
-        RNG.with(|rng| rng.borrow_mut().next_u32())
+impl rand_core_010::TryRng for ThreadRng {
+    type Error = Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+        Ok(RNG.with(|rng| rng.borrow_mut().next_u32()))
     }
 
-    fn next_u64(&mut self) -> u64 {
-        RNG.with(|rng| rng.borrow_mut().next_u64())
+    fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+        Ok(RNG.with(|rng| rng.borrow_mut().next_u64()))
     }
 
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        RNG.with(|rng| rng.borrow_mut().fill_bytes(dest))
-    }
-
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand::Error> {
-        RNG.with(|rng| rng.borrow_mut().try_fill_bytes(dest))
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), Infallible> {
+        RNG.with(|rng| rng.borrow_mut().fill_bytes(dest));
+        Ok(())
     }
 }
 
 /// tokio, with [`ThreadRng`] as openraft's random source.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct VaultRuntime;
+#[derive(Debug)]
+pub struct VaultRuntime(TokioRuntime);
 
 type Tokio = TokioRuntime;
 
@@ -58,9 +59,10 @@ impl AsyncRuntime for VaultRuntime {
     type TimeoutError = <Tokio as AsyncRuntime>::TimeoutError;
     type Timeout<R, T: Future<Output = R> + OptionalSend> = <Tokio as AsyncRuntime>::Timeout<R, T>;
     type ThreadLocalRng = ThreadRng;
-    type OneshotSender<T: OptionalSend> = <Tokio as AsyncRuntime>::OneshotSender<T>;
-    type OneshotReceiverError = <Tokio as AsyncRuntime>::OneshotReceiverError;
-    type OneshotReceiver<T: OptionalSend> = <Tokio as AsyncRuntime>::OneshotReceiver<T>;
+    type Mpsc = <Tokio as AsyncRuntime>::Mpsc;
+    type Watch = <Tokio as AsyncRuntime>::Watch;
+    type Oneshot = <Tokio as AsyncRuntime>::Oneshot;
+    type Mutex<T: OptionalSend + 'static> = <Tokio as AsyncRuntime>::Mutex<T>;
 
     fn spawn<T>(future: T) -> Self::JoinHandle<T::Output>
     where
@@ -100,10 +102,14 @@ impl AsyncRuntime for VaultRuntime {
         ThreadRng
     }
 
-    fn oneshot<T>() -> (Self::OneshotSender<T>, Self::OneshotReceiver<T>)
+    fn new(threads: usize) -> Self {
+        VaultRuntime(Tokio::new(threads))
+    }
+
+    fn block_on<F, T>(&mut self, future: F) -> T
     where
-        T: OptionalSend,
+        F: Future<Output = T>,
     {
-        Tokio::oneshot()
+        self.0.block_on(future)
     }
 }

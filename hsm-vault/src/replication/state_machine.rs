@@ -31,14 +31,15 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::Arc;
 
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{
-    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
-    StoredMembership,
-};
+use openraft::storage::{EntryResponder, RaftStateMachine, Snapshot};
+use futures_util::{Stream, TryStreamExt};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::{io_error, Applied, Command, ExportedRecord, NodeId, ReplicaToken, TypeConfig};
+use super::{
+    io_error, Applied, Command, Entry, ExportedRecord, LogId, ReplicaToken, SnapshotMeta,
+    SnapshotData, StoredMembership, TypeConfig, VaultSnapshot,
+};
 use crate::core::replica::{snapshot_mac, AppliedAt, Part, StateDigest};
 use crate::shard::{slot, GroupId, ShardMap};
 
@@ -48,12 +49,12 @@ const SNAPSHOT: &[u8] = b"snapshot";
 const SHARD_MAP: &[u8] = b"shard-map";
 const FROZEN: &[u8] = b"frozen-map";
 
-type Membership = StoredMembership<NodeId, openraft::BasicNode>;
+type Membership = StoredMembership;
 
 /// What a snapshot holds besides the records.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotHeader {
-    last_applied: Option<LogId<NodeId>>,
+    last_applied: Option<LogId>,
     membership: Membership,
     #[serde(default)]
     shard_map: Option<ShardMap>,
@@ -72,7 +73,7 @@ pub const SNAPSHOT_MAGIC: &[u8; 4] = b"HVS2";
 /// The stored snapshot's metadata (its data is under `SNAPSHOT_DATA`).
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    meta: SnapshotMeta,
 }
 
 const SNAPSHOT_DATA: &[u8] = b"snapshot-data";
@@ -91,12 +92,9 @@ pub struct ParsedSnapshot<'a> {
 }
 
 /// Reads snapshot data back: the MAC, the header and the records, in order.
-pub fn parse_snapshot(data: &[u8]) -> Result<ParsedSnapshot<'_>, StorageError<NodeId>> {
+pub fn parse_snapshot(data: &[u8]) -> Result<ParsedSnapshot<'_>, std::io::Error> {
     let bad = |what: &str| {
-        io_error(
-            StorageIOError::read_state_machine,
-            std::io::Error::other(format!("snapshot data: {what}")),
-        )
+        io_error(format!("snapshot data: {what}"))
     };
     let rest = data
         .strip_prefix(&SNAPSHOT_MAGIC[..])
@@ -113,7 +111,7 @@ pub fn parse_snapshot(data: &[u8]) -> Result<ParsedSnapshot<'_>, StorageError<No
         .split_at_checked(len)
         .ok_or_else(|| bad("truncated header"))?;
     let header: SnapshotHeader = serde_json::from_slice(header_bytes)
-        .map_err(|e| io_error(StorageIOError::read_state_machine, e))?;
+        .map_err(|e| io_error(e))?;
     let mut records = Vec::new();
     while !rest.is_empty() {
         let (fixed, tail) = rest
@@ -163,7 +161,7 @@ pub fn vouch_for_disk_state<K: ReplicaToken>(
     group: GroupId,
     token: K,
 ) -> Result<(), SmOpenError> {
-    let failed = |e: StorageError<NodeId>| SmOpenError::Storage(e.to_string());
+    let failed = |e: std::io::Error| SmOpenError::Storage(e.to_string());
     let sm = StateMachine::unchecked(db, name, group, token)?;
     let state = sm.scan().map_err(failed)?;
     sm.set_token_state(&TokenSmState {
@@ -176,14 +174,14 @@ pub fn vouch_for_disk_state<K: ReplicaToken>(
 /// One point of the applied state: what the token vouches for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Anchor {
-    applied: Option<LogId<NodeId>>,
+    applied: Option<LogId>,
     digest: StateDigest,
 }
 
 /// [`Anchor`] as the token keeps it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct AnchorText {
-    applied: Option<LogId<NodeId>>,
+    applied: Option<LogId>,
     digest: String,
 }
 
@@ -230,7 +228,7 @@ pub enum SmOpenError {
     Storage(String),
 }
 
-fn applied_at(id: Option<LogId<NodeId>>) -> Option<AppliedAt> {
+fn applied_at(id: Option<LogId>) -> Option<AppliedAt> {
     id.map(|l| AppliedAt {
         index: l.index,
         term: l.leader_id.term,
@@ -241,7 +239,6 @@ fn applied_at(id: Option<LogId<NodeId>>) -> Option<AppliedAt> {
 /// One replica's state machine.
 #[derive(Clone)]
 pub struct StateMachine<K: ReplicaToken = Arc<crate::partition::Partition>> {
-    db: sled::Db,
     tree: sled::Tree,
     /// The replica group this state machine belongs to.
     group: GroupId,
@@ -283,25 +280,25 @@ impl<K: ReplicaToken> std::fmt::Debug for StateMachine<K> {
     }
 }
 
-fn sm_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
-    io_error(StorageIOError::write_state_machine, e)
+fn sm_err(e: impl std::error::Error + 'static) -> std::io::Error {
+    io_error(e)
 }
 
-fn sm_fail(what: impl Into<String>) -> StorageError<NodeId> {
+fn sm_fail(what: impl Into<String>) -> std::io::Error {
     sm_err(std::io::Error::other(what.into()))
 }
 
 fn get_json<T: for<'de> Deserialize<'de>>(
     tree: &sled::Tree,
     key: &[u8],
-) -> Result<Option<T>, StorageError<NodeId>> {
+) -> Result<Option<T>, std::io::Error> {
     match tree.get(key).map_err(sm_err)? {
         Some(v) => Ok(Some(serde_json::from_slice(&v).map_err(sm_err)?)),
         None => Ok(None),
     }
 }
 
-fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, StorageError<NodeId>> {
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, std::io::Error> {
     serde_json::to_vec(v).map_err(sm_err)
 }
 
@@ -319,7 +316,7 @@ fn record_value(seq: u64, sealed: &[u8]) -> Vec<u8> {
 
 /// The membership part of the digest: the stored one, or the empty one
 /// when none was applied yet (as a snapshot installs it).
-fn membership_bytes(stored: Option<&[u8]>) -> Result<Vec<u8>, StorageError<NodeId>> {
+fn membership_bytes(stored: Option<&[u8]>) -> Result<Vec<u8>, std::io::Error> {
     match stored {
         Some(b) => Ok(b.to_vec()),
         None => json(&Membership::default()),
@@ -337,7 +334,7 @@ struct Toggler<'a, K: ReplicaToken> {
 }
 
 impl<K: ReplicaToken> Toggler<'_, K> {
-    fn part(&mut self, part: Part<'_>) -> Result<(), StorageError<NodeId>> {
+    fn part(&mut self, part: Part<'_>) -> Result<(), std::io::Error> {
         self.digest
             .toggle(&self.session, self.group, part)
             .map_err(sm_err)
@@ -347,7 +344,7 @@ impl<K: ReplicaToken> Toggler<'_, K> {
         &mut self,
         id: &[u8; 32],
         value: Option<&(u64, Vec<u8>)>,
-    ) -> Result<(), StorageError<NodeId>> {
+    ) -> Result<(), std::io::Error> {
         match value {
             Some((seq, sealed)) => self.part(Part::Record {
                 id,
@@ -383,7 +380,6 @@ impl<K: ReplicaToken> StateMachine<K> {
     ) -> Result<Self, SmOpenError> {
         let storage = |e: sled::Error| SmOpenError::Storage(e.to_string());
         Ok(StateMachine {
-            db: db.clone(),
             tree: db.open_tree(format!("raft-sm/{name}")).map_err(storage)?,
             group,
             flush: super::Flush::default(),
@@ -402,7 +398,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     /// hold the entries after `applied` to apply them again, which the
     /// caller checks ([`super::open_replica`]).
     pub(crate) fn verify(&self) -> Result<Option<Option<u64>>, SmOpenError> {
-        let failed = |e: StorageError<NodeId>| SmOpenError::Storage(e.to_string());
+        let failed = |e: std::io::Error| SmOpenError::Storage(e.to_string());
         let on_disk = self.scan().map_err(failed)?;
         let kept = self.token_state().map_err(failed)?;
         let current = Anchor::try_from(&kept.current).map_err(SmOpenError::Storage)?;
@@ -504,7 +500,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         self
     }
 
-    fn token_state(&self) -> Result<TokenSmState, StorageError<NodeId>> {
+    fn token_state(&self) -> Result<TokenSmState, std::io::Error> {
         let bytes = super::log_store::retry(|| self.token.app_state(&self.app)).map_err(sm_err)?;
         if bytes.is_empty() {
             // A fresh token: the empty state.
@@ -520,7 +516,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         serde_json::from_slice(&bytes).map_err(sm_err)
     }
 
-    fn set_token_state(&self, state: &TokenSmState) -> Result<(), StorageError<NodeId>> {
+    fn set_token_state(&self, state: &TokenSmState) -> Result<(), std::io::Error> {
         let bytes = json(state)?;
         super::log_store::retry(|| self.token.set_app_state(&self.app, &bytes)).map_err(sm_err)
     }
@@ -528,7 +524,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     fn toggler<'a>(
         &self,
         digest: &'a mut StateDigest,
-    ) -> Result<Toggler<'a, K>, StorageError<NodeId>> {
+    ) -> Result<Toggler<'a, K>, std::io::Error> {
         Ok(Toggler {
             session: super::log_store::retry(|| self.token.session()).map_err(sm_err)?,
             group: self.group,
@@ -538,7 +534,7 @@ impl<K: ReplicaToken> StateMachine<K> {
 
     /// The digest of a state with nothing applied (only the empty
     /// membership).
-    fn digest_of_empty(&self) -> Result<StateDigest, StorageError<NodeId>> {
+    fn digest_of_empty(&self) -> Result<StateDigest, std::io::Error> {
         let mut digest = StateDigest::default();
         let membership = membership_bytes(None)?;
         self.toggler(&mut digest)?
@@ -547,7 +543,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     }
 
     /// The applied log id and the digest of the tree as it is on disk.
-    fn scan(&self) -> Result<Anchor, StorageError<NodeId>> {
+    fn scan(&self) -> Result<Anchor, std::io::Error> {
         let mut digest = StateDigest::default();
         let mut t = self.toggler(&mut digest)?;
         let mut applied = None;
@@ -556,7 +552,7 @@ impl<K: ReplicaToken> StateMachine<K> {
             let (k, v) = item.map_err(sm_err)?;
             match k.as_ref() {
                 APPLIED => {
-                    applied = serde_json::from_slice::<Option<LogId<NodeId>>>(&v).map_err(sm_err)?
+                    applied = serde_json::from_slice::<Option<LogId>>(&v).map_err(sm_err)?
                 }
                 MEMBERSHIP => membership = Some(v.to_vec()),
                 SHARD_MAP => t.part(Part::ShardMap(&v))?,
@@ -581,12 +577,12 @@ impl<K: ReplicaToken> StateMachine<K> {
     }
 
     /// The map of a move of slots out of this group, while one is under way.
-    pub fn frozen_map(&self) -> Result<Option<ShardMap>, StorageError<NodeId>> {
+    pub fn frozen_map(&self) -> Result<Option<ShardMap>, std::io::Error> {
         get_json(&self.tree, FROZEN)
     }
 
     /// The records of the slots `map` takes from this group (frozen first).
-    pub fn export(&self, map: &ShardMap) -> Result<Vec<ExportedRecord>, StorageError<NodeId>> {
+    pub fn export(&self, map: &ShardMap) -> Result<Vec<ExportedRecord>, std::io::Error> {
         self.leaving(self.shard_map()?.as_ref(), map)
     }
 
@@ -596,7 +592,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         &self,
         adopted: Option<&ShardMap>,
         map: &ShardMap,
-    ) -> Result<Vec<ExportedRecord>, StorageError<NodeId>> {
+    ) -> Result<Vec<ExportedRecord>, std::io::Error> {
         let mut out = Vec::new();
         for item in self.tree.iter() {
             let (k, v) = item.map_err(sm_err)?;
@@ -627,7 +623,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     }
 
     /// The shard map this group has adopted (`None` before the first).
-    pub fn shard_map(&self) -> Result<Option<ShardMap>, StorageError<NodeId>> {
+    pub fn shard_map(&self) -> Result<Option<ShardMap>, std::io::Error> {
         get_json(&self.tree, SHARD_MAP)
     }
 
@@ -662,7 +658,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         &self,
         pending: &Pending,
         id: &[u8; 32],
-    ) -> Result<Option<(u64, Vec<u8>)>, StorageError<NodeId>> {
+    ) -> Result<Option<(u64, Vec<u8>)>, std::io::Error> {
         if let Some(p) = pending.get(id) {
             return Ok(p.clone());
         }
@@ -675,7 +671,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         anchor: &mut Anchor,
         next: Anchor,
         batch: sled::Batch,
-    ) -> Result<(), StorageError<NodeId>> {
+    ) -> Result<(), std::io::Error> {
         self.set_token_state(&TokenSmState {
             current: AnchorText::from(&*anchor),
             next: Some(AnchorText::from(&next)),
@@ -843,11 +839,11 @@ enum Vet {
     /// It is not to be installed here: the reason.
     Refused(String),
     /// The check itself failed (the token or the disk).
-    Storage(StorageError<NodeId>),
+    Storage(std::io::Error),
 }
 
-impl From<StorageError<NodeId>> for Vet {
-    fn from(e: StorageError<NodeId>) -> Self {
+impl From<std::io::Error> for Vet {
+    fn from(e: std::io::Error) -> Self {
         Vet::Storage(e)
     }
 }
@@ -867,7 +863,7 @@ struct Vetted<'a> {
 /// the digest it computed, so that installing it does not redo the token
 /// work.
 struct VettedSnapshot {
-    id: String,
+    last_log_id: Option<LogId>,
     sha256: [u8; 32],
     digest: StateDigest,
 }
@@ -881,7 +877,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     /// reason names what failed, never a secret.
     pub fn check_snapshot(
         &self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta,
         data: &[u8],
     ) -> Result<(), String> {
         let refused = |reason: String| {
@@ -893,7 +889,7 @@ impl<K: ReplicaToken> StateMachine<K> {
             Ok(vetted) => {
                 if let Ok(mut last) = self.shared.vetted.lock() {
                     *last = Some(VettedSnapshot {
-                        id: meta.snapshot_id.clone(),
+                        last_log_id: meta.last_log_id,
                         sha256: sha256(data),
                         digest: vetted.digest,
                     });
@@ -909,18 +905,18 @@ impl<K: ReplicaToken> StateMachine<K> {
     /// if it was the last snapshot checked.
     fn vetted_digest(
         &self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta,
         data: &[u8],
     ) -> Option<StateDigest> {
         let last = self.shared.vetted.lock().ok()?.take()?;
-        (last.id == meta.snapshot_id && last.sha256 == sha256(data)).then_some(last.digest)
+        (last.last_log_id == meta.last_log_id && last.sha256 == sha256(data)).then_some(last.digest)
     }
 
     /// Every check of a snapshot; `known` is the digest of these exact
     /// bytes when already verified against their MAC.
     fn vet<'a>(
         &self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        meta: &SnapshotMeta,
         parsed: &ParsedSnapshot<'a>,
         known: Option<StateDigest>,
     ) -> Result<Vetted<'a>, Vet> {
@@ -993,84 +989,13 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(data).into()
 }
 
-impl<K: ReplicaToken> RaftSnapshotBuilder<TypeConfig> for StateMachine<K> {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let anchor = self.shared.anchor.lock().await;
-        let header = SnapshotHeader {
-            last_applied: anchor.applied,
-            membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
-            shard_map: self.shard_map()?,
-            frozen: self.frozen_map()?,
-        };
-        let head = json(&header)?;
-        let mac = {
-            let session = super::log_store::retry(|| self.token.session()).map_err(sm_err)?;
-            snapshot_mac(
-                &session,
-                self.group,
-                applied_at(anchor.applied),
-                &anchor.digest,
-                &head,
-            )
-            .map_err(sm_err)?
-        };
-        let mut data = Vec::with_capacity(40 + head.len() + 360 * self.tree.len());
-        data.extend_from_slice(SNAPSHOT_MAGIC);
-        data.extend_from_slice(&mac);
-        let head_len = u32::try_from(head.len()).map_err(sm_err)?;
-        data.extend_from_slice(&head_len.to_be_bytes());
-        data.extend_from_slice(&head);
-        for item in self.tree.iter() {
-            let (k, v) = item.map_err(sm_err)?;
-            if k.len() != 32 {
-                continue;
-            }
-            if let Some((seq, sealed)) = split_value(&v) {
-                let n = u16::try_from(sealed.len()).map_err(sm_err)?;
-                data.extend_from_slice(&k);
-                data.extend_from_slice(&seq.to_be_bytes());
-                data.extend_from_slice(&n.to_be_bytes());
-                data.extend_from_slice(sealed);
-            }
-        }
-        let meta = SnapshotMeta {
-            last_log_id: header.last_applied,
-            last_membership: header.membership,
-            snapshot_id: format!(
-                "{}-{}",
-                header.last_applied.map_or(0, |l| l.index),
-                self.db.generate_id().map_err(sm_err)?
-            ),
-        };
-        let mut batch = sled::Batch::default();
-        batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
-        batch.insert(SNAPSHOT_DATA, data.clone());
-        self.tree.apply_batch(batch).map_err(sm_err)?;
-        drop(anchor);
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
-    }
-}
-
-impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
-    type SnapshotBuilder = Self;
-
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, Membership), StorageError<NodeId>> {
-        Ok((
-            get_json(&self.tree, APPLIED)?.flatten(),
-            get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
-        ))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<NodeId>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
-        I::IntoIter: Send,
-    {
+impl<K: ReplicaToken> StateMachine<K> {
+    /// Applies committed entries, in order, as one durable batch: each
+    /// entry's answer, in order.
+    pub async fn apply_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<Vec<Applied>, std::io::Error> {
         let mut anchor = self.shared.anchor.lock().await;
         let mut digest = anchor.digest;
         let mut batch = sled::Batch::default();
@@ -1231,22 +1156,105 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
         }
         Ok(out)
     }
+}
+
+impl<K: ReplicaToken> RaftSnapshotBuilder<TypeConfig> for StateMachine<K> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<VaultSnapshot, std::io::Error> {
+        let anchor = self.shared.anchor.lock().await;
+        let header = SnapshotHeader {
+            last_applied: anchor.applied,
+            membership: get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
+            shard_map: self.shard_map()?,
+            frozen: self.frozen_map()?,
+        };
+        let head = json(&header)?;
+        let mac = {
+            let session = super::log_store::retry(|| self.token.session()).map_err(sm_err)?;
+            snapshot_mac(
+                &session,
+                self.group,
+                applied_at(anchor.applied),
+                &anchor.digest,
+                &head,
+            )
+            .map_err(sm_err)?
+        };
+        let mut data = Vec::with_capacity(40 + head.len() + 360 * self.tree.len());
+        data.extend_from_slice(SNAPSHOT_MAGIC);
+        data.extend_from_slice(&mac);
+        let head_len = u32::try_from(head.len()).map_err(sm_err)?;
+        data.extend_from_slice(&head_len.to_be_bytes());
+        data.extend_from_slice(&head);
+        for item in self.tree.iter() {
+            let (k, v) = item.map_err(sm_err)?;
+            if k.len() != 32 {
+                continue;
+            }
+            if let Some((seq, sealed)) = split_value(&v) {
+                let n = u16::try_from(sealed.len()).map_err(sm_err)?;
+                data.extend_from_slice(&k);
+                data.extend_from_slice(&seq.to_be_bytes());
+                data.extend_from_slice(&n.to_be_bytes());
+                data.extend_from_slice(sealed);
+            }
+        }
+        let meta = SnapshotMeta {
+            last_log_id: header.last_applied,
+            last_membership: header.membership,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAPSHOT, json(&StoredSnapshot { meta: meta.clone() })?);
+        batch.insert(SNAPSHOT_DATA, data.clone());
+        self.tree.apply_batch(batch).map_err(sm_err)?;
+        drop(anchor);
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(data),
+        })
+    }
+}
+
+impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, Membership), std::io::Error> {
+        Ok((
+            get_json(&self.tree, APPLIED)?.flatten(),
+            get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
+        ))
+    }
+
+    async fn apply<S>(&mut self, entries: S) -> Result<(), std::io::Error>
+    where
+        S: Stream<Item = Result<EntryResponder<TypeConfig>, std::io::Error>> + Unpin + Send,
+    {
+        // One apply takes what the stream holds: a batch of committed
+        // entries, applied and made durable together, each answered after.
+        let (entries, responders): (Vec<Entry>, Vec<_>) =
+            entries.try_collect::<Vec<_>>().await?.into_iter().unzip();
+        let out = self.apply_entries(entries).await?;
+        for (responder, applied) in responders.into_iter().zip(out) {
+            if let Some(responder) = responder {
+                responder.send(applied);
+            }
+        }
+        Ok(())
+    }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
     async fn install_snapshot(
         &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError<NodeId>> {
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> Result<(), std::io::Error> {
         let data = snapshot.into_inner();
         let parsed = parse_snapshot(&data)?;
         let mut anchor = self.shared.anchor.lock().await;
@@ -1294,14 +1302,14 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
 
     async fn get_current_snapshot(
         &mut self,
-    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+    ) -> Result<Option<VaultSnapshot>, std::io::Error> {
         let Some(stored) = get_json::<StoredSnapshot>(&self.tree, SNAPSHOT)? else {
             return Ok(None);
         };
         let data = self.tree.get(SNAPSHOT_DATA).map_err(sm_err)?;
         Ok(data.map(|d| Snapshot {
             meta: stored.meta,
-            snapshot: Box::new(Cursor::new(d.to_vec())),
+            snapshot: Cursor::new(d.to_vec()),
         }))
     }
 }
