@@ -1,26 +1,31 @@
 //! The simulated network between the replicas: every Raft message is
 //! handed straight to the target's real `Raft` after a delay drawn from the
 //! seed, unless the link is cut or the message is lost; some messages are
-//! delivered twice, and random delays reorder them.
+//! delivered twice, and random delays reorder them. A leader's pipelined
+//! AppendEntries travel as the nodes send them, on a stream: in order, each
+//! frame with its own delay, and a lost frame breaks the stream.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hsm_vault::replication::inbox::SnapshotInbox;
-use hsm_vault::replication::{NodeId, TypeConfig};
+use futures_util::{Stream, StreamExt};
+use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk, SnapshotInbox};
+use hsm_vault::replication::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
     VoteRequest, VoteResponse,
 };
-use openraft::{AnyError, BasicNode, Raft};
+use openraft::{AnyError, BasicNode};
 use rand::rngs::StdRng;
 use rand::Rng;
+use tokio::time::Instant;
 
 /// What the network does to messages, changed by the fault schedule.
 #[derive(Debug, Default, Clone)]
@@ -144,19 +149,19 @@ impl SimNet {
         self.state().up.get(&id).cloned()
     }
 
-    /// Carries one request from `from` to `to` and its answer back.
-    async fn carry<Req, Resp, E, F, Fut>(
+    /// Carries one request from `from` to `to` and its answer back; a
+    /// failure at the far end comes back as its text.
+    async fn carry<Req, Resp, F, Fut>(
         &self,
         (from, to): (NodeId, NodeId),
         request: Req,
         deliver: F,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<TypeConfig>>
     where
         Req: Clone + Send + 'static,
         Resp: Send + 'static,
-        E: std::error::Error + Send + 'static,
         F: Fn(Endpoint, Req) -> Fut + Send + Sync + Clone + 'static,
-        Fut: Future<Output = Result<Resp, RaftError<NodeId, E>>> + Send + 'static,
+        Fut: Future<Output = Result<Resp, String>> + Send + 'static,
     {
         let fate = self.fate(from, to);
         if let Some(later) = fate.copy {
@@ -170,11 +175,7 @@ impl SimNet {
             });
         }
         tokio::time::sleep(fate.there).await;
-        let unreachable = |why: &str| {
-            RPCError::Unreachable(Unreachable::new(&AnyError::error(format!(
-                "node {to}: {why}"
-            ))))
-        };
+        let unreachable = |why: &str| unreachable(to, why);
         if fate.lost {
             return Err(unreachable("message lost"));
         }
@@ -186,8 +187,104 @@ impl SimNet {
         if self.answer_lost(from, to) {
             return Err(unreachable("answer lost"));
         }
-        answer.map_err(|e| RPCError::RemoteError(RemoteError::new(to, e)))
+        answer.map_err(|e| unreachable(&e))
     }
+
+    /// Carries a pipelined AppendEntries stream from `from` to `to`: frames
+    /// arrive in order, each after its own delay (never before the frame
+    /// ahead of it), and their answers come back the same way. A lost frame
+    /// or a lost answer breaks the stream, as a reset connection does.
+    fn carry_stream<S>(
+        &self,
+        (from, to): (NodeId, NodeId),
+        input: S,
+    ) -> BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let broken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stamped, mut due) = tokio::sync::mpsc::unbounded_channel();
+        let (back, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+        // The sender's side: each frame draws its fate as it is sent.
+        let (net, lost) = (self.clone(), broken.clone());
+        tokio::spawn(async move {
+            let mut input = input;
+            let mut last = Instant::now();
+            while let Some(req) = input.next().await {
+                let fate = net.fate(from, to);
+                if fate.lost {
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+                last = last.max(Instant::now() + fate.there);
+                if stamped.send((last, req)).is_err() {
+                    break;
+                }
+            }
+        });
+        // The far end: frames reach the target's Raft in order; its answers
+        // start back as it gives them.
+        let (net, lost) = (self.clone(), broken.clone());
+        tokio::spawn(async move {
+            let mut back = Some(back);
+            let mut target_input = None;
+            while let Some((at, req)) = due.recv().await {
+                tokio::time::sleep_until(at).await;
+                if let Some(back) = back.take() {
+                    let Some(target) = net.endpoint(to) else {
+                        lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                        break;
+                    };
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    target_input = Some(tx);
+                    let answers = target
+                        .raft
+                        .stream_append(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+                    let (net, lost) = (net.clone(), lost.clone());
+                    tokio::spawn(async move {
+                        let mut answers = Box::pin(answers);
+                        let mut last = Instant::now();
+                        while let Some(answer) = answers.next().await {
+                            let delay = net.fate(to, from).back;
+                            if net.answer_lost(from, to) {
+                                lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                                break;
+                            }
+                            last = last.max(Instant::now() + delay);
+                            if back.send((last, answer)).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                let Some(tx) = target_input.as_ref() else {
+                    break;
+                };
+                if tx.send(req).is_err() {
+                    break;
+                }
+            }
+        });
+        let ended = futures_util::stream::unfold(Some(broken), move |broken| async move {
+            let broken = broken?;
+            broken
+                .load(std::sync::atomic::Ordering::SeqCst)
+                .then(|| (Err(unreachable(to, "stream broken: a frame or answer lost")), None))
+        });
+        let answers = futures_util::stream::poll_fn(move |cx| arrived.poll_recv(cx)).then(
+            move |(at, answer)| async move {
+                tokio::time::sleep_until(at).await;
+                answer.map_err(|fatal| unreachable(to, &format!("Raft stopped: {fatal}")))
+            },
+        );
+        Box::pin(answers.chain(ended))
+    }
+}
+
+fn unreachable(to: NodeId, why: &str) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::new(&AnyError::error(format!(
+        "node {to}: {why}"
+    ))))
 }
 
 /// A factory bound to the sending node.
@@ -224,52 +321,112 @@ impl Link {
     }
 }
 
-type Rpc<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+type Rpc<T> = Result<T, RPCError<TypeConfig>>;
 
-impl RaftNetwork<TypeConfig> for Link {
+/// The size of the snapshot chunks the simulation sends: small, so that a
+/// snapshot takes several messages, each of which can be lost.
+const SNAPSHOT_CHUNK: usize = 16 * 1024;
+
+impl Link {
+    async fn send_snapshot(&mut self, vote: Vote, snapshot: VaultSnapshot) -> Rpc<SnapshotResponse<TypeConfig>> {
+        let to = self.to;
+        let data = snapshot.snapshot.into_inner();
+        let transfer = self.net.state().rng.gen::<u64>();
+        let mut offset = 0usize;
+        loop {
+            let end = data.len().min(offset + SNAPSHOT_CHUNK);
+            let chunk = SnapshotChunk {
+                vote,
+                meta: snapshot.meta.clone(),
+                transfer,
+                offset: offset as u64,
+                done: end == data.len(),
+                data: data[offset..end].to_vec(),
+            };
+            let done = chunk.done;
+            let answer = self
+                .net
+                .carry(self.ends(), chunk, |t: Endpoint, c| async move {
+                    // Through the node's own receiver, which checks a
+                    // snapshot before Raft installs it.
+                    Ok(t.inbox.receive(c).await)
+                })
+                .await?;
+            // A refusal reaches the sender as the node service's does: a
+            // failed call, which it retries later.
+            let answer = answer.map_err(|refused| {
+                RPCError::Network(NetworkError::new(&AnyError::error(format!(
+                    "node {to}: {refused}"
+                ))))
+            })?;
+            match answer {
+                ChunkAnswer::Taken { vote: theirs } if theirs > vote || done => {
+                    return Ok(SnapshotResponse { vote: theirs });
+                }
+                ChunkAnswer::Taken { .. } => offset = end,
+                ChunkAnswer::Resend { offset: from } => {
+                    offset = usize::try_from(from).unwrap_or(0).min(offset);
+                }
+                ChunkAnswer::Stopped(fatal) => {
+                    return Err(unreachable(to, &format!("Raft stopped: {fatal}")));
+                }
+            }
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for Link {
+    type SnapshotData = SnapshotData;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Rpc<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
+    ) -> Rpc<AppendEntriesResponse<TypeConfig>> {
         self.net
             .carry(self.ends(), rpc, |t: Endpoint, r| async move {
-                t.raft.append_entries(r).await
+                t.raft.append_entries(r).await.map_err(|e| e.to_string())
             })
             .await
     }
 
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
         _option: RPCOption,
-    ) -> Rpc<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        let to = self.to;
-        let answer = self
-            .net
-            .carry(self.ends(), rpc, |t: Endpoint, r| async move {
-                // Through the node's own receiver, which checks a snapshot
-                // before Raft installs it.
-                match t.inbox.receive(r).await {
-                    Ok(answer) => answer.map(Ok),
-                    Err(refused) => Ok(Err(refused)),
+    ) -> BoxFuture<'s, Rpc<BoxStream<'s, Rpc<StreamAppendResult<TypeConfig>>>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let answers = self.net.carry_stream(self.ends(), input);
+        Box::pin(async move { Ok(answers) })
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: VaultSnapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            sent = self.send_snapshot(vote, snapshot) => sent.map_err(|e| match e {
+                RPCError::Timeout(e) => StreamingError::Timeout(e),
+                RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+                RPCError::Network(e) => StreamingError::Network(e),
+                RPCError::RemoteError(e) => {
+                    StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
                 }
-            })
-            .await?;
-        // A refusal reaches the sender as the node service's does: a failed
-        // call, which it retries later.
-        answer.map_err(|refused| {
-            RPCError::Network(NetworkError::new(&AnyError::error(format!(
-                "node {to}: {refused}"
-            ))))
-        })
+            }),
+        }
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Rpc<VoteResponse<NodeId>, openraft::error::Infallible> {
+    ) -> Rpc<VoteResponse<TypeConfig>> {
         let to = self.to;
         let answer = self
             .net
@@ -279,7 +436,7 @@ impl RaftNetwork<TypeConfig> for Link {
                 if hsm_vault::replication::network::resyncing(&t.raft, t.resync_floor) {
                     return Ok(None);
                 }
-                t.raft.vote(r).await.map(Some)
+                t.raft.vote(r).await.map(Some).map_err(|e| e.to_string())
             })
             .await?;
         answer.ok_or_else(|| {

@@ -16,10 +16,11 @@ use hsm_vault::partition::Partition;
 use hsm_vault::replication::inbox::SnapshotInbox;
 use hsm_vault::replication::network::Channels;
 use hsm_vault::replication::state_machine::StateMachine;
-use hsm_vault::replication::{raft_config, Flush, NodeId, TypeConfig};
+use hsm_vault::replication::{raft_config, Flush, NodeId};
 use hsm_vault::service::VaultService;
 use hsm_vault::shard::{GroupId, ShardMap};
-use openraft::{BasicNode, Raft, ServerState};
+use hsm_vault::replication::Raft;
+use openraft::{BasicNode, ServerState};
 use p256::ecdsa::SigningKey;
 use rand::rngs::{OsRng, StdRng};
 use rand::{Rng, SeedableRng};
@@ -1049,8 +1050,8 @@ fn edit_disk(
     name: &str,
     kind: Tamper,
 ) -> anyhow::Result<Option<String>> {
-    use hsm_vault::replication::Command;
-    use openraft::{Entry, EntryPayload};
+    use hsm_vault::replication::{Command, Entry};
+    use openraft::EntryPayload;
     let db = open_disk(disk)?;
     let sm = db.open_tree(format!("raft-sm/{name}"))?;
     let detail = match kind {
@@ -1059,7 +1060,7 @@ fn edit_disk(
             let mut found = None;
             for item in log.iter() {
                 let (_, v) = item?;
-                let Ok(entry) = serde_json::from_slice::<Entry<TypeConfig>>(&v) else {
+                let Ok(entry) = serde_json::from_slice::<Entry>(&v) else {
                     continue;
                 };
                 if let EntryPayload::Normal(Command::Put {
