@@ -16,16 +16,15 @@
 #![no_main]
 
 use hsm_vault::partition::ceremony::ClonePackage;
+use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk};
 use hsm_vault::replication::network::unframe_snapshot_chunk;
 use hsm_vault::replication::operator::{
     AddLearner, ChangeMembership, ExportKeys, Handover, Maps, Reshard,
 };
-use hsm_vault::replication::{NodeId, TypeConfig};
+use hsm_vault::replication::TypeConfig;
 use libfuzzer_sys::fuzz_target;
-use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, StreamAppendResult, VoteRequest, VoteResponse,
 };
 use p256::ecdsa::SigningKey;
 use vault_fuzz::{json_round_trip as rt, prost_round_trip, select};
@@ -45,14 +44,10 @@ fuzz_target!(init: vault_fuzz::seeds::init("grpc_node"), |data: &[u8]| {
         1 => {
             if let Some(m) = prost_round_trip::<pb::RaftResponse>(bytes) {
                 // The client knows which kind it asked for.
-                rt::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(&m.payload);
-                rt::<Result<VoteResponse<NodeId>, RaftError<NodeId>>>(&m.payload);
-                rt::<
-                    Result<
-                        InstallSnapshotResponse<NodeId>,
-                        RaftError<NodeId, InstallSnapshotError>,
-                    >,
-                >(&m.payload);
+                rt::<Result<AppendEntriesResponse<TypeConfig>, String>>(&m.payload);
+                rt::<Result<StreamAppendResult<TypeConfig>, String>>(&m.payload);
+                rt::<Result<VoteResponse<TypeConfig>, String>>(&m.payload);
+                rt::<ChunkAnswer>(&m.payload);
             }
         }
         2 => {
@@ -81,13 +76,13 @@ fn raft_request(m: &pb::RaftRequest) {
             rt::<AppendEntriesRequest<TypeConfig>>(&m.payload);
         }
         "vote" => {
-            rt::<VoteRequest<NodeId>>(&m.payload);
+            rt::<VoteRequest<TypeConfig>>(&m.payload);
         }
         "install_snapshot" => {
             if let Some((head, data)) = unframe_snapshot_chunk(&m.payload) {
-                if let Some(mut rpc) = rt::<InstallSnapshotRequest<TypeConfig>>(head) {
-                    rpc.data = data.to_vec();
-                    assert_eq!(rpc.data.len() + head.len() + 4, m.payload.len());
+                if let Some(mut chunk) = rt::<SnapshotChunk>(head) {
+                    chunk.data = data.to_vec();
+                    assert_eq!(chunk.data.len() + head.len() + 4, m.payload.len());
                 }
             }
         }

@@ -9,16 +9,17 @@
 #![no_main]
 
 use hsm_vault::core::record::SealedRecord;
+use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk};
 use hsm_vault::replication::log_store::TokenLogState;
-use hsm_vault::replication::{Applied, Command, NodeId, TypeConfig};
+use hsm_vault::replication::{
+    Applied, Command, Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
 use hsm_vault::shard::{ShardMap, SLOTS};
 use libfuzzer_sys::fuzz_target;
-use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, StreamAppendResult, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Entry, EntryPayload, LogId, SnapshotMeta, StoredMembership, Vote};
+use openraft::EntryPayload;
 use vault_fuzz::{json_round_trip as rt, select};
 
 fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
@@ -28,7 +29,7 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
     match which % 16 {
         // On disk: the log, the state machine's tree, the token.
         0 => {
-            if let Some(e) = rt::<Entry<TypeConfig>>(bytes) {
+            if let Some(e) = rt::<Entry>(bytes) {
                 if let EntryPayload::Normal(c) = e.payload {
                     command(&c);
                 }
@@ -46,16 +47,16 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
             rt::<TokenLogState>(bytes);
         }
         4 => {
-            rt::<Option<LogId<NodeId>>>(bytes);
+            rt::<Option<LogId>>(bytes);
         }
         5 => {
-            rt::<Option<Vote<NodeId>>>(bytes);
+            rt::<Option<Vote>>(bytes);
         }
         6 => {
-            rt::<StoredMembership<NodeId, BasicNode>>(bytes);
+            rt::<StoredMembership>(bytes);
         }
         7 => {
-            rt::<SnapshotMeta<NodeId, BasicNode>>(bytes);
+            rt::<SnapshotMeta>(bytes);
         }
         8 => {
             if let Some(m) = rt::<ShardMap>(bytes) {
@@ -73,25 +74,25 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
             }
         }
         10 => {
-            rt::<VoteRequest<NodeId>>(bytes);
+            rt::<VoteRequest<TypeConfig>>(bytes);
         }
         11 => {
-            rt::<InstallSnapshotRequest<TypeConfig>>(bytes);
+            rt::<SnapshotChunk>(bytes);
         }
-        // From peers: answers, as `network.rs` decodes them.
+        // From peers: answers, as `network.rs` decodes them (a failure of
+        // the peer's Raft travels as its text).
         12 => {
-            rt::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(bytes);
+            rt::<Result<AppendEntriesResponse<TypeConfig>, String>>(bytes);
+            rt::<Result<StreamAppendResult<TypeConfig>, String>>(bytes);
         }
         13 => {
-            rt::<Result<VoteResponse<NodeId>, RaftError<NodeId>>>(bytes);
+            rt::<Result<VoteResponse<TypeConfig>, String>>(bytes);
         }
         14 => {
-            rt::<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>>(
-                bytes,
-            );
+            rt::<ChunkAnswer>(bytes);
         }
         _ => {
-            rt::<Vec<Entry<TypeConfig>>>(bytes);
+            rt::<Vec<Entry>>(bytes);
         }
     }
 });

@@ -13,11 +13,10 @@
 
 #![no_main]
 
+use hsm_vault::replication::inbox::SnapshotChunk;
 use hsm_vault::replication::network::{frame_snapshot_chunk, unframe_snapshot_chunk};
 use hsm_vault::replication::state_machine::{parse_snapshot, SnapshotRecord, SNAPSHOT_MAGIC};
-use hsm_vault::replication::TypeConfig;
 use libfuzzer_sys::fuzz_target;
-use openraft::raft::InstallSnapshotRequest;
 use vault_fuzz::select;
 
 fuzz_target!(init: vault_fuzz::seeds::init("snapshot"), |data: &[u8]| {
@@ -77,11 +76,11 @@ fn chunk(bytes: &[u8]) {
         return;
     };
     assert_eq!(frame_snapshot_chunk(head, data), bytes);
-    if let Ok(mut rpc) = serde_json::from_slice::<InstallSnapshotRequest<TypeConfig>>(head) {
-        rpc.data = data.to_vec();
+    if let Ok(mut chunk) = serde_json::from_slice::<SnapshotChunk>(head) {
+        chunk.data = data.to_vec();
         // A chunk at offset 0 of a whole snapshot is snapshot data.
-        if rpc.offset == 0 && rpc.done {
-            let _ = parse_snapshot(&rpc.data);
+        if chunk.offset == 0 && chunk.done {
+            let _ = parse_snapshot(&chunk.data);
         }
     }
 }

@@ -22,14 +22,11 @@ use std::io::Cursor;
 use std::sync::OnceLock;
 
 use hsm_vault::replication::state_machine::{parse_snapshot, StateMachine};
-use hsm_vault::replication::{Command, NodeId, TypeConfig};
+use hsm_vault::replication::{Command, Entry, LogId, SnapshotMeta, StoredMembership};
 use hsm_vault::shard::ShardMap;
 use libfuzzer_sys::fuzz_target;
 use openraft::storage::RaftStateMachine;
-use openraft::{
-    BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta,
-    StoredMembership,
-};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
 use vault_fuzz::{select, SoftKeeper};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -68,8 +65,8 @@ fn fresh() -> StateMachine<SoftKeeper> {
     sm
 }
 
-fn log_id(index: u64) -> LogId<NodeId> {
-    LogId::new(CommittedLeaderId::new(1, 1), index)
+fn log_id(index: u64) -> LogId {
+    hsm_vault::replication::log_id(1, 1, index)
 }
 
 fuzz_target!(init: vault_fuzz::seeds::init("state_machine"), |data: &[u8]| {
@@ -87,15 +84,12 @@ async fn install(data: &[u8]) {
     // machine of its own so that the install below redoes every check.
     let meta = SnapshotMeta {
         last_log_id: Some(log_id(9)),
-        last_membership: StoredMembership::<NodeId, BasicNode>::default(),
-        snapshot_id: "9-1".into(),
+        last_membership: StoredMembership::default(),
     };
     let checked = fresh().check_snapshot(&meta, data);
     let mut sm = fresh();
     let parsed = parse_snapshot(data);
-    let installed = sm
-        .install_snapshot(&meta, Box::new(Cursor::new(data.to_vec())))
-        .await;
+    let installed = sm.install_snapshot(&meta, Cursor::new(data.to_vec())).await;
     assert_eq!(
         checked.is_ok(),
         installed.is_ok(),
@@ -142,15 +136,17 @@ async fn apply(bytes: &[u8]) {
         return;
     };
     let mut sm = fresh();
-    let start = Entry::<TypeConfig> {
+    let start = Entry {
         log_id: log_id(1),
         payload: EntryPayload::Normal(Command::AdoptMap {
             map: ShardMap::even(1, &[1, 2]),
         }),
     };
-    sm.apply([start]).await.expect("the first map is adopted");
+    sm.apply_entries([start])
+        .await
+        .expect("the first map is adopted");
     let n = commands.len();
-    let entries: Vec<Entry<TypeConfig>> = commands
+    let entries: Vec<Entry> = commands
         .into_iter()
         .enumerate()
         .map(|(i, c)| Entry {
@@ -158,7 +154,7 @@ async fn apply(bytes: &[u8]) {
             payload: EntryPayload::Normal(c),
         })
         .collect();
-    let answers = sm.apply(entries).await.expect("apply");
+    let answers = sm.apply_entries(entries).await.expect("apply");
     assert_eq!(answers.len(), n);
     let (applied, _) = sm.applied_state().await.expect("applied state");
     assert_eq!(applied, Some(log_id(1 + n as u64)));

@@ -10,24 +10,20 @@ use hsm_vault::core::record::{self, Record, RecordBody, PASSWORD_FILE_LEN};
 use hsm_vault::core::Purpose;
 use hsm_vault::geo::Faults;
 use hsm_vault::partition::ceremony::{ClonePackage, KeyKind, WrappedKey};
+use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk};
 use hsm_vault::replication::network::frame_snapshot_chunk;
 use hsm_vault::replication::operator::{
     AddLearner, ChangeMembership, ExportKeys, Handover, Maps, Reshard,
 };
 use hsm_vault::replication::state_machine::SNAPSHOT_MAGIC;
-use hsm_vault::replication::{Applied, Command, NodeId, TypeConfig};
+use hsm_vault::replication::{
+    Applied, Command, Entry, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
 use hsm_vault::shard::ShardMap;
 use hsm_vault::types::Seq;
 use opaque_ke::{ClientRegistration, ClientRegistrationFinishParameters, Identifiers};
-use openraft::error::{Fatal, InstallSnapshotError, RaftError};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
-};
-use openraft::{
-    BasicNode, CommittedLeaderId, Entry, EntryPayload, LogId, Membership, SnapshotMeta,
-    StoredMembership, Vote,
-};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::{BasicNode, EntryPayload, Membership};
 use p256::ecdsa::SigningKey;
 use prost::Message;
 use rand::rngs::StdRng;
@@ -301,15 +297,15 @@ fn grpc_vault() -> Seeds {
         .collect()
 }
 
-fn log_id(term: u64, index: u64) -> LogId<NodeId> {
-    LogId::new(CommittedLeaderId::new(term, 1), index)
+fn log_id(term: u64, index: u64) -> LogId {
+    hsm_vault::replication::log_id(term, 1, index)
 }
 
 fn membership() -> Membership<NodeId, BasicNode> {
     let nodes: BTreeMap<NodeId, BasicNode> = (1..=3)
         .map(|i| (i, BasicNode::new(format!("127.0.0.1:770{i}"))))
         .collect();
-    Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes)
+    Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes).expect("a valid membership")
 }
 
 fn maps() -> (ShardMap, ShardMap) {
@@ -349,8 +345,8 @@ fn commands() -> Vec<Command> {
     ]
 }
 
-fn entries() -> Vec<Entry<TypeConfig>> {
-    let mut out: Vec<Entry<TypeConfig>> = vec![
+fn entries() -> Vec<Entry> {
+    let mut out: Vec<Entry> = vec![
         Entry {
             log_id: log_id(1, 1),
             payload: EntryPayload::Blank,
@@ -369,11 +365,10 @@ fn entries() -> Vec<Entry<TypeConfig>> {
     out
 }
 
-fn snapshot_meta() -> SnapshotMeta<NodeId, BasicNode> {
+fn snapshot_meta() -> SnapshotMeta {
     SnapshotMeta {
         last_log_id: Some(log_id(2, 40)),
         last_membership: StoredMembership::new(Some(log_id(1, 2)), membership()),
-        snapshot_id: "40-7".into(),
     }
 }
 
@@ -409,26 +404,32 @@ fn raft_json() -> Seeds {
     add(
         10,
         "vote_request",
-        json(&VoteRequest::new(Vote::new(4, 2), Some(log_id(3, 9)))),
+        json(&VoteRequest::<TypeConfig>::new(
+            Vote::new(4, 2),
+            Some(log_id(3, 9)),
+        )),
     );
     add(11, "install_snapshot", json(&install_snapshot()));
-    let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
-        Ok(AppendEntriesResponse::Success);
+    let ok: Result<AppendEntriesResponse<TypeConfig>, String> = Ok(AppendEntriesResponse::Success);
     add(12, "append_ok", json(&ok));
-    let conflict: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
+    let conflict: Result<AppendEntriesResponse<TypeConfig>, String> =
         Ok(AppendEntriesResponse::HigherVote(Vote::new(5, 3)));
     add(12, "append_higher", json(&conflict));
-    let fatal: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
-        Err(RaftError::Fatal(Fatal::Stopped));
+    let fatal: Result<AppendEntriesResponse<TypeConfig>, String> = Err("raft stopped".to_owned());
     add(12, "append_fatal", json(&fatal));
-    let vote: Result<VoteResponse<NodeId>, RaftError<NodeId>> =
+    let streamed: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
+        Ok(Ok(Some(log_id(2, 9))));
+    add(12, "stream_ok", json(&streamed));
+    let vote: Result<VoteResponse<TypeConfig>, String> =
         Ok(VoteResponse::new(Vote::new(4, 2), Some(log_id(3, 9)), true));
     add(13, "vote_ok", json(&vote));
-    let snap: Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> =
-        Ok(InstallSnapshotResponse {
+    add(
+        14,
+        "snapshot_ok",
+        json(&ChunkAnswer::Taken {
             vote: Vote::new_committed(4, 2),
-        });
-    add(14, "snapshot_ok", json(&snap));
+        }),
+    );
     add(15, "entries", json(&entries()));
     seeds
 }
@@ -442,13 +443,14 @@ fn append_entries() -> AppendEntriesRequest<TypeConfig> {
     }
 }
 
-fn install_snapshot() -> InstallSnapshotRequest<TypeConfig> {
-    InstallSnapshotRequest {
+fn install_snapshot() -> SnapshotChunk {
+    SnapshotChunk {
         vote: Vote::new_committed(2, 1),
         meta: snapshot_meta(),
+        transfer: 7,
         offset: 0,
-        data: Vec::new(),
         done: true,
+        data: Vec::new(),
     }
 }
 
@@ -515,7 +517,10 @@ fn grpc_node() -> Seeds {
             0,
             raft(
                 "vote",
-                json(&VoteRequest::new(Vote::new(4, 2), Some(log_id(3, 9)))),
+                json(&VoteRequest::<TypeConfig>::new(
+                    Vote::new(4, 2),
+                    Some(log_id(3, 9)),
+                )),
             ),
         ),
     ));
@@ -529,8 +534,7 @@ fn grpc_node() -> Seeds {
             ),
         ),
     ));
-    let ok: Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>> =
-        Ok(AppendEntriesResponse::Success);
+    let ok: Result<AppendEntriesResponse<TypeConfig>, String> = Ok(AppendEntriesResponse::Success);
     seeds.push((
         "raft_response".into(),
         sel(

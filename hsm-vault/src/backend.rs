@@ -15,8 +15,8 @@ use openraft::async_runtime::WatchReceiver;
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::error::{ClientWriteError, RaftError};
 use crate::replication::Raft;
+use openraft::error::{ClientWriteError, RaftError};
 use tonic::transport::Channel;
 use tonic::Status;
 use vault_proto::vault::v1::vault_client::VaultClient;
@@ -223,7 +223,12 @@ async fn linearizable(raft: &Raft) -> Result<(), Status> {
     let mut pause = std::time::Duration::from_millis(20);
     loop {
         let left = QUORUM_TIMEOUT.saturating_sub(start.elapsed());
-        match tokio::time::timeout(left, raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)).await {
+        match tokio::time::timeout(
+            left,
+            raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+        )
+        .await
+        {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(RaftError::APIError(e))) if start.elapsed() + pause < QUORUM_TIMEOUT => {
                 tracing::debug!(error = %e, "linearizable read not confirmed yet; retrying");

@@ -420,13 +420,7 @@ fn invariant2_a_group_moving_slots_out_adopts_no_newer_map_first() {
     });
 }
 
-fn put(
-    i: u64,
-    id: [u8; 32],
-    expect: Option<u64>,
-    seq: u64,
-    sealed: &[u8],
-) -> Entry {
+fn put(i: u64, id: [u8; 32], expect: Option<u64>, seq: u64, sealed: &[u8]) -> Entry {
     entry(
         i,
         hsm_vault::replication::Command::Put {

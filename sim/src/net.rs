@@ -14,13 +14,11 @@ use futures_util::{Stream, StreamExt};
 use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk, SnapshotInbox};
 use hsm_vault::replication::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use openraft::base::{BoxFuture, BoxStream};
-use openraft::error::{
-    NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable,
-};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 use openraft::{AnyError, BasicNode};
 use rand::rngs::StdRng;
@@ -267,9 +265,12 @@ impl SimNet {
         });
         let ended = futures_util::stream::unfold(Some(broken), move |broken| async move {
             let broken = broken?;
-            broken
-                .load(std::sync::atomic::Ordering::SeqCst)
-                .then(|| (Err(unreachable(to, "stream broken: a frame or answer lost")), None))
+            broken.load(std::sync::atomic::Ordering::SeqCst).then(|| {
+                (
+                    Err(unreachable(to, "stream broken: a frame or answer lost")),
+                    None,
+                )
+            })
         });
         let answers = futures_util::stream::poll_fn(move |cx| arrived.poll_recv(cx)).then(
             move |(at, answer)| async move {
@@ -328,7 +329,11 @@ type Rpc<T> = Result<T, RPCError<TypeConfig>>;
 const SNAPSHOT_CHUNK: usize = 16 * 1024;
 
 impl Link {
-    async fn send_snapshot(&mut self, vote: Vote, snapshot: VaultSnapshot) -> Rpc<SnapshotResponse<TypeConfig>> {
+    async fn send_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: VaultSnapshot,
+    ) -> Rpc<SnapshotResponse<TypeConfig>> {
         let to = self.to;
         let data = snapshot.snapshot.into_inner();
         let transfer = self.net.state().rng.gen::<u64>();

@@ -104,11 +104,11 @@ impl Debug for LogStore {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, std::io::Error> {
-    serde_json::to_vec(v).map_err(|e| io_error(e))
+    serde_json::to_vec(v).map_err(io_error)
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, std::io::Error> {
-    serde_json::from_slice(b).map_err(|e| io_error(e))
+    serde_json::from_slice(b).map_err(io_error)
 }
 
 /// Token state is read and written through the user's login; a cloning
@@ -202,11 +202,7 @@ impl LogStore {
                 return Ok(true);
             }
         }
-        match self
-            .log
-            .get(id.index.to_be_bytes())
-            .map_err(|e| io_error(e))?
-        {
+        match self.log.get(id.index.to_be_bytes()).map_err(io_error)? {
             Some(v) => Ok(decode::<Entry>(&v)?.log_id == *id),
             None => Ok(false),
         }
@@ -265,11 +261,11 @@ impl LogStore {
                 .session()
                 .and_then(|s| s.app_state(&self.app))
         })
-        .map_err(|e| io_error(e))?;
+        .map_err(io_error)?;
         let state = if bytes.is_empty() {
             TokenLogState::default()
         } else {
-            serde_json::from_slice(&bytes).map_err(|e| io_error(e))?
+            serde_json::from_slice(&bytes).map_err(io_error)?
         };
         if let Ok(mut known) = self.known.lock() {
             known.state = Some(state.clone());
@@ -287,8 +283,7 @@ impl LogStore {
         if state == before && !unsaved {
             return Ok(());
         }
-        let bytes =
-            serde_json::to_vec(&state).map_err(|e| io_error(e))?;
+        let bytes = serde_json::to_vec(&state).map_err(io_error)?;
         // Forget the cached state first: if the write fails, the next read
         // goes to the token.
         if let Ok(mut known) = self.known.lock() {
@@ -299,7 +294,7 @@ impl LogStore {
                 .session()
                 .and_then(|s| s.set_app_state(&self.app, &bytes))
         })
-        .map_err(|e| io_error(e))?;
+        .map_err(io_error)?;
         if let Ok(mut known) = self.known.lock() {
             *known = Known {
                 state: Some(state),
@@ -347,7 +342,7 @@ impl LogStore {
         let last = self
             .log
             .last()
-            .map_err(|e| io_error(e))?
+            .map_err(io_error)?
             .map(|(_, v)| decode::<Entry>(&v))
             .transpose()?
             .map(|e| e.log_id);
@@ -361,10 +356,7 @@ impl LogStore {
     /// sled database share one log, which one flush writes out.
     async fn flush(&self) -> Result<(), std::io::Error> {
         let started = std::time::Instant::now();
-        self.flush
-            .tree(&self.log)
-            .await
-            .map_err(|e| io_error(e))?;
+        self.flush.tree(&self.log).await.map_err(io_error)?;
         crate::telemetry::metrics().flushed("raft_log", started);
         Ok(())
     }
@@ -382,7 +374,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         let mut out = Vec::new();
         for item in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = item.map_err(|e| io_error(e))?;
+            let (k, v) = item.map_err(io_error)?;
             let index = u64::from_be_bytes(
                 k.as_ref()
                     .try_into()
@@ -417,10 +409,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.update_token(|s| s.vote = Some(vote))
     }
 
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogId>,
-    ) -> Result<(), std::io::Error> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
         // Kept in memory and written with the next watermark update: a
         // label update of its own per commit would double the token writes.
         // The token's `last_log` (written before any entry is acknowledged)
@@ -469,9 +458,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             last = Some(entry.log_id);
             batch.insert(&entry.log_id.index.to_be_bytes()[..], encode(&entry)?);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_error(e))?;
+        self.log.apply_batch(batch).map_err(io_error)?;
         let job = FlushJob {
             last,
             callback: Some(callback),
@@ -491,12 +478,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut batch = sled::Batch::default();
         let first = last.map_or(0, |l| l.index + 1);
         for item in self.log.range(first.to_be_bytes()..) {
-            let (k, _) = item.map_err(|e| io_error(e))?;
+            let (k, _) = item.map_err(io_error)?;
             batch.remove(k);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_error(e))?;
+        self.log.apply_batch(batch).map_err(io_error)?;
         self.flush().await?;
         // Raft removed uncommitted entries: the watermark follows the log.
         let end = self.log_state()?.last_log_id;
@@ -509,12 +494,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.update_token(|s| s.purged = s.purged.max(Some(log_id)))?;
         let mut batch = sled::Batch::default();
         for item in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = item.map_err(|e| io_error(e))?;
+            let (k, _) = item.map_err(io_error)?;
             batch.remove(k);
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| io_error(e))?;
+        self.log.apply_batch(batch).map_err(io_error)?;
         self.flush().await
     }
 }

@@ -71,7 +71,9 @@ impl std::fmt::Display for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let short = |id: &[u8; 32]| hex::encode(&id[..4]);
         match self {
-            Command::Put { id, expect, seq, .. } => {
+            Command::Put {
+                id, expect, seq, ..
+            } => {
                 write!(f, "put {}… seq {seq} (expect {expect:?})", short(id))
             }
             Command::Delete { id, expect } => {
@@ -145,7 +147,10 @@ pub type VaultSnapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotData>;
 /// The id of entry `index` written by leader `node` in term `term`.
 pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {
     openraft::LogId {
-        leader_id: openraft::impls::leader_id_adv::LeaderId { term, node_id: node },
+        leader_id: openraft::impls::leader_id_adv::LeaderId {
+            term,
+            node_id: node,
+        },
         index,
     }
 }
@@ -332,11 +337,7 @@ pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// Runs for the life of the node: while it leads and entries were applied
 /// since its last statement, commits a [`Command::Check`] of its state
 /// digest every [`CHECK_EVERY`], for every replica to compare with its own.
-pub async fn keep_state_checked(
-    raft: Raft,
-    sm: state_machine::StateMachine,
-    me: NodeId,
-) {
+pub async fn keep_state_checked(raft: Raft, sm: state_machine::StateMachine, me: NodeId) {
     let mut stated = 0;
     loop {
         tokio::time::sleep(CHECK_EVERY).await;

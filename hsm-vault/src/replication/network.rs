@@ -19,8 +19,8 @@ use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 use openraft::{AnyError, BasicNode};
 use serde::de::DeserializeOwned;
@@ -422,7 +422,9 @@ impl PeerClient {
                 tokio::time::sleep_until(at).await;
                 let response = match next {
                     Some(Ok(r)) => r,
-                    Some(Err(status)) => return Some((Err(unreachable(&status)), (link, arrived, tags))),
+                    Some(Err(status)) => {
+                        return Some((Err(unreachable(&status)), (link, arrived, tags)))
+                    }
                     None => return None,
                 };
                 let answer = match tags.recv().await {
@@ -529,7 +531,12 @@ impl NodeService {
     }
 
     /// The MAC'd answer to the request `req` (of hop `hop`).
-    fn answer(&self, req: &pb::RaftRequest, hop: Hop, payload: Vec<u8>) -> Result<pb::RaftResponse, Status> {
+    fn answer(
+        &self,
+        req: &pb::RaftRequest,
+        hop: Hop,
+        payload: Vec<u8>,
+    ) -> Result<pb::RaftResponse, Status> {
         let input = mac_input(
             RESPONSE_LABEL,
             &req.kind,
@@ -653,8 +660,7 @@ impl Node for NodeService {
             "install_snapshot" => {
                 let (head, data) = unframe_snapshot_chunk(&req.payload)
                     .ok_or_else(|| Status::invalid_argument("malformed snapshot chunk"))?;
-                let mut chunk: SnapshotChunk =
-                    serde_json::from_slice(head).map_err(bad_request)?;
+                let mut chunk: SnapshotChunk = serde_json::from_slice(head).map_err(bad_request)?;
                 chunk.data = data.to_vec();
                 let answer = self
                     .inbox

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use openraft::BasicNode;
 use super::Raft;
+use openraft::BasicNode;
 use p256::ecdsa::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};

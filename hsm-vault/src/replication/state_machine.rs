@@ -31,14 +31,14 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::Arc;
 
-use openraft::storage::{EntryResponder, RaftStateMachine, Snapshot};
 use futures_util::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    io_error, Applied, Command, Entry, ExportedRecord, LogId, ReplicaToken, SnapshotMeta,
-    SnapshotData, StoredMembership, TypeConfig, VaultSnapshot,
+    io_error, Applied, Command, Entry, ExportedRecord, LogId, ReplicaToken, SnapshotData,
+    SnapshotMeta, StoredMembership, TypeConfig, VaultSnapshot,
 };
 use crate::core::replica::{snapshot_mac, AppliedAt, Part, StateDigest};
 use crate::shard::{slot, GroupId, ShardMap};
@@ -93,9 +93,7 @@ pub struct ParsedSnapshot<'a> {
 
 /// Reads snapshot data back: the MAC, the header and the records, in order.
 pub fn parse_snapshot(data: &[u8]) -> Result<ParsedSnapshot<'_>, std::io::Error> {
-    let bad = |what: &str| {
-        io_error(format!("snapshot data: {what}"))
-    };
+    let bad = |what: &str| io_error(format!("snapshot data: {what}"));
     let rest = data
         .strip_prefix(&SNAPSHOT_MAGIC[..])
         .ok_or_else(|| bad("unknown format"))?;
@@ -110,8 +108,7 @@ pub fn parse_snapshot(data: &[u8]) -> Result<ParsedSnapshot<'_>, std::io::Error>
     let (header_bytes, mut rest) = rest
         .split_at_checked(len)
         .ok_or_else(|| bad("truncated header"))?;
-    let header: SnapshotHeader = serde_json::from_slice(header_bytes)
-        .map_err(|e| io_error(e))?;
+    let header: SnapshotHeader = serde_json::from_slice(header_bytes).map_err(io_error)?;
     let mut records = Vec::new();
     while !rest.is_empty() {
         let (fixed, tail) = rest
@@ -521,10 +518,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         super::log_store::retry(|| self.token.set_app_state(&self.app, &bytes)).map_err(sm_err)
     }
 
-    fn toggler<'a>(
-        &self,
-        digest: &'a mut StateDigest,
-    ) -> Result<Toggler<'a, K>, std::io::Error> {
+    fn toggler<'a>(&self, digest: &'a mut StateDigest) -> Result<Toggler<'a, K>, std::io::Error> {
         Ok(Toggler {
             session: super::log_store::retry(|| self.token.session()).map_err(sm_err)?,
             group: self.group,
@@ -551,9 +545,7 @@ impl<K: ReplicaToken> StateMachine<K> {
         for item in self.tree.iter() {
             let (k, v) = item.map_err(sm_err)?;
             match k.as_ref() {
-                APPLIED => {
-                    applied = serde_json::from_slice::<Option<LogId>>(&v).map_err(sm_err)?
-                }
+                APPLIED => applied = serde_json::from_slice::<Option<LogId>>(&v).map_err(sm_err)?,
                 MEMBERSHIP => membership = Some(v.to_vec()),
                 SHARD_MAP => t.part(Part::ShardMap(&v))?,
                 FROZEN => t.part(Part::Frozen(&v))?,
@@ -875,11 +867,7 @@ impl<K: ReplicaToken> StateMachine<K> {
     /// group made it), and the maps are [`installable`] here. A refusal is
     /// counted in `vault_snapshots_refused` and leaves nothing changed; the
     /// reason names what failed, never a secret.
-    pub fn check_snapshot(
-        &self,
-        meta: &SnapshotMeta,
-        data: &[u8],
-    ) -> Result<(), String> {
+    pub fn check_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), String> {
         let refused = |reason: String| {
             crate::telemetry::metrics().snapshots_refused.inc();
             reason
@@ -903,11 +891,7 @@ impl<K: ReplicaToken> StateMachine<K> {
 
     /// The digest [`Self::check_snapshot`] computed for exactly this data,
     /// if it was the last snapshot checked.
-    fn vetted_digest(
-        &self,
-        meta: &SnapshotMeta,
-        data: &[u8],
-    ) -> Option<StateDigest> {
+    fn vetted_digest(&self, meta: &SnapshotMeta, data: &[u8]) -> Option<StateDigest> {
         let last = self.shared.vetted.lock().ok()?.take()?;
         (last.last_log_id == meta.last_log_id && last.sha256 == sha256(data)).then_some(last.digest)
     }
@@ -1220,9 +1204,7 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
     type SnapshotData = SnapshotData;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, Membership), std::io::Error> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, Membership), std::io::Error> {
         Ok((
             get_json(&self.tree, APPLIED)?.flatten(),
             get_json(&self.tree, MEMBERSHIP)?.unwrap_or_default(),
@@ -1300,9 +1282,7 @@ impl<K: ReplicaToken> RaftStateMachine<TypeConfig> for StateMachine<K> {
         Ok(())
     }
 
-    async fn get_current_snapshot(
-        &mut self,
-    ) -> Result<Option<VaultSnapshot>, std::io::Error> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<VaultSnapshot>, std::io::Error> {
         let Some(stored) = get_json::<StoredSnapshot>(&self.tree, SNAPSHOT)? else {
             return Ok(None);
         };
