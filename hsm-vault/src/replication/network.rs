@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use vault_proto::vault::node::v1 as pb;
 use vault_proto::vault::node::v1::node_client::NodeClient;
 use vault_proto::vault::node::v1::node_server::Node;
+use zeroize::Zeroizing;
 
 use super::inbox::{ChunkAnswer, SnapshotChunk};
 use super::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
@@ -42,6 +43,9 @@ use crate::tls::{node_name, PeerCheck, PeerConnector};
 
 const REQUEST_LABEL: &[u8] = b"hsm-vault/v1/peer-request";
 const RESPONSE_LABEL: &[u8] = b"hsm-vault/v1/peer-response";
+const STREAM_KEY_LABEL: &[u8] = b"hsm-vault/v1/peer-stream-key";
+const STREAM_REQUEST_LABEL: &[u8] = b"hsm-vault/v1/peer-stream-request";
+const STREAM_RESPONSE_LABEL: &[u8] = b"hsm-vault/v1/peer-stream-response";
 
 /// Largest Raft message accepted (snapshot chunks are the big ones).
 pub const MAX_RAFT_MESSAGE: usize = 8 * 1024 * 1024;
@@ -65,6 +69,31 @@ fn mac_input(label: &[u8], kind: &str, hop: Hop, payload: &[u8]) -> Vec<u8> {
     d.extend_from_slice(&to.to_be_bytes());
     d.extend_from_slice(payload);
     d
+}
+
+/// The key of one AppendEntries stream over `hop`, opened with the 16-byte
+/// `nonce`: `HMAC(record-id key, "hsm-vault/v1/peer-stream-key" || group ||
+/// from || to || nonce)`, made inside the token, so only a member of the
+/// domain can make it; each end makes it once per stream, and the frames
+/// are then MAC'd with it in software (see [`frame_mac`]).
+fn stream_key(
+    partition: &Arc<Partition>,
+    hop: Hop,
+    nonce: &[u8],
+) -> Result<Zeroizing<[u8; 32]>, PartitionError> {
+    mac(partition, &mac_input(STREAM_KEY_LABEL, "", hop, nonce)).map(Zeroizing::new)
+}
+
+/// The MAC of frame `seq` of a stream (a request with `label`
+/// [`STREAM_REQUEST_LABEL`], or the answer to it with
+/// [`STREAM_RESPONSE_LABEL`]) under the stream's key.
+fn frame_mac(key: &[u8; 32], label: &[u8], hop: Hop, seq: u64, payload: &[u8]) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(key)
+        .expect("HMAC takes a key of any length");
+    m.update(&mac_input(label, "", hop, &seq.to_be_bytes()));
+    m.update(payload);
+    m.finalize().into_bytes().into()
 }
 
 fn mac(partition: &Arc<Partition>, input: &[u8]) -> Result<[u8; 32], PartitionError> {
@@ -357,22 +386,26 @@ impl PeerClient {
     }
 
     /// Opens the pipelined AppendEntries stream: requests go out as openraft
-    /// produces them, each delayed by the emulated link and MAC'd as one
-    /// frame; answers come back in order, each checked against its request.
+    /// produces them, each delayed by the emulated link; answers come back
+    /// in order. The stream's key is made by the token once; each frame
+    /// and each answer is MAC'd with it and its place in the stream.
     async fn open_stream<S>(&mut self, input: S) -> Rpc<AppendStream>
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
-        const KIND: &str = "append_entries";
         let link = self.link.clone();
+        let hop = link.hop;
+        let mut nonce = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+        let key = stream_key(&link.partition, hop, &nonce).map_err(|e| network(&e))?;
         let (to_peer, outgoing) = tokio::sync::mpsc::unbounded_channel::<pb::RaftRequest>();
-        let (sent_tags, tags) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         // Frames leave in order, each once its emulated delay has passed
         // since openraft produced it, so the link stays full.
         let (stamped, mut due) = tokio::sync::mpsc::unbounded_channel();
-        let sender = link.clone();
+        let (sender, sending_key) = (link.clone(), key.clone());
         tokio::spawn(async move {
             let mut input = input;
+            let mut seq = 0u64;
             while let Some(req) = input.next().await {
                 let Some(delay) = sender.delay() else {
                     break;
@@ -380,8 +413,16 @@ impl PeerClient {
                 let Ok(payload) = serde_json::to_vec(&req) else {
                     break;
                 };
-                let Ok(frame) = sender.request(KIND, payload) else {
-                    break;
+                let tag = frame_mac(&sending_key, STREAM_REQUEST_LABEL, hop, seq, &payload);
+                seq += 1;
+                let frame = pb::RaftRequest {
+                    kind: STREAM_KIND.to_owned(),
+                    group: hop.group,
+                    from: hop.from,
+                    to: hop.to,
+                    payload,
+                    mac: tag.to_vec(),
+                    nonce: nonce.to_vec(),
                 };
                 if stamped.send((Instant::now() + delay, frame)).is_err() {
                     break;
@@ -391,7 +432,7 @@ impl PeerClient {
         tokio::spawn(async move {
             while let Some((at, frame)) = due.recv().await {
                 tokio::time::sleep_until(at).await;
-                if sent_tags.send(frame.mac.clone()).is_err() || to_peer.send(frame).is_err() {
+                if to_peer.send(frame).is_err() {
                     break;
                 }
             }
@@ -403,12 +444,11 @@ impl PeerClient {
         };
         // Answers come back over the same emulated link.
         let (back, arrived) = tokio::sync::mpsc::unbounded_channel();
-        let receiver = link.clone();
         tokio::spawn(async move {
             let mut responses = responses;
             loop {
                 let next = responses.next().await;
-                let delay = receiver.delay().unwrap_or_default();
+                let delay = link.delay().unwrap_or_default();
                 let end = !matches!(next, Some(Ok(_)));
                 if back.send((Instant::now() + delay, next)).is_err() || end {
                     break;
@@ -416,33 +456,38 @@ impl PeerClient {
             }
         });
         let answers = futures_util::stream::unfold(
-            (link, arrived, tags),
-            |(link, mut arrived, mut tags)| async move {
+            (key, arrived, 0u64),
+            move |(key, mut arrived, seq)| async move {
                 let (at, next) = arrived.recv().await?;
                 tokio::time::sleep_until(at).await;
                 let response = match next {
                     Some(Ok(r)) => r,
                     Some(Err(status)) => {
-                        return Some((Err(unreachable(&status)), (link, arrived, tags)))
+                        return Some((Err(unreachable(&status)), (key, arrived, seq)))
                     }
                     None => return None,
                 };
-                let answer = match tags.recv().await {
-                    None => Err(network(&"an answer to no request")),
-                    Some(tag) => link
-                        .answer::<Remote<StreamAppendResult<TypeConfig>>>(KIND, &tag, &response)
-                        .and_then(|a| {
-                            a.map_err(|fatal| {
-                                unreachable(&format!("the peer's Raft stopped: {fatal}"))
-                            })
-                        }),
+                let expected = frame_mac(&key, STREAM_RESPONSE_LABEL, hop, seq, &response.payload);
+                let answer = if bool::from(expected.ct_eq(&response.mac)) {
+                    serde_json::from_slice::<Remote<StreamAppendResult<TypeConfig>>>(
+                        &response.payload,
+                    )
+                    .map_err(|e| network(&e))
+                    .and_then(|a| {
+                        a.map_err(|fatal| unreachable(&format!("the peer's Raft stopped: {fatal}")))
+                    })
+                } else {
+                    Err(network(&"peer stream answer MAC does not verify"))
                 };
-                Some((answer, (link, arrived, tags)))
+                Some((answer, (key, arrived, seq + 1)))
             },
         );
         Ok(Box::pin(answers))
     }
 }
+
+/// The kind of every frame of an AppendEntries stream.
+const STREAM_KIND: &str = "append_entries";
 
 /// The answers of an AppendEntries stream.
 type AppendStream = BoxStream<'static, Rpc<StreamAppendResult<TypeConfig>>>;
@@ -699,12 +744,33 @@ impl Node for NodeService {
         let from = first.from;
         self.peers.require(&request, &node_name(from))?;
         let mut frames = request.into_inner();
+        // The stream's key, from the first frame's nonce, made by this
+        // node's token: a sender that is not a member of the domain cannot
+        // make it, so none of its frames verifies.
+        if first.nonce.len() != 16 {
+            return Err(Status::invalid_argument(
+                "peer message nonce must be 16 bytes",
+            ));
+        }
+        let hop = Hop {
+            group: first.group,
+            from,
+            to: first.to,
+        };
+        if hop.to != self.id || hop.group != self.group {
+            return Err(Status::failed_precondition(
+                "stream addressed to another node or group",
+            ));
+        }
+        let nonce = first.nonce.clone();
+        let key = stream_key(&self.partition, hop, &nonce)
+            .map_err(|_| Status::internal("HSM operation failed"))?;
         let (requests, input) = tokio::sync::mpsc::unbounded_channel();
-        let (checked, pending) = tokio::sync::mpsc::unbounded_channel();
         let (refusal, refused) = tokio::sync::oneshot::channel::<Status>();
-        let service = self.clone();
+        let checking = key.clone();
         tokio::spawn(async move {
             let mut next = Some(first);
+            let mut seq = 0u64;
             let failure = loop {
                 let req = match next.take() {
                     Some(req) => req,
@@ -714,22 +780,33 @@ impl Node for NodeService {
                         None => return,
                     },
                 };
-                if req.kind != "append_entries" {
+                if req.kind != STREAM_KIND {
                     break Status::invalid_argument("only AppendEntries travel on a stream");
                 }
-                if req.from != from {
-                    break Status::permission_denied("every frame of a stream has one sender");
+                if req.from != hop.from
+                    || req.to != hop.to
+                    || req.group != hop.group
+                    || req.nonce != nonce
+                {
+                    break Status::permission_denied("every frame of a stream has its first frame's sender, receiver, group and nonce");
                 }
-                let hop = match service.check(&req) {
-                    Ok(hop) => hop,
-                    Err(status) => break status,
-                };
+                let expected = frame_mac(&checking, STREAM_REQUEST_LABEL, hop, seq, &req.payload);
+                if !bool::from(expected.ct_eq(&req.mac)) {
+                    tracing::warn!(
+                        from = req.from,
+                        "refused a stream frame whose MAC does not verify"
+                    );
+                    break Status::unauthenticated(
+                        "peer message MAC does not verify: the sender is not a member of this domain",
+                    );
+                }
+                seq += 1;
                 let rpc: AppendEntriesRequest<TypeConfig> =
                     match serde_json::from_slice(&req.payload) {
                         Ok(rpc) => rpc,
                         Err(e) => break bad_request(e),
                     };
-                if checked.send((req, hop)).is_err() || requests.send(rpc).is_err() {
+                if requests.send(rpc).is_err() {
                     return;
                 }
             };
@@ -738,19 +815,20 @@ impl Node for NodeService {
         let input = tokio_stream::wrappers::UnboundedReceiverStream::new(input);
         let results = Box::pin(self.raft.stream_append(input));
         let answers = futures_util::stream::unfold(
-            (self.clone(), results, pending, Some(refused)),
-            |(service, mut results, mut pending, mut refused)| async move {
+            (key, results, 0u64, Some(refused)),
+            move |(key, mut results, seq, mut refused)| async move {
                 let answer = match results.next().await {
-                    Some(result) => {
-                        let (req, hop) = pending.recv().await?;
-                        remote(result)
-                            .map_err(|e| Status::internal(e.to_string()))
-                            .and_then(|payload| service.answer(&req, hop, payload))
-                    }
+                    Some(result) => remote(result)
+                        .map_err(|e| Status::internal(e.to_string()))
+                        .map(|payload| pb::RaftResponse {
+                            mac: frame_mac(&key, STREAM_RESPONSE_LABEL, hop, seq, &payload)
+                                .to_vec(),
+                            payload,
+                        }),
                     // The input ended: say why, if a frame was refused.
                     None => Err(refused.take()?.await.ok()?),
                 };
-                Some((answer, (service, results, pending, refused)))
+                Some((answer, (key, results, seq + 1, refused)))
             },
         );
         let answers: ResponseStream = Box::pin(answers);
