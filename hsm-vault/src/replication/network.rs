@@ -429,12 +429,15 @@ impl PeerClient {
                 }
             }
         });
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = sent.clone();
         tokio::spawn(async move {
             while let Some((at, frame)) = due.recv().await {
                 tokio::time::sleep_until(at).await;
                 if to_peer.send(frame).is_err() {
                     break;
                 }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
         });
         let outgoing = tokio_stream::wrappers::UnboundedReceiverStream::new(outgoing);
@@ -455,36 +458,61 @@ impl PeerClient {
                 }
             }
         });
-        let answers = futures_util::stream::unfold(
-            (key, arrived, 0u64),
-            move |(key, mut arrived, seq)| async move {
-                let (at, next) = arrived.recv().await?;
-                tokio::time::sleep_until(at).await;
-                let response = match next {
-                    Some(Ok(r)) => r,
-                    Some(Err(status)) => {
-                        return Some((Err(unreachable(&status)), (key, arrived, seq)))
+        let answers =
+            futures_util::stream::unfold((key, arrived, 0u64), move |(key, mut arrived, seq)| {
+                let sent = sent.clone();
+                async move {
+                    if seq == u64::MAX {
+                        return None;
                     }
-                    None => return None,
-                };
-                let expected = frame_mac(&key, STREAM_RESPONSE_LABEL, hop, seq, &response.payload);
-                let answer = if bool::from(expected.ct_eq(&response.mac)) {
-                    serde_json::from_slice::<Remote<StreamAppendResult<TypeConfig>>>(
-                        &response.payload,
-                    )
-                    .map_err(|e| network(&e))
-                    .and_then(|a| {
-                        a.map_err(|fatal| unreachable(&format!("the peer's Raft stopped: {fatal}")))
-                    })
-                } else {
-                    Err(network(&"peer stream answer MAC does not verify"))
-                };
-                Some((answer, (key, arrived, seq + 1)))
-            },
-        );
+                    // A peer that stops answering (a frozen process, a
+                    // connection that hangs) ends the stream, so that openraft
+                    // opens a new one; an idle stream waits.
+                    let (at, next) = loop {
+                        match tokio::time::timeout(STREAM_SILENCE, arrived.recv()).await {
+                            Ok(arrival) => break arrival?,
+                            Err(_) if sent.load(std::sync::atomic::Ordering::SeqCst) > seq => {
+                                return Some((
+                                    Err(unreachable(&"the peer stopped answering its stream")),
+                                    (key, arrived, u64::MAX),
+                                ));
+                            }
+                            Err(_) => continue,
+                        }
+                    };
+                    tokio::time::sleep_until(at).await;
+                    let response = match next {
+                        Some(Ok(r)) => r,
+                        Some(Err(status)) => {
+                            return Some((Err(unreachable(&status)), (key, arrived, seq)))
+                        }
+                        None => return None,
+                    };
+                    let expected =
+                        frame_mac(&key, STREAM_RESPONSE_LABEL, hop, seq, &response.payload);
+                    let answer = if bool::from(expected.ct_eq(&response.mac)) {
+                        serde_json::from_slice::<Remote<StreamAppendResult<TypeConfig>>>(
+                            &response.payload,
+                        )
+                        .map_err(|e| network(&e))
+                        .and_then(|a| {
+                            a.map_err(|fatal| {
+                                unreachable(&format!("the peer's Raft stopped: {fatal}"))
+                            })
+                        })
+                    } else {
+                        Err(network(&"peer stream answer MAC does not verify"))
+                    };
+                    Some((answer, (key, arrived, seq + 1)))
+                }
+            });
         Ok(Box::pin(answers))
     }
 }
+
+/// How long a stream with frames awaiting answers may stay silent before
+/// it is given up (openraft then opens another).
+const STREAM_SILENCE: Duration = Duration::from_secs(5);
 
 /// The kind of every frame of an AppendEntries stream.
 const STREAM_KIND: &str = "append_entries";
