@@ -47,7 +47,7 @@ fuzz_target!(init: vault_fuzz::seeds::init("grpc_node"), |data: &[u8]| {
                 rt::<Result<AppendEntriesResponse<TypeConfig>, String>>(&m.payload);
                 rt::<Result<StreamAppendResult<TypeConfig>, String>>(&m.payload);
                 rt::<Result<VoteResponse<TypeConfig>, String>>(&m.payload);
-                rt::<ChunkAnswer>(&m.payload);
+                rt::<Result<ChunkAnswer, String>>(&m.payload);
             }
         }
         2 => {

@@ -89,7 +89,7 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
             rt::<Result<VoteResponse<TypeConfig>, String>>(bytes);
         }
         14 => {
-            rt::<ChunkAnswer>(bytes);
+            rt::<Result<ChunkAnswer, String>>(bytes);
         }
         _ => {
             rt::<Vec<Entry>>(bytes);

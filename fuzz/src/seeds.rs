@@ -426,9 +426,9 @@ fn raft_json() -> Seeds {
     add(
         14,
         "snapshot_ok",
-        json(&ChunkAnswer::Taken {
+        json(&Ok::<_, String>(ChunkAnswer::Taken {
             vote: Vote::new_committed(4, 2),
-        }),
+        })),
     );
     add(15, "entries", json(&entries()));
     seeds

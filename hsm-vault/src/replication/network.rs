@@ -740,7 +740,7 @@ impl Node for NodeService {
                     .receive(chunk)
                     .await
                     .map_err(|refused| Status::failed_precondition(refused.to_string()))?;
-                serde_json::to_vec(&answer)
+                remote(Ok::<_, String>(answer))
             }
             other => {
                 return Err(Status::invalid_argument(format!(
