@@ -220,6 +220,103 @@ async fn node_without_the_ceremony_cannot_join_or_decrypt() {
     assert_eq!(got.0, key.0);
 }
 
+/// A process that is not a member of the domain, posing as the leader,
+/// opens an AppendEntries stream to a follower with a much higher term.
+/// Its frame cannot carry the MAC of the stream's key (only the tokens make
+/// that key), so the follower ends the stream UNAUTHENTICATED and takes
+/// nothing from it: its term does not move, and the group keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn append_stream_frames_without_the_stream_key_are_refused() {
+    use vault_proto::vault::node::v1 as node_pb;
+    let nodes = start_group(3, "forged-stream");
+    let key = BackupKey::generate();
+    let token = nodes[0].bearer("alice");
+    eventually("register", || async {
+        client(&nodes[0])
+            .await
+            .register_key(b"alice", &token, PASSWORD, &key, 0)
+            .await
+    })
+    .await;
+    let leader = vault_e2e::leader_of(&nodes).await;
+    let f = (leader + 1) % nodes.len();
+    let (f_id, leader_id) = (f as u64 + 1, leader as u64 + 1);
+    let peers = nodes[0].peers_arg();
+    let peer = peers
+        .split(',')
+        .find_map(|p| p.strip_prefix(&format!("{f_id}=")))
+        .expect("the follower's peer address")
+        .to_owned();
+    let term = || vault_e2e::metric(&nodes[f].scrape(), "vault_raft_term", &[]);
+    let before = term();
+    assert!(before >= 1.0, "the group has elected a leader");
+
+    // AppendEntries as openraft encodes it, from the leader's id with a
+    // term far above the group's.
+    let forged_term = before as u64 + 100;
+    let payload = serde_json::to_vec(&serde_json::json!({
+        "vote": {"leader_id": {"term": forged_term, "node_id": leader_id}, "committed": true},
+        "prev_log_id": null,
+        "entries": [],
+        "leader_commit": null,
+    }))
+    .expect("json");
+    let frame = node_pb::RaftRequest {
+        kind: "append_entries".into(),
+        from: leader_id,
+        to: f_id,
+        group: 1,
+        payload,
+        mac: vec![0x5a; 32],
+        nonce: vec![0x11; 16],
+    };
+    let mut peer_client = node_pb::node_client::NodeClient::connect(format!("http://{peer}"))
+        .await
+        .expect("connect to the follower's peer listener");
+    let refused = match peer_client.raft_stream(tokio_stream_once(frame)).await {
+        Err(status) => status,
+        Ok(answers) => {
+            let mut answers = answers.into_inner();
+            match answers.message().await {
+                Err(status) => status,
+                Ok(answer) => panic!("the forged frame was answered: {answer:?}"),
+            }
+        }
+    };
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(term(), before, "the follower took the forged term");
+    let logs = std::fs::read_to_string(nodes[f].log_path()).unwrap_or_default();
+    assert!(
+        logs.contains("MAC does not verify"),
+        "the refusal is logged"
+    );
+    // The group keeps serving.
+    let got = eventually("recover", || async {
+        client(&nodes[f])
+            .await
+            .recover_key(b"alice", PASSWORD)
+            .await
+    })
+    .await;
+    assert_eq!(got.0, key.0);
+}
+
+/// A stream of the one item `item`, kept open afterwards (as a leader's
+/// stream is while it has nothing more to send).
+fn tokio_stream_once<T: Send + 'static>(
+    item: T,
+) -> impl tonic::codegen::tokio_stream::Stream<Item = T> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        let _ = tx.send(item).await;
+        // Hold the sender so that the stream stays open.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(tx);
+    });
+    tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// One wrong password for alice through `node` (retried while the group
 /// elects): the guesses left it reports.
 async fn wrong_guess(node: &VaultNode, what: &str) -> u32 {

@@ -863,3 +863,74 @@ impl Node for NodeService {
         Ok(Response::new(answers))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOP: Hop = Hop {
+        group: 1,
+        from: 2,
+        to: 3,
+    };
+
+    /// A frame's MAC binds the stream's key, the direction, the hop and the
+    /// frame's place in the stream: a frame or answer moved to another
+    /// place, stream, direction or pair of nodes does not verify.
+    #[test]
+    fn a_frame_mac_binds_key_direction_hop_and_place() {
+        let key = [7u8; 32];
+        let mac = frame_mac(&key, STREAM_REQUEST_LABEL, HOP, 5, b"entries");
+        assert_ne!(
+            mac,
+            frame_mac(&[8u8; 32], STREAM_REQUEST_LABEL, HOP, 5, b"entries")
+        );
+        assert_ne!(
+            mac,
+            frame_mac(&key, STREAM_RESPONSE_LABEL, HOP, 5, b"entries")
+        );
+        assert_ne!(
+            mac,
+            frame_mac(&key, STREAM_REQUEST_LABEL, HOP, 6, b"entries")
+        );
+        assert_ne!(
+            mac,
+            frame_mac(
+                &key,
+                STREAM_REQUEST_LABEL,
+                Hop { to: 4, ..HOP },
+                5,
+                b"entries"
+            )
+        );
+        assert_ne!(
+            mac,
+            frame_mac(
+                &key,
+                STREAM_REQUEST_LABEL,
+                Hop { group: 2, ..HOP },
+                5,
+                b"entries"
+            )
+        );
+        assert_ne!(
+            mac,
+            frame_mac(&key, STREAM_REQUEST_LABEL, HOP, 5, b"entriez")
+        );
+        // Pinned: HMAC-SHA256(key, label || 0 || group || from || to || seq
+        // || payload), integers u64 big-endian.
+        assert_eq!(
+            hex::encode(mac),
+            hex::encode({
+                use hmac::Mac;
+                let mut m = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&key).expect("key");
+                m.update(b"hsm-vault/v1/peer-stream-request\0");
+                for n in [1u64, 2, 3, 5] {
+                    m.update(&n.to_be_bytes());
+                }
+                m.update(b"entries");
+                <[u8; 32]>::from(m.finalize().into_bytes())
+            })
+        );
+    }
+}
