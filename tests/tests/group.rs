@@ -302,6 +302,16 @@ async fn append_stream_frames_without_the_stream_key_are_refused() {
     assert_eq!(got.0, key.0);
 }
 
+/// The last `n` lines of `node`'s log that are not openraft's own chatter.
+fn log_tail(node: &VaultNode, n: usize) -> String {
+    let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains(" INFO openraft::") || l.contains("snapshot"))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A stream of the one item `item`, kept open afterwards (as a leader's
 /// stream is while it has nothing more to send).
 fn tokio_stream_once<T: Send + 'static>(
@@ -1323,7 +1333,10 @@ async fn edited_snapshot_is_refused_and_its_receiver_keeps_serving(
     while vault_e2e::metric(&nodes[f].scrape(), "vault_snapshots_refused_total", &[]) < 1.0 {
         assert!(
             start.elapsed() < DEADLINE,
-            "{edit:?}: the edited snapshot was not refused"
+            "{edit:?}: the edited snapshot was not refused; the sender's log ends:\n{}\nthe \
+             receiver's:\n{}",
+            log_tail(&nodes[s], 60),
+            log_tail(&nodes[f], 60)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
