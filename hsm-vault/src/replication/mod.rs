@@ -215,8 +215,9 @@ impl Flush {
 pub const HEARTBEAT_MS: u64 = 100;
 
 /// The heartbeat for a group whose longest round trip between members is
-/// `round_trip`: openraft gives every AppendEntries (replication, and the
-/// leadership check of a read) one heartbeat interval to be answered, so
+/// `round_trip`: openraft gives every heartbeat (a one-frame AppendEntries
+/// stream, which also serves a read's leadership check) one heartbeat
+/// interval to be answered, so
 /// the interval must exceed the round trip, with room for the work at the
 /// far end. Otherwise a leader in a far region never hears back in time and
 /// the group stalls (while its heartbeats keep the followers from electing
