@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk, SnapshotInbox};
+use hsm_vault::replication::network::StreamTasks;
 use hsm_vault::replication::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -205,7 +206,8 @@ impl SimNet {
         let (back, mut arrived) = tokio::sync::mpsc::unbounded_channel();
         // The sender's side: each frame draws its fate as it is sent.
         let (net, lost) = (self.clone(), broken.clone());
-        tokio::spawn(async move {
+        let mut tasks = StreamTasks::default();
+        tasks.spawn(async move {
             let mut input = input;
             let mut last = Instant::now();
             while let Some(req) = input.next().await {
@@ -223,7 +225,7 @@ impl SimNet {
         // The far end: frames reach the target's Raft in order; its answers
         // start back as it gives them.
         let (net, lost) = (self.clone(), broken.clone());
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut back = Some(back);
             let mut target_input = None;
             while let Some((at, req)) = due.recv().await {
@@ -272,12 +274,15 @@ impl SimNet {
                 )
             })
         });
-        let answers = futures_util::stream::poll_fn(move |cx| arrived.poll_recv(cx)).then(
-            move |(at, answer)| async move {
-                tokio::time::sleep_until(at).await;
-                answer.map_err(|fatal| unreachable(to, &format!("Raft stopped: {fatal}")))
-            },
-        );
+        let answers = futures_util::stream::poll_fn(move |cx| {
+            // The stream's tasks live as long as its answers are read.
+            let _tasks = &tasks;
+            arrived.poll_recv(cx)
+        })
+        .then(move |(at, answer)| async move {
+            tokio::time::sleep_until(at).await;
+            answer.map_err(|fatal| unreachable(to, &format!("Raft stopped: {fatal}")))
+        });
         Box::pin(answers.chain(ended))
     }
 }

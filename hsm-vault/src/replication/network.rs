@@ -403,7 +403,8 @@ impl PeerClient {
         // since openraft produced it, so the link stays full.
         let (stamped, mut due) = tokio::sync::mpsc::unbounded_channel();
         let (sender, sending_key) = (link.clone(), key.clone());
-        tokio::spawn(async move {
+        let mut tasks = StreamTasks::default();
+        tasks.spawn(async move {
             let mut input = input;
             let mut seq = 0u64;
             while let Some(req) = input.next().await {
@@ -431,7 +432,7 @@ impl PeerClient {
         });
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counted = sent.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             while let Some((at, frame)) = due.recv().await {
                 tokio::time::sleep_until(at).await;
                 if to_peer.send(frame).is_err() {
@@ -447,7 +448,7 @@ impl PeerClient {
         };
         // Answers come back over the same emulated link.
         let (back, arrived) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut responses = responses;
             loop {
                 let next = responses.next().await;
@@ -460,6 +461,8 @@ impl PeerClient {
         });
         let answers =
             futures_util::stream::unfold((key, arrived, 0u64), move |(key, mut arrived, seq)| {
+                // The stream's tasks live as long as its answers are read.
+                let _tasks = &tasks;
                 let sent = sent.clone();
                 async move {
                     if seq == u64::MAX {
@@ -507,6 +510,33 @@ impl PeerClient {
                 }
             });
         Ok(Box::pin(answers))
+    }
+}
+
+/// Tasks that serve one stream, stopped when it is dropped. openraft drops
+/// the answers of a stream it is done with (after a conflict, an error, or
+/// when it starts another); the task reading its requests must stop then,
+/// or it keeps polling openraft's request stream, which holds the
+/// replication's state locked while it waits for entries, and the next
+/// stream to that follower never starts.
+#[derive(Debug, Default)]
+pub struct StreamTasks(Vec<tokio::task::AbortHandle>);
+
+impl StreamTasks {
+    /// Runs `task` for as long as this lives.
+    pub fn spawn<F>(&mut self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.0.push(tokio::spawn(task).abort_handle());
+    }
+}
+
+impl Drop for StreamTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
     }
 }
 
