@@ -815,30 +815,42 @@ impl PartitionSession {
     /// token (created empty on first use). Like the anchor, it lives in the
     /// label of a private data object, where the host cannot roll it back.
     pub fn app_state(&self, app: &str) -> Result<Vec<u8>, PartitionError> {
-        read_label(self.s(), self.state_object(app)?)
+        read_label(self.s(), self.state_object(app)?).inspect_err(|_| self.forget_state_object(app))
     }
 
     /// Replaces the state kept under application name `app`.
     pub fn set_app_state(&self, app: &str, state: &[u8]) -> Result<(), PartitionError> {
         write_label(self.s(), self.state_object(app)?, state)
+            .inspect_err(|_| self.forget_state_object(app))
     }
 
     /// The state object of `app`, found (or made) once and remembered.
     fn state_object(&self, app: &str) -> Result<ObjectHandle, PartitionError> {
-        if let Some(h) = self
-            .partition
-            .state_objects
-            .lock()
-            .ok()
-            .and_then(|objects| objects.get(app).copied())
-        {
+        // Found or made under the lock, so that two threads never make two
+        // objects for one application.
+        let mut objects =
+            self.partition
+                .state_objects
+                .lock()
+                .map_err(|_| PartitionError::Operation {
+                    op: "token state",
+                    detail: "state object lock poisoned".into(),
+                })?;
+        if let Some(h) = objects.get(app).copied() {
             return Ok(h);
         }
         let h = state_object(self.s(), app)?;
-        if let Ok(mut objects) = self.partition.state_objects.lock() {
-            objects.insert(app.to_owned(), h);
-        }
+        objects.insert(app.to_owned(), h);
         Ok(h)
+    }
+
+    /// Forgets the handle of `app`'s state object after an operation on it
+    /// failed: the next use finds the object again (a handle can go stale,
+    /// say if the object's file was being rewritten when SoftHSM re-read it).
+    fn forget_state_object(&self, app: &str) {
+        if let Ok(mut objects) = self.partition.state_objects.lock() {
+            objects.remove(app);
+        }
     }
 
     /// Reads back how each domain key is protected, and tries the two ways a

@@ -252,9 +252,21 @@ impl LogStore {
         self.resync_floor
     }
 
+    /// The token state: the cached copy, or read from the token. Reads and
+    /// writes of it are serialized: openraft 0.10 reads the vote from its
+    /// replication tasks while the log task writes, and a token read during
+    /// a write of the same object can fail.
     fn token_state(&self) -> Result<TokenLogState, std::io::Error> {
-        if let Some(state) = self.known.lock().ok().and_then(|k| k.state.clone()) {
-            return Ok(state);
+        let mut known = self
+            .known
+            .lock()
+            .map_err(|_| io_error("token state lock poisoned"))?;
+        self.load(&mut known)
+    }
+
+    fn load(&self, known: &mut Known) -> Result<TokenLogState, std::io::Error> {
+        if let Some(state) = &known.state {
+            return Ok(state.clone());
         }
         let bytes = retry(|| {
             self.partition
@@ -267,41 +279,38 @@ impl LogStore {
         } else {
             serde_json::from_slice(&bytes).map_err(io_error)?
         };
-        if let Ok(mut known) = self.known.lock() {
-            known.state = Some(state.clone());
-        }
+        known.state = Some(state.clone());
         Ok(state)
     }
 
     /// Changes the token state; the token's label is rewritten only if
     /// something changed (or a committed id is waiting to be written).
     fn update_token(&self, f: impl FnOnce(&mut TokenLogState)) -> Result<(), std::io::Error> {
-        let before = self.token_state()?;
+        let mut known = self
+            .known
+            .lock()
+            .map_err(|_| io_error("token state lock poisoned"))?;
+        let before = self.load(&mut known)?;
         let mut state = before.clone();
         f(&mut state);
-        let unsaved = self.known.lock().map(|k| k.unsaved).unwrap_or(true);
-        if state == before && !unsaved {
+        if state == before && !known.unsaved {
             return Ok(());
         }
         let bytes = serde_json::to_vec(&state).map_err(io_error)?;
-        // Forget the cached state first: if the write fails, the next read
-        // goes to the token.
-        if let Ok(mut known) = self.known.lock() {
-            *known = Known::default();
-        }
-        retry(|| {
+        let written = retry(|| {
             self.partition
                 .session()
                 .and_then(|s| s.set_app_state(&self.app, &bytes))
-        })
-        .map_err(io_error)?;
-        if let Ok(mut known) = self.known.lock() {
-            *known = Known {
+        });
+        *known = match written {
+            Ok(()) => Known {
                 state: Some(state),
                 unsaved: false,
-            };
-        }
-        Ok(())
+            },
+            // The next read goes to the token.
+            Err(_) => Known::default(),
+        };
+        written.map_err(io_error)
     }
 
     /// The flusher's queue, starting the task on first use (appends run
@@ -421,15 +430,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .raft_commit_index
                 .set(i64::try_from(c.index).unwrap_or(i64::MAX));
         }
-        let mut state = self.token_state()?;
+        let mut known = self
+            .known
+            .lock()
+            .map_err(|_| io_error("token state lock poisoned"))?;
+        let mut state = self.load(&mut known)?;
         if committed > state.committed {
             state.committed = committed;
-            if let Ok(mut known) = self.known.lock() {
-                *known = Known {
-                    state: Some(state),
-                    unsaved: true,
-                };
-            }
+            *known = Known {
+                state: Some(state),
+                unsaved: true,
+            };
         }
         Ok(())
     }
