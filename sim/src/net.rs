@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk, SnapshotInbox};
+use hsm_vault::replication::inbox::{
+    send_in_chunks, streaming_error, SnapshotChunk, SnapshotInbox,
+};
 use hsm_vault::replication::network::StreamTasks;
 use hsm_vault::replication::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use openraft::base::{BoxFuture, BoxStream};
@@ -340,48 +342,36 @@ impl Link {
         snapshot: VaultSnapshot,
     ) -> Rpc<SnapshotResponse<TypeConfig>> {
         let to = self.to;
-        let data = snapshot.snapshot.into_inner();
+        let ends = self.ends();
+        let net = self.net.clone();
         let transfer = self.net.state().rng.gen::<u64>();
-        let mut offset = 0usize;
-        loop {
-            let end = data.len().min(offset + SNAPSHOT_CHUNK);
-            let chunk = SnapshotChunk {
-                vote,
-                meta: snapshot.meta.clone(),
-                transfer,
-                offset: offset as u64,
-                done: end == data.len(),
-                data: data[offset..end].to_vec(),
-            };
-            let done = chunk.done;
-            let answer = self
-                .net
-                .carry(self.ends(), chunk, |t: Endpoint, c| async move {
-                    // Through the node's own receiver, which checks a
-                    // snapshot before Raft installs it.
-                    Ok(t.inbox.receive(c).await)
-                })
-                .await?;
-            // A refusal reaches the sender as the node service's does: a
-            // failed call, which it retries later.
-            let answer = answer.map_err(|refused| {
-                RPCError::Network(NetworkError::new(&AnyError::error(format!(
-                    "node {to}: {refused}"
-                ))))
-            })?;
-            match answer {
-                ChunkAnswer::Taken { vote: theirs } if theirs > vote || done => {
-                    return Ok(SnapshotResponse { vote: theirs });
+        send_in_chunks(
+            vote,
+            snapshot,
+            transfer,
+            SNAPSHOT_CHUNK,
+            |chunk: SnapshotChunk| {
+                let net = net.clone();
+                async move {
+                    let answer = net
+                        .carry(ends, chunk, |t: Endpoint, c| async move {
+                            // Through the node's own receiver, which checks a
+                            // snapshot before Raft installs it.
+                            Ok(t.inbox.receive(c).await)
+                        })
+                        .await?;
+                    // A refusal reaches the sender as the node service's does: a
+                    // failed call, which it retries later.
+                    answer.map_err(|refused| {
+                        RPCError::Network(NetworkError::new(&AnyError::error(format!(
+                            "node {to}: {refused}"
+                        ))))
+                    })
                 }
-                ChunkAnswer::Taken { .. } => offset = end,
-                ChunkAnswer::Resend { offset: from } => {
-                    offset = usize::try_from(from).unwrap_or(0).min(offset);
-                }
-                ChunkAnswer::Stopped(fatal) => {
-                    return Err(unreachable(to, &format!("Raft stopped: {fatal}")));
-                }
-            }
-        }
+            },
+            |fatal| unreachable(to, &format!("Raft stopped: {fatal}")),
+        )
+        .await
     }
 }
 
@@ -421,14 +411,7 @@ impl RaftNetworkV2<TypeConfig> for Link {
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            sent = self.send_snapshot(vote, snapshot) => sent.map_err(|e| match e {
-                RPCError::Timeout(e) => StreamingError::Timeout(e),
-                RPCError::Unreachable(e) => StreamingError::Unreachable(e),
-                RPCError::Network(e) => StreamingError::Network(e),
-                RPCError::RemoteError(e) => {
-                    StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
-                }
-            }),
+            sent = self.send_snapshot(vote, snapshot) => sent.map_err(streaming_error),
         }
     }
 

@@ -127,3 +127,61 @@ impl SnapshotInbox {
         )
     }
 }
+
+/// Sends `snapshot` as transfer `transfer`, in chunks of `chunk_size` bytes through `send` (one
+/// chunk per call, its data in `SnapshotChunk::data`), the sending side of
+/// [`SnapshotInbox`]: resends from where the receiver asks, stops at a
+/// higher vote or once the last chunk is taken. `stopped` makes the error
+/// for a receiver whose Raft has stopped.
+pub async fn send_in_chunks<E, F, Fut>(
+    vote: Vote,
+    snapshot: super::VaultSnapshot,
+    transfer: u64,
+    chunk_size: usize,
+    mut send: F,
+    stopped: impl Fn(String) -> E,
+) -> Result<openraft::raft::SnapshotResponse<super::TypeConfig>, E>
+where
+    F: FnMut(SnapshotChunk) -> Fut,
+    Fut: std::future::Future<Output = Result<ChunkAnswer, E>> + Send,
+{
+    let data = snapshot.snapshot.into_inner();
+    let mut offset = 0usize;
+    loop {
+        let end = data.len().min(offset + chunk_size);
+        let done = end == data.len();
+        let chunk = SnapshotChunk {
+            vote,
+            meta: snapshot.meta.clone(),
+            transfer,
+            offset: offset as u64,
+            done,
+            data: data[offset..end].to_vec(),
+        };
+        match send(chunk).await? {
+            ChunkAnswer::Taken { vote: theirs } if theirs > vote || done => {
+                return Ok(openraft::raft::SnapshotResponse { vote: theirs });
+            }
+            ChunkAnswer::Taken { .. } => offset = end,
+            ChunkAnswer::Resend { offset: from } => {
+                offset = usize::try_from(from).unwrap_or(0).min(offset);
+            }
+            ChunkAnswer::Stopped(fatal) => return Err(stopped(fatal)),
+        }
+    }
+}
+
+/// A failed snapshot send as openraft's snapshot transmitter takes it.
+pub fn streaming_error(
+    e: openraft::error::RPCError<super::TypeConfig>,
+) -> openraft::error::StreamingError<super::TypeConfig> {
+    use openraft::error::{NetworkError, RPCError, StreamingError};
+    match e {
+        RPCError::Timeout(e) => StreamingError::Timeout(e),
+        RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+        RPCError::Network(e) => StreamingError::Network(e),
+        RPCError::RemoteError(e) => {
+            StreamingError::Network(NetworkError::new(&openraft::AnyError::error(e.to_string())))
+        }
+    }
+}

@@ -34,7 +34,7 @@ use vault_proto::vault::node::v1::node_client::NodeClient;
 use vault_proto::vault::node::v1::node_server::Node;
 use zeroize::Zeroizing;
 
-use super::inbox::{ChunkAnswer, SnapshotChunk};
+use super::inbox::SnapshotChunk;
 use super::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use crate::geo::{Geography, Route};
 use crate::partition::{MacKey, Partition, PartitionError};
@@ -321,24 +321,8 @@ impl PeerClient {
     where
         Resp: DeserializeOwned,
     {
-        let delay = self
-            .link
-            .delay()
-            .ok_or_else(|| unreachable(&"link cut or message lost (fault switch)"))?;
-        tokio::time::sleep(delay).await;
-        let request = self.link.request(kind, payload).map_err(|e| network(&e))?;
-        let tag = request.mac.clone();
-        let mut request = Request::new(request);
-        request.set_timeout(timeout);
-        let response = match self.client()?.raft(request).await {
-            Ok(r) => r.into_inner(),
-            // The shared channel reconnects by itself.
-            Err(status) => return Err(unreachable(&status)),
-        };
-        // The answer travels back over the same emulated link.
-        tokio::time::sleep(delay).await;
-        let answer: Remote<Resp> = self.link.answer(kind, &tag, &response)?;
-        answer.map_err(|fatal| unreachable(&format!("the peer's Raft stopped: {fatal}")))
+        let client = self.client()?;
+        send_over(self.link.clone(), client, kind, payload, timeout).await
     }
 
     /// Sends a snapshot in chunks of [`SNAPSHOT_CHUNK`], each a MAC'd
@@ -349,40 +333,24 @@ impl PeerClient {
         snapshot: VaultSnapshot,
         timeout: Duration,
     ) -> Rpc<SnapshotResponse<TypeConfig>> {
-        let data = snapshot.snapshot.into_inner();
-        let transfer = rand::random::<u64>();
-        let mut offset = 0usize;
-        loop {
-            let end = data.len().min(offset + SNAPSHOT_CHUNK);
-            let chunk = SnapshotChunk {
-                vote,
-                meta: snapshot.meta.clone(),
-                transfer,
-                offset: offset as u64,
-                done: end == data.len(),
-                data: Vec::new(),
-            };
-            let head = serde_json::to_vec(&chunk).map_err(|e| network(&e))?;
-            let answer: ChunkAnswer = self
-                .send(
-                    "install_snapshot",
-                    frame_snapshot_chunk(&head, &data[offset..end]),
-                    timeout,
-                )
-                .await?;
-            match answer {
-                ChunkAnswer::Taken { vote: theirs } if theirs > vote || chunk.done => {
-                    return Ok(SnapshotResponse { vote: theirs });
+        let (link, client) = (self.link.clone(), self.client()?);
+        super::inbox::send_in_chunks(
+            vote,
+            snapshot,
+            rand::random(),
+            SNAPSHOT_CHUNK,
+            |mut chunk: SnapshotChunk| {
+                let (link, client) = (link.clone(), client.clone());
+                async move {
+                    let data = std::mem::take(&mut chunk.data);
+                    let head = serde_json::to_vec(&chunk).map_err(|e| network(&e))?;
+                    let framed = frame_snapshot_chunk(&head, &data);
+                    send_over(link, client, "install_snapshot", framed, timeout).await
                 }
-                ChunkAnswer::Taken { .. } => offset = end,
-                ChunkAnswer::Resend { offset: from } => {
-                    offset = usize::try_from(from).unwrap_or(0).min(offset);
-                }
-                ChunkAnswer::Stopped(fatal) => {
-                    return Err(unreachable(&format!("the peer's Raft stopped: {fatal}")));
-                }
-            }
-        }
+            },
+            |fatal| unreachable(&format!("the peer's Raft stopped: {fatal}")),
+        )
+        .await
     }
 
     /// Opens the pipelined AppendEntries stream: requests go out as openraft
@@ -544,6 +512,37 @@ impl Drop for StreamTasks {
 /// it is given up (openraft then opens another).
 const STREAM_SILENCE: Duration = Duration::from_secs(5);
 
+/// Sends `payload` (the encoded request) as a MAC'd Raft message of `kind`
+/// over the emulated `link` with `client`, and checks and decodes the answer.
+async fn send_over<Resp>(
+    link: Link,
+    mut client: NodeClient<Channel>,
+    kind: &str,
+    payload: Vec<u8>,
+    timeout: Duration,
+) -> Rpc<Resp>
+where
+    Resp: DeserializeOwned,
+{
+    let delay = link
+        .delay()
+        .ok_or_else(|| unreachable(&"link cut or message lost (fault switch)"))?;
+    tokio::time::sleep(delay).await;
+    let request = link.request(kind, payload).map_err(|e| network(&e))?;
+    let tag = request.mac.clone();
+    let mut request = Request::new(request);
+    request.set_timeout(timeout);
+    let response = match client.raft(request).await {
+        Ok(r) => r.into_inner(),
+        // The shared channel reconnects by itself.
+        Err(status) => return Err(unreachable(&status)),
+    };
+    // The answer travels back over the same emulated link.
+    tokio::time::sleep(delay).await;
+    let answer: Remote<Resp> = link.answer(kind, &tag, &response)?;
+    answer.map_err(|fatal| unreachable(&format!("the peer's Raft stopped: {fatal}")))
+}
+
 /// The kind of every frame of an AppendEntries stream.
 const STREAM_KIND: &str = "append_entries";
 
@@ -593,14 +592,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let timeout = option.hard_ttl();
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            sent = self.send_snapshot(vote, snapshot, timeout) => sent.map_err(|e| match e {
-                RPCError::Timeout(e) => StreamingError::Timeout(e),
-                RPCError::Unreachable(e) => StreamingError::Unreachable(e),
-                RPCError::Network(e) => StreamingError::Network(e),
-                RPCError::RemoteError(e) => {
-                    StreamingError::Network(NetworkError::new(&AnyError::error(e.to_string())))
-                }
-            }),
+            sent = self.send_snapshot(vote, snapshot, timeout) => {
+                sent.map_err(super::inbox::streaming_error)
+            }
         }
     }
 }
