@@ -14,7 +14,7 @@ use futures_util::{Stream, StreamExt};
 use hsm_vault::replication::inbox::{
     send_in_chunks, streaming_error, SnapshotChunk, SnapshotInbox,
 };
-use hsm_vault::replication::network::StreamTasks;
+use hsm_vault::replication::network::{well_formed, StreamTasks};
 use hsm_vault::replication::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
@@ -262,6 +262,12 @@ impl SimNet {
                 let Some(tx) = target_input.as_ref() else {
                     break;
                 };
+                // The node service's refusal of a malformed frame, which
+                // breaks the stream.
+                if well_formed(&req).is_err() {
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
                 if tx.send(req).is_err() {
                     break;
                 }
@@ -385,6 +391,7 @@ impl RaftNetworkV2<TypeConfig> for Link {
     ) -> Rpc<AppendEntriesResponse<TypeConfig>> {
         self.net
             .carry(self.ends(), rpc, |t: Endpoint, r| async move {
+                well_formed(&r)?;
                 t.raft.append_entries(r).await.map_err(|e| e.to_string())
             })
             .await

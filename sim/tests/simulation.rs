@@ -17,8 +17,13 @@ const CI_SEEDS: u64 = 25;
 /// 7890, a replica whose disk was lost right after it resynced through a
 /// snapshot: its empty state matched the token's record of the state before
 /// its last apply, while the log could not replay the rest (it could not
-/// start).
-const REGRESSION_SEEDS: [u64; 6] = [154, 2110, 2959, 3589, 6845, 7890];
+/// start); 418, 521 and 648 (openraft 0.10), a leader that purged the log
+/// an open stream was still reading and sent a replica the entries after
+/// the purge as if they came first: the replica applied them without the
+/// ones before (418, 521: its digest differed from its leader's; 648: the
+/// group never converged), until the replica refused such a request
+/// (`network::well_formed`).
+const REGRESSION_SEEDS: [u64; 9] = [154, 418, 521, 648, 2110, 2959, 3589, 6845, 7890];
 
 #[test]
 fn invariants_1_2_3_4_8_hold_under_simulated_faults_for_bounded_seeds() {

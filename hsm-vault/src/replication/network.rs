@@ -706,6 +706,32 @@ pub fn resyncing(raft: &Raft, floor: Option<u64>) -> bool {
     last < floor
 }
 
+/// Refuses an AppendEntries whose entries do not follow its `prev_log_id`
+/// one index at a time. A follower that took one would log them with a hole
+/// before them and apply them without the entries they follow. openraft
+/// 0.10.0-alpha.37 can send one: when an error it sees for an earlier
+/// stream resets the leader's current one, the leader may purge logs the
+/// stream is still reading, and the stream then sends the entries after the
+/// purge under a `prev_log_id` from before it (openraft issue #1795
+/// describes the same malformed request; found by the simulation, seeds 418
+/// and 521). Refusing it breaks the stream; the leader starts again from
+/// what the follower holds, by a snapshot if those entries are gone.
+pub fn well_formed(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+    let first = rpc.prev_log_id.map_or(0, |p| p.index + 1);
+    for (at, entry) in rpc.entries.iter().enumerate() {
+        let expected = first + at as u64;
+        if entry.log_id.index != expected {
+            return Err(format!(
+                "AppendEntries after {} carries entry {} where entry {expected} belongs",
+                rpc.prev_log_id
+                    .map_or("nothing".to_owned(), |p| p.to_string()),
+                entry.log_id
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl std::fmt::Debug for NodeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeService")
@@ -741,6 +767,7 @@ impl Node for NodeService {
             "append_entries" => {
                 let rpc: AppendEntriesRequest<TypeConfig> =
                     serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                well_formed(&rpc).map_err(bad_request)?;
                 remote(self.raft.append_entries(rpc).await)
             }
             "vote" => {
@@ -858,6 +885,10 @@ impl Node for NodeService {
                         Ok(rpc) => rpc,
                         Err(e) => break bad_request(e),
                     };
+                if let Err(e) = well_formed(&rpc) {
+                    tracing::error!(from = req.from, "refused a malformed AppendEntries: {e}");
+                    break bad_request(e);
+                }
                 if requests.send(rpc).is_err() {
                     return;
                 }
@@ -897,6 +928,34 @@ mod tests {
         from: 2,
         to: 3,
     };
+
+    /// An AppendEntries is taken only if its entries follow its
+    /// `prev_log_id` one index at a time: the request openraft sent after
+    /// purging under an open stream (entries from 2 after nothing) is
+    /// refused, as are a gap and a repeat; heartbeats and well-formed
+    /// batches pass.
+    #[test]
+    fn an_append_whose_entries_do_not_follow_its_prev_log_id_is_refused() {
+        let blank = |index| crate::replication::Entry {
+            log_id: crate::replication::log_id(1, 1, index),
+            payload: openraft::EntryPayload::Blank,
+        };
+        let request = |prev: Option<u64>, indexes: &[u64]| AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: prev.map(|i| crate::replication::log_id(1, 1, i)),
+            entries: indexes.iter().map(|&i| blank(i)).collect(),
+            leader_commit: None,
+        };
+        assert!(well_formed(&request(None, &[])).is_ok());
+        assert!(well_formed(&request(None, &[0, 1, 2])).is_ok());
+        assert!(well_formed(&request(Some(1), &[2, 3])).is_ok());
+        assert!(well_formed(&request(Some(7), &[])).is_ok());
+        let refused = well_formed(&request(None, &[2, 3])).unwrap_err();
+        assert!(refused.contains("where entry 0 belongs"), "{refused}");
+        assert!(well_formed(&request(Some(1), &[3])).is_err());
+        assert!(well_formed(&request(Some(1), &[2, 4])).is_err());
+        assert!(well_formed(&request(Some(1), &[2, 2])).is_err());
+    }
 
     /// A frame's MAC binds the stream's key, the direction, the hop and the
     /// frame's place in the stream: a frame or answer moved to another
