@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use tonic::{Request, Response, Status};
 use vault_proto::suite::{
     DEFAULT_MAX_GUESSES, MAX_ACCOUNT_ID_LEN, MAX_GUESSES_LIMIT, MAX_SECRET_LEN, SUITE_NAME,
@@ -112,7 +112,7 @@ struct Inner {
     partition: Arc<Partition>,
     backend: Backend,
     auth: Authorizer,
-    stripes: Vec<Mutex<()>>,
+    stripes: Vec<Arc<Mutex<()>>>,
     limits: RecoveryLimits,
     audit: Option<Arc<AuditLog>>,
 }
@@ -171,7 +171,7 @@ impl VaultService {
                 partition,
                 backend,
                 auth,
-                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                stripes: (0..STRIPES).map(|_| Arc::new(Mutex::new(()))).collect(),
                 limits: RecoveryLimits::new(Limits::default()),
                 audit: None,
             }),
@@ -235,9 +235,11 @@ impl VaultService {
         f(&self.inner.core, &session).map_err(core_status)
     }
 
-    fn stripe(&self, id: &RecordId) -> &Mutex<()> {
+    /// The lock serializing the operations on record `id` (and on the
+    /// records sharing its stripe), from read to commit.
+    async fn lock_stripe(&self, id: &RecordId) -> OwnedMutexGuard<()> {
         let i = usize::from(u16::from_be_bytes([id.0[0], id.0[1]])) % STRIPES;
-        &self.inner.stripes[i]
+        self.inner.stripes[i].clone().lock_owned().await
     }
 
     fn record_id(&self, account_id: &[u8]) -> Result<RecordId, Status> {
@@ -261,6 +263,36 @@ impl VaultService {
         expect: Option<crate::types::Seq>,
     ) -> Result<(), Status> {
         self.inner.backend.commit(seq, write, expect).await
+    }
+
+    /// Commits the second write of a recovery (the reset after a verified
+    /// KE3, or the lockout after the last wrong one) without holding up the
+    /// answer: losing it only ever leaves the record with fewer guesses
+    /// than it would have had, never more, because the guess was charged
+    /// and committed before the KE2 was released, and a write that arrives
+    /// late applies only to the very record it was computed from (a
+    /// compare-and-set on its sequence number). The stripe stays locked
+    /// until the write is settled, so the next operation on the record on
+    /// this node (a recovery, a Status) sees it.
+    fn commit_behind(
+        &self,
+        guard: OwnedMutexGuard<()>,
+        seq: crate::types::Seq,
+        write: Write,
+        expect: Option<crate::types::Seq>,
+    ) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            if let Err(status) = service.commit(seq, write, expect).await {
+                crate::telemetry::metrics().second_writes_lost.inc();
+                tracing::warn!(
+                    code = ?status.code(),
+                    "a recovery's second write (reset or lockout) did not commit: the record \
+                     keeps the guesses it was charged"
+                );
+            }
+        });
     }
 
     /// The record of an account and the group holding it.
@@ -291,7 +323,7 @@ impl VaultService {
                 "this login belongs to another account",
             ));
         }
-        let _guard = self.stripe(&id).lock().await;
+        let guard = self.lock_stripe(&id).await;
         let stored = self.stored(&id)?;
         let seq = self.reserve(&stored);
         let expect = stored.index;
@@ -300,8 +332,7 @@ impl VaultService {
         })?;
         match &outcome {
             Finish::Recovered { write, .. } | Finish::Lock { write } => {
-                self.commit(seq, Write::Put(id, write.clone()), expect)
-                    .await?
+                self.commit_behind(guard, seq, Write::Put(id, write.clone()), expect)
             }
             Finish::Delete => self.commit(seq, Write::Delete(id), expect).await?,
             Finish::WrongPassword { .. } | Finish::Locked => {
@@ -415,7 +446,7 @@ impl Vault for VaultService {
         let (metadata, _, req) = request.into_parts();
         self.inner.auth.check(&metadata, &req.account_id)?;
         check_opaque("registration_upload", &req.registration_upload)?;
-        let _guard = self.stripe(&id).lock().await;
+        let _guard = self.lock_stripe(&id).await;
         let stored = self.stored(&id)?;
         let seq = self.reserve(&stored);
         let (upload, secret, max) = (req.registration_upload, req.secret, req.max_guesses);
@@ -451,7 +482,7 @@ impl Vault for VaultService {
         // On the node serving the record: before anything is read or
         // charged, so a refused start costs no guess.
         self.inner.limits.account(&id.0).map_err(throttled)?;
-        let _guard = self.stripe(&id).lock().await;
+        let _guard = self.lock_stripe(&id).await;
         let stored = self.stored(&id)?;
         let seq = self.reserve(&stored);
         let expect = stored.index;
@@ -581,6 +612,9 @@ impl Vault for VaultService {
         route!(self, request, group, status);
         let (metadata, _, req) = request.into_parts();
         self.inner.auth.check(&metadata, &req.account_id)?;
+        // After a reset or lockout still committing on this node: the
+        // record as it is once that write is settled.
+        let _guard = self.lock_stripe(&id).await;
         let stored = self.inner.backend.read(&id).await?;
         let view = self.with_token(move |core, t| core.status(t, &id, &stored))?;
         let (state, guesses_remaining, max_guesses) = match view {

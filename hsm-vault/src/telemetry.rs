@@ -72,6 +72,7 @@ pub struct Metrics {
     pub wrong_passwords: Counter,
     pub recoveries: Counter,
     pub lockouts: Counter,
+    pub second_writes_lost: Counter,
     pub deletions: Counter,
     pub throttled: Counter,
     pub snapshots_refused: Counter,
@@ -111,6 +112,7 @@ impl Metrics {
             wrong_passwords: Counter::default(),
             recoveries: Counter::default(),
             lockouts: Counter::default(),
+            second_writes_lost: Counter::default(),
             deletions: Counter::default(),
             throttled: Counter::default(),
             snapshots_refused: Counter::default(),
@@ -164,6 +166,12 @@ impl Metrics {
             "lockouts",
             "Records locked by their guess limit",
             m.lockouts.clone(),
+        );
+        r.register(
+            "second_writes_lost",
+            "Resets and lockouts after a finished login that did not commit (the record keeps \
+             the guesses it was charged)",
+            m.second_writes_lost.clone(),
         );
         r.register("deletions", "Records deleted", m.deletions.clone());
         r.register(

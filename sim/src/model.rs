@@ -11,11 +11,18 @@
 //! acknowledged settles every earlier uncertain one: they either applied
 //! before it or never will.
 //!
+//! A recovery's second write (the reset after a verified KE3, the lockout
+//! after the last wrong one) is committed behind the answer: the answer says
+//! what was computed, and the write may still be lost or land later (on the
+//! record it was computed from only), so the model keeps both, like a write
+//! whose answer was lost. A reset may be lost or late; a charge never.
+//!
 //! What it catches: a KE2 whose `guesses_remaining` no possible history
 //! explains (a charge lost, counted twice, or made after the KE2 was
 //! released: invariants 1, 2 and 8), a secret released from a locked record
-//! or one other than the registered one (3, 4), a lockout or a reset that
-//! did not stick (3, 4, 8).
+//! or one other than the registered one (3, 4), a record that has more
+//! guesses than any history gives it, and a reset or lockout seen to have
+//! applied that is later undone (3, 4, 8).
 
 use std::collections::BTreeSet;
 
@@ -157,6 +164,15 @@ pub fn step(op: Op, r: Record) -> (Answer, Option<Record>) {
     }
 }
 
+/// Whether `op` answered `answer` before its write committed: the second
+/// write of a recovery, which the service commits behind its answer.
+fn written_behind(op: Op, answer: Answer) -> bool {
+    matches!(
+        (op, answer),
+        (Op::FinishRight, Answer::Recovered { .. }) | (Op::FinishWrong, Answer::Locked)
+    )
+}
+
 /// What the clients saw of one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seen {
@@ -234,6 +250,20 @@ impl Account {
                         self.possible
                     ));
                 }
+                if written_behind(op, answer) {
+                    // The write may be lost, or land later on the record
+                    // it was computed from.
+                    self.possible.clear();
+                    for (r, w) in fits {
+                        self.possible.insert(r);
+                        if let Some(w) = w {
+                            self.possible.insert(w);
+                            self.pending.push((r, w));
+                        }
+                    }
+                    self.close();
+                    return Ok(());
+                }
                 let wrote = fits.iter().all(|(_, w)| w.is_some());
                 self.possible = fits.into_iter().map(|(r, w)| w.unwrap_or(r)).collect();
                 if wrote {
@@ -294,6 +324,10 @@ mod tests {
             .expect("last guess");
         a.observe(Op::FinishWrong, Seen::Answer(Answer::Locked))
             .expect("locks");
+        // A right password needs a new login, whose start finds the record
+        // locked (or, had the lockout been lost, locks it then).
+        a.observe(Op::Charge, Seen::Answer(Answer::Locked))
+            .expect("locked");
         a.observe(
             Op::FinishRight,
             Seen::Answer(Answer::Recovered { secret: 1 }),
@@ -301,8 +335,7 @@ mod tests {
         .expect_err("a locked record released its secret");
     }
 
-    #[test]
-    fn a_reset_that_did_not_stick_is_caught() {
+    fn recovered_after_two_guesses() -> Account {
         let mut a = registered(5);
         for remaining in [4, 3] {
             a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining }))
@@ -313,7 +346,43 @@ mod tests {
             Seen::Answer(Answer::Recovered { secret: 1 }),
         )
         .expect("recovered");
+        a
+    }
+
+    #[test]
+    fn a_reset_may_be_lost_but_never_gives_more_guesses() {
+        // Lost: the next charge counts on from the two before.
+        let mut a = recovered_after_two_guesses();
         a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
-            .expect_err("the counter should have been reset");
+            .expect("a lost reset leaves fewer guesses");
+        // Applied: the next charge is the first since the reset.
+        let mut b = recovered_after_two_guesses();
+        b.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 4 }))
+            .expect("the reset applied");
+        // Never more than a fresh record has.
+        let mut c = recovered_after_two_guesses();
+        c.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 5 }))
+            .expect_err("more guesses than the limit");
+    }
+
+    #[test]
+    fn a_reset_seen_to_apply_is_never_undone() {
+        let mut a = recovered_after_two_guesses();
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 4 }))
+            .expect("the reset applied");
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
+            .expect_err("the reset was undone");
+    }
+
+    #[test]
+    fn a_lockout_behind_its_answer_still_refuses_every_guess() {
+        let mut a = registered(1);
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 0 }))
+            .expect("last guess");
+        a.observe(Op::FinishWrong, Seen::Answer(Answer::Locked))
+            .expect("locks");
+        // Whether the lockout landed or not, no guess is left.
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 0 }))
+            .expect_err("a guess after the limit");
     }
 }
