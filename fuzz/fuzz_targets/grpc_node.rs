@@ -3,7 +3,8 @@
 //! with the decoded fields:
 //!
 //! - `RaftRequest` as `NodeService::raft` reads it (nonce length, then the
-//!   payload by kind: JSON requests, or the framed snapshot chunk); the MAC
+//!   payload by kind: `vault.raft.v1` requests, or the framed snapshot
+//!   chunk); the MAC
 //!   check needs the token and is not run;
 //! - `RaftResponse` payloads as `PeerClient::send` decodes them;
 //! - `OperatorRequest`: the signature and freshness check
@@ -27,7 +28,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, StreamAppendResult, VoteRequest, VoteResponse,
 };
 use p256::ecdsa::SigningKey;
-use vault_fuzz::{json_round_trip as rt, prost_round_trip, select};
+use vault_fuzz::{json_round_trip as rt, prost_round_trip, select, wire_round_trip as wire};
 use vault_proto::operator::{self, OperatorError, FRESHNESS_SECS};
 use vault_proto::vault::node::v1 as pb;
 
@@ -44,10 +45,10 @@ fuzz_target!(init: vault_fuzz::seeds::init("grpc_node"), |data: &[u8]| {
         1 => {
             if let Some(m) = prost_round_trip::<pb::RaftResponse>(bytes) {
                 // The client knows which kind it asked for.
-                rt::<Result<AppendEntriesResponse<TypeConfig>, String>>(&m.payload);
-                rt::<Result<StreamAppendResult<TypeConfig>, String>>(&m.payload);
-                rt::<Result<VoteResponse<TypeConfig>, String>>(&m.payload);
-                rt::<Result<ChunkAnswer, String>>(&m.payload);
+                wire::<Result<AppendEntriesResponse<TypeConfig>, String>>(&m.payload);
+                wire::<Result<StreamAppendResult<TypeConfig>, String>>(&m.payload);
+                wire::<Result<VoteResponse<TypeConfig>, String>>(&m.payload);
+                wire::<Result<ChunkAnswer, String>>(&m.payload);
             }
         }
         2 => {
@@ -73,14 +74,14 @@ fn raft_request(m: &pb::RaftRequest) {
     }
     match m.kind.as_str() {
         "append_entries" => {
-            rt::<AppendEntriesRequest<TypeConfig>>(&m.payload);
+            wire::<AppendEntriesRequest<TypeConfig>>(&m.payload);
         }
         "vote" => {
-            rt::<VoteRequest<TypeConfig>>(&m.payload);
+            wire::<VoteRequest<TypeConfig>>(&m.payload);
         }
         "install_snapshot" => {
             if let Some((head, data)) = unframe_snapshot_chunk(&m.payload) {
-                if let Some(mut chunk) = rt::<SnapshotChunk>(head) {
+                if let Some(mut chunk) = wire::<SnapshotChunk>(head) {
                     chunk.data = data.to_vec();
                     assert_eq!(chunk.data.len() + head.len() + 4, m.payload.len());
                 }

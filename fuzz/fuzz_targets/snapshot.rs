@@ -1,11 +1,11 @@
 //! Snapshots (`hsm-vault/src/replication/`):
 //!
-//! 0. the binary snapshot data decoder (`HVS2`: magic, token MAC, header
-//!    length, JSON header, then id/seq/length/sealed records), from a peer or from the
+//! 0. the binary snapshot data decoder (`HVS3`: magic, token MAC, header
+//!    length, protobuf header, then id/seq/length/sealed records), from a peer or from the
 //!    state machine's tree: whatever parses is re-encoded by the format's
 //!    definition and must parse to the same header and records, and the
 //!    record bytes must be exactly the input's;
-//! 1. the snapshot chunk framing of `install_snapshot` messages (JSON head,
+//! 1. the snapshot chunk framing of `install_snapshot` messages (protobuf head,
 //!    length-prefixed, then the data): unframe, then frame again gives the
 //!    input back, and the head decodes as the node decodes it.
 //!
@@ -13,6 +13,7 @@
 
 #![no_main]
 
+use hsm_vault::replication::codec;
 use hsm_vault::replication::inbox::SnapshotChunk;
 use hsm_vault::replication::network::{frame_snapshot_chunk, unframe_snapshot_chunk};
 use hsm_vault::replication::state_machine::{parse_snapshot, SnapshotRecord, SNAPSHOT_MAGIC};
@@ -58,11 +59,12 @@ fn snapshot_data(bytes: &[u8]) {
     // MAC and header as read gives the input back.
     assert_eq!(encode(&parsed.mac, parsed.header_bytes, records), bytes);
     // The header as this node would write it.
-    let json = serde_json::to_vec(&parsed.header).expect("a header encodes");
-    let again = encode(&parsed.mac, &json, records);
+    let header = codec::encode(&parsed.header);
+    let again = encode(&parsed.mac, &header, records);
     let again = parse_snapshot(&again).expect("a re-encoded snapshot parses");
     assert_eq!(&again.records, records);
-    assert_eq!(serde_json::to_vec(&again.header).expect("encodes"), json);
+    assert_eq!(again.header, parsed.header);
+    assert_eq!(codec::encode(&again.header), header);
 }
 
 fn chunk(bytes: &[u8]) {
@@ -76,7 +78,7 @@ fn chunk(bytes: &[u8]) {
         return;
     };
     assert_eq!(frame_snapshot_chunk(head, data), bytes);
-    if let Ok(mut chunk) = serde_json::from_slice::<SnapshotChunk>(head) {
+    if let Ok(mut chunk) = codec::decode::<SnapshotChunk>(head) {
         chunk.data = data.to_vec();
         // A chunk at offset 0 of a whole snapshot is snapshot data.
         if chunk.offset == 0 && chunk.done {

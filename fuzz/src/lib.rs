@@ -5,7 +5,8 @@
 //!   sealed records) runs without a PKCS#11 token. It computes what SoftHSM
 //!   computes (HMAC-SHA256, the ECDH x-coordinate, AES-256-GCM).
 //! - [`fixture`]: a core with one registered record, and logins against it.
-//! - Round-trip helpers for prost and serde_json.
+//! - Round-trip helpers for prost, the replication's binary encoding and
+//!   serde_json.
 //!
 //! Every helper asserts: a panic here is a finding.
 
@@ -310,6 +311,24 @@ pub fn prost_round_trip<M: prost::Message + Default + PartialEq>(bytes: &[u8]) -
         "prost encoding is not stable"
     );
     Some(m)
+}
+
+/// Decodes `bytes` as `T` in the replication's binary encoding
+/// (`hsm_vault::replication::codec`); if that works, checks that the value
+/// encodes, decodes again to the same value's encoding, and that encoding
+/// is stable.
+pub fn wire_round_trip<T: hsm_vault::replication::codec::Wire>(bytes: &[u8]) -> Option<T> {
+    use hsm_vault::replication::codec::{decode, encode};
+    let v: T = decode(bytes).ok()?;
+    let once = encode(&v);
+    let again: T =
+        decode(&once).unwrap_or_else(|e| panic!("a re-encoded value does not decode: {e}"));
+    assert_eq!(
+        encode(&again),
+        once,
+        "the binary round trip changed the value"
+    );
+    Some(v)
 }
 
 /// Decodes `bytes` as JSON `T`; if that works, checks that the value

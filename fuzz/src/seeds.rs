@@ -17,7 +17,7 @@ use hsm_vault::replication::operator::{
 };
 use hsm_vault::replication::state_machine::SNAPSHOT_MAGIC;
 use hsm_vault::replication::{
-    Applied, Command, Entry, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+    Command, Entry, LogId, NodeId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
 use hsm_vault::shard::ShardMap;
 use hsm_vault::types::Seq;
@@ -31,6 +31,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 use vault_proto::suite::Suite;
 use vault_proto::vault::node::v1 as node;
+use vault_proto::vault::raft::v1 as raft_pb;
 use vault_proto::vault::v1 as pb;
 use zeroize::Zeroizing;
 
@@ -50,7 +51,7 @@ pub fn init(target: &str) {
         "opaque_messages" => opaque_messages(),
         "opaque_login" => opaque_login(),
         "record" => record_seeds(),
-        "raft_json" => raft_json(),
+        "raft_wire" => raft_wire(),
         "snapshot" => snapshot(),
         "anchor_state" => anchor_state(),
         "bearer_token" => bearer_token(),
@@ -76,6 +77,11 @@ fn sel(which: u8, bytes: impl AsRef<[u8]>) -> Vec<u8> {
 
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("seed encodes")
+}
+
+/// `v` in the replication's binary encoding.
+fn wire<T: hsm_vault::replication::codec::Wire>(v: &T) -> Vec<u8> {
+    hsm_vault::replication::codec::encode(v)
 }
 
 /// Real OPAQUE messages of one registration and one login.
@@ -372,65 +378,79 @@ fn snapshot_meta() -> SnapshotMeta {
     }
 }
 
-fn raft_json() -> Seeds {
+fn raft_wire() -> Seeds {
     let mut seeds = Seeds::new();
     let mut add = |which: u8, name: &str, bytes: Vec<u8>| {
         seeds.push((format!("{which:02}-{name}"), sel(which, bytes)))
     };
     for (i, e) in entries().iter().enumerate() {
-        add(0, &format!("entry{i}"), json(e));
+        add(0, &format!("entry{i}"), wire(e));
     }
     for (i, c) in commands().iter().enumerate() {
-        add(1, &format!("command{i}"), json(c));
+        add(1, &format!("command{i}"), wire(c));
     }
-    add(2, "done", json(&Applied::Done));
-    add(2, "conflict", json(&Applied::Conflict { current: Some(3) }));
-    add(2, "refused", json(&Applied::Refused("no".into())));
+    add(2, "snapshot_header", snapshot_header());
     add(
         3,
         "token_state",
-        br#"{"vote":{"leader_id":{"term":3,"node_id":1},"committed":true},"committed":{"leader_id":{"term":3,"node_id":1},"index":12},"last_log":{"leader_id":{"term":3,"node_id":1},"index":14}}"#.to_vec(),
+        prost::Message::encode_to_vec(&raft_pb::TokenLogState {
+            vote: Some(raft_pb::Vote {
+                term: 3,
+                node: 1,
+                committed: true,
+            }),
+            committed: Some(raft_pb::LogId {
+                term: 3,
+                node: 1,
+                index: 12,
+            }),
+            last_log: Some(raft_pb::LogId {
+                term: 3,
+                node: 1,
+                index: 14,
+            }),
+            purged: None,
+        }),
     );
-    add(4, "log_id", json(&Some(log_id(3, 9))));
-    add(5, "vote", json(&Some(Vote::new_committed(3, 1))));
+    add(4, "log_id", wire(&Some(log_id(3, 9))));
+    add(5, "no_log_id", wire(&None::<hsm_vault::replication::LogId>));
     add(
         6,
         "membership",
-        json(&StoredMembership::new(Some(log_id(1, 2)), membership())),
+        wire(&StoredMembership::new(Some(log_id(1, 2)), membership())),
     );
-    add(7, "snapshot_meta", json(&snapshot_meta()));
-    add(8, "shard_map", json(&maps().1));
-    add(9, "append_entries", json(&append_entries()));
+    add(7, "snapshot_meta", wire(&snapshot_meta()));
+    add(8, "shard_map", wire(&maps().1));
+    add(9, "append_entries", wire(&append_entries()));
     add(
         10,
         "vote_request",
-        json(&VoteRequest::<TypeConfig>::new(
+        wire(&VoteRequest::<TypeConfig>::new(
             Vote::new(4, 2),
             Some(log_id(3, 9)),
         )),
     );
-    add(11, "install_snapshot", json(&install_snapshot()));
+    add(11, "install_snapshot", wire(&install_snapshot()));
     let ok: Result<AppendEntriesResponse<TypeConfig>, String> = Ok(AppendEntriesResponse::Success);
-    add(12, "append_ok", json(&ok));
+    add(12, "append_ok", wire(&ok));
     let conflict: Result<AppendEntriesResponse<TypeConfig>, String> =
         Ok(AppendEntriesResponse::HigherVote(Vote::new(5, 3)));
-    add(12, "append_higher", json(&conflict));
+    add(12, "append_higher", wire(&conflict));
     let fatal: Result<AppendEntriesResponse<TypeConfig>, String> = Err("raft stopped".to_owned());
-    add(12, "append_fatal", json(&fatal));
+    add(12, "append_fatal", wire(&fatal));
     let streamed: Result<openraft::raft::StreamAppendResult<TypeConfig>, String> =
         Ok(Ok(Some(log_id(2, 9))));
-    add(12, "stream_ok", json(&streamed));
+    add(12, "stream_ok", wire(&streamed));
     let vote: Result<VoteResponse<TypeConfig>, String> =
         Ok(VoteResponse::new(Vote::new(4, 2), Some(log_id(3, 9)), true));
-    add(13, "vote_ok", json(&vote));
+    add(13, "vote_ok", wire(&vote));
     add(
         14,
         "snapshot_ok",
-        json(&Ok::<_, String>(ChunkAnswer::Taken {
+        wire(&Ok::<_, String>(ChunkAnswer::Taken {
             vote: Vote::new_committed(4, 2),
         })),
     );
-    add(15, "entries", json(&entries()));
     seeds
 }
 
@@ -455,14 +475,28 @@ fn install_snapshot() -> SnapshotChunk {
 }
 
 /// Snapshot data as the state machine writes it.
+/// A snapshot header as the state machine writes it.
+fn snapshot_header() -> Vec<u8> {
+    let membership = raft_pb::StoredMembership::decode(
+        &wire(&StoredMembership::new(Some(log_id(1, 2)), membership()))[..],
+    )
+    .expect("a membership decodes");
+    let map = raft_pb::ShardMap::decode(&wire(&maps().0)[..]).expect("a map decodes");
+    raft_pb::SnapshotHeader {
+        last_applied: Some(raft_pb::LogId {
+            term: 2,
+            node: 1,
+            index: 40,
+        }),
+        membership: Some(membership),
+        shard_map: Some(map),
+        frozen: None,
+    }
+    .encode_to_vec()
+}
+
 fn snapshot_data() -> Vec<u8> {
-    let header = serde_json::json!({
-        "last_applied": log_id(2, 40),
-        "membership": StoredMembership::new(Some(log_id(1, 2)), membership()),
-        "shard_map": maps().0,
-        "frozen": null,
-    });
-    let head = json(&header);
+    let head = snapshot_header();
     let mut data = SNAPSHOT_MAGIC.to_vec();
     // The token MAC's place (a seed cannot make a valid one: fuzzed data
     // is refused by it, which is what the targets check).
@@ -482,7 +516,7 @@ fn snapshot_data() -> Vec<u8> {
 
 fn snapshot() -> Seeds {
     let data = snapshot_data();
-    let head = json(&install_snapshot());
+    let head = wire(&install_snapshot());
     vec![
         ("data".into(), sel(0, &data)),
         (
@@ -509,7 +543,7 @@ fn grpc_node() -> Seeds {
     };
     seeds.push((
         "append".into(),
-        sel(0, raft("append_entries", json(&append_entries()))),
+        sel(0, raft("append_entries", wire(&append_entries()))),
     ));
     seeds.push((
         "vote".into(),
@@ -517,7 +551,7 @@ fn grpc_node() -> Seeds {
             0,
             raft(
                 "vote",
-                json(&VoteRequest::<TypeConfig>::new(
+                wire(&VoteRequest::<TypeConfig>::new(
                     Vote::new(4, 2),
                     Some(log_id(3, 9)),
                 )),
@@ -530,7 +564,7 @@ fn grpc_node() -> Seeds {
             0,
             raft(
                 "install_snapshot",
-                frame_snapshot_chunk(&json(&install_snapshot()), &snapshot_data()),
+                frame_snapshot_chunk(&wire(&install_snapshot()), &snapshot_data()),
             ),
         ),
     ));
@@ -540,7 +574,7 @@ fn grpc_node() -> Seeds {
         sel(
             1,
             node::RaftResponse {
-                payload: json(&ok),
+                payload: wire(&ok),
                 mac: vec![0xcc; 32],
             }
             .encode_to_vec(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use hsm_vault::partition::Partition;
 use hsm_vault::replication::log_store::{LogOpenError, LogStore};
 use hsm_vault::replication::state_machine::StateMachine;
-use hsm_vault::replication::{log_id, Entry, TypeConfig};
+use hsm_vault::replication::{codec, log_id, Entry, TypeConfig};
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::{ErrorSubject, ErrorVerb, StorageError};
 use softhsm_test_harness::{module_path, TestToken};
@@ -107,10 +107,7 @@ fn invariant7_rolled_back_raft_log_is_refused() {
         for e in &entries {
             db.open_tree("raft-log/g")
                 .expect("tree")
-                .insert(
-                    e.log_id.index.to_be_bytes(),
-                    serde_json::to_vec(e).expect("json"),
-                )
+                .insert(e.log_id.index.to_be_bytes(), codec::encode(e))
                 .expect("insert");
         }
         db.flush().expect("flush");
@@ -168,7 +165,7 @@ fn invariant7_a_log_as_long_but_from_another_term_is_refused() {
             };
             db.open_tree("raft-log/g")
                 .expect("tree")
-                .insert(index.to_be_bytes(), serde_json::to_vec(&e).expect("json"))
+                .insert(index.to_be_bytes(), codec::encode(&e))
                 .expect("insert");
         };
         let db = open_db(dir.path());
@@ -502,7 +499,7 @@ fn invariant7_replica_state_machine_spliced_from_an_older_copy_is_refused_at_ope
             t.remove("shard-map").expect("rm");
         }),
         ("applied edited", &|t| {
-            let applied = serde_json::to_vec(&Some(log_id(1, 1, 2))).expect("json");
+            let applied = codec::encode(&Some(log_id(1, 1, 2)));
             t.insert("applied", applied).expect("edit");
         }),
         ("a record added", &|t| {
@@ -595,15 +592,17 @@ fn invariant7_snapshot_with_a_record_or_its_maps_edited_is_refused() {
         let mut record_edited = data.clone();
         let last = record_edited.len() - 1;
         record_edited[last] ^= 1;
-        let header = String::from_utf8(parsed.header_bytes.to_vec()).expect("utf-8");
-        let map_edited_header = header.replacen("\"version\":1", "\"version\":7", 1);
-        assert_ne!(
-            map_edited_header, header,
-            "the header names the map's version"
-        );
+        let mut header = <vault_proto::vault::raft::v1::SnapshotHeader as prost::Message>::decode(
+            parsed.header_bytes,
+        )
+        .expect("the header decodes");
+        let map = header.shard_map.as_mut().expect("the header names the map");
+        assert_eq!(map.version, 1);
+        map.version = 7;
+        let map_edited_header = prost::Message::encode_to_vec(&header);
         let mut map_edited = data[..SNAPSHOT_MAGIC.len() + 32].to_vec();
         map_edited.extend_from_slice(&(map_edited_header.len() as u32).to_be_bytes());
-        map_edited.extend_from_slice(map_edited_header.as_bytes());
+        map_edited.extend_from_slice(&map_edited_header);
         map_edited.extend_from_slice(&data[header_end..]);
 
         let mut receiver = StateMachine::open(&db, "g1-receiver", 1, p.clone()).expect("open");
@@ -741,11 +740,8 @@ fn invariant7_state_put_back_before_its_last_apply_resyncs_when_the_log_cannot_r
         drop(sm);
         let tree = db.open_tree("raft-sm/g1").expect("tree");
         tree.insert(id, first).expect("put back");
-        tree.insert(
-            "applied",
-            serde_json::to_vec(&Some(log_id(2))).expect("json"),
-        )
-        .expect("put back");
+        tree.insert("applied", codec::encode(&Some(log_id(2))))
+            .expect("put back");
         let open = || {
             hsm_vault::replication::open_replica(
                 &db,

@@ -1060,7 +1060,7 @@ fn edit_disk(
             let mut found = None;
             for item in log.iter() {
                 let (_, v) = item?;
-                let Ok(entry) = serde_json::from_slice::<Entry>(&v) else {
+                let Ok(entry) = hsm_vault::replication::codec::decode::<Entry>(&v) else {
                     continue;
                 };
                 if let EntryPayload::Normal(Command::Put {
@@ -1097,19 +1097,27 @@ fn edit_disk(
             let state = partition
                 .session()?
                 .app_state(&format!("hsm-vault/v1/raft/{name}"))?;
-            let state: serde_json::Value = serde_json::from_slice(&state)?;
-            let newest = ["last_log", "committed"]
-                .iter()
-                .map(|k| state[*k].clone())
-                .filter(|v| !v.is_null())
-                .max_by_key(|v| v["index"].as_u64().unwrap_or(0));
+            use prost::Message;
+            use vault_proto::vault::raft::v1 as pb;
+            let state = pb::TokenLogState::decode(&state[..])?;
+            let newest = [state.last_log, state.committed]
+                .into_iter()
+                .flatten()
+                .max_by_key(|l| l.index);
             let Some(newest) = newest else {
                 return Ok(None);
             };
+            let raised = pb::Applied {
+                log_id: Some(newest),
+            }
+            .encode_to_vec();
             db.open_tree(format!("raft-meta/{name}"))?
-                .insert("last_purged", serde_json::to_vec(&newest)?)?;
-            sm.insert("applied", serde_json::to_vec(&newest)?)?;
-            format!("last_purged and applied raised to {newest}")
+                .insert("last_purged", raised.clone())?;
+            sm.insert("applied", raised)?;
+            format!(
+                "last_purged and applied raised to T{}-N{}.{}",
+                newest.term, newest.node, newest.index
+            )
         }
     };
     db.flush()?;

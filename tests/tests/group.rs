@@ -9,6 +9,7 @@ use rand::rngs::OsRng;
 use vault_client::{BackupKey, ClientError, RecordStatus, VaultClient};
 use vault_e2e::{start_group, VaultNode};
 use vault_proto::suite::Suite;
+use vault_proto::vault::raft::v1 as raft_pb;
 use vault_proto::vault::v1 as pb;
 
 const PASSWORD: &[u8] = b"group password";
@@ -251,16 +252,17 @@ async fn append_stream_frames_without_the_stream_key_are_refused() {
     let before = term();
     assert!(before >= 1.0, "the group has elected a leader");
 
-    // AppendEntries as openraft encodes it, from the leader's id with a
+    // AppendEntries as the nodes encode it, from the leader's id with a
     // term far above the group's.
     let forged_term = before as u64 + 100;
-    let payload = serde_json::to_vec(&serde_json::json!({
-        "vote": {"leader_id": {"term": forged_term, "node_id": leader_id}, "committed": true},
-        "prev_log_id": null,
-        "entries": [],
-        "leader_commit": null,
-    }))
-    .expect("json");
+    let payload = prost::Message::encode_to_vec(&raft_pb::AppendEntriesRequest {
+        vote: Some(raft_pb::Vote {
+            term: forged_term,
+            node: leader_id,
+            committed: true,
+        }),
+        ..Default::default()
+    });
     let frame = node_pb::RaftRequest {
         kind: "append_entries".into(),
         from: leader_id,
@@ -504,14 +506,16 @@ async fn invariant7_member_restored_with_its_purge_and_applied_marks_raised_resy
             .expect("session")
             .app_state("hsm-vault/v1/raft/g1")
             .expect("the token's log state");
-        let state: serde_json::Value = serde_json::from_slice(&state).expect("json");
-        let newest = ["last_log", "committed"]
-            .iter()
-            .map(|k| state[*k].clone())
-            .filter(|v| !v.is_null())
-            .max_by_key(|v| v["index"].as_u64().unwrap_or(0))
+        let state = <raft_pb::TokenLogState as prost::Message>::decode(&state[..])
+            .expect("the token's log state decodes");
+        let newest = [state.last_log, state.committed]
+            .into_iter()
+            .flatten()
+            .max_by_key(|l| l.index)
             .expect("the token vouches for a log id");
-        let newest = serde_json::to_vec(&newest).expect("json");
+        let newest = prost::Message::encode_to_vec(&raft_pb::Applied {
+            log_id: Some(newest),
+        });
         let db = vault_e2e::open_store(&nodes[f].data_dir());
         db.open_tree("raft-meta/g1")
             .expect("tree")
@@ -1309,12 +1313,16 @@ async fn edited_snapshot_is_refused_and_its_receiver_keeps_serving(
                 data[last] ^= 1;
             }
             SnapshotEdit::Map => {
-                let header = &data[header_at..header_end];
-                let map = vault_e2e::find(header, b"\"shard_map\":{").expect("a shard map");
-                let version = map
-                    + vault_e2e::find(&header[map..], b"\"version\":1").expect("its version")
-                    + b"\"version\":".len();
-                data[header_at + version] = b'7';
+                let mut header = <raft_pb::SnapshotHeader as prost::Message>::decode(
+                    &data[header_at..header_end],
+                )
+                .expect("the header decodes");
+                let map = header.shard_map.as_mut().expect("a shard map");
+                assert_eq!(map.version, 1, "its version");
+                map.version = 7;
+                let edited = prost::Message::encode_to_vec(&header);
+                assert_eq!(edited.len(), header_end - header_at, "the same length");
+                data[header_at..header_end].copy_from_slice(&edited);
             }
         }
         tree.insert("snapshot-data", data).expect("edit");

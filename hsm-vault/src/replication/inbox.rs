@@ -17,14 +17,13 @@ use openraft::async_runtime::WatchReceiver;
 use std::cmp::Ordering;
 
 use openraft::storage::Snapshot;
-use serde::{Deserialize, Serialize};
 
 use super::state_machine::StateMachine;
 use super::{Raft, SnapshotMeta, Vote};
 
 /// One chunk of a snapshot on its way to a follower (its data travels
 /// beside this header, not in it).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug)]
 pub struct SnapshotChunk {
     /// The sender's vote.
     pub vote: Vote,
@@ -35,12 +34,12 @@ pub struct SnapshotChunk {
     pub offset: u64,
     /// Whether this is the last chunk.
     pub done: bool,
-    #[serde(skip)]
+    /// The chunk's bytes (they travel after the encoded header).
     pub data: Vec<u8>,
 }
 
 /// The receiver's answer to one chunk.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ChunkAnswer {
     /// Taken (the last one: installed); the receiver's vote.
     Taken { vote: Vote },

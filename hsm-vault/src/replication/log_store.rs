@@ -26,24 +26,23 @@ use std::ops::RangeBounds;
 use std::sync::Arc;
 
 use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use vault_proto::vault::raft::v1 as pb;
 
+use super::codec::{self, Wire, WireError};
 use super::{io_error, Entry, LogId, TypeConfig, Vote};
 use crate::partition::Partition;
 
 /// What the token keeps for one replica's log.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TokenLogState {
     vote: Option<Vote>,
     committed: Option<LogId>,
     /// The last entry this replica stored and acknowledged: a leader may have
     /// counted it toward a commit before this replica learned of the commit.
-    #[serde(default)]
     last_log: Option<LogId>,
     /// The last entry purged into a snapshot: kept here, not on the disk,
     /// because the rollback check trusts the log up to it.
-    #[serde(default)]
     purged: Option<LogId>,
 }
 
@@ -103,12 +102,29 @@ impl Debug for LogStore {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, std::io::Error> {
-    serde_json::to_vec(v).map_err(io_error)
+/// The token state's encoding (`vault.raft.v1.TokenLogState`).
+impl Wire for TokenLogState {
+    type Proto = pb::TokenLogState;
+    fn to_proto(&self) -> pb::TokenLogState {
+        pb::TokenLogState {
+            vote: self.vote.as_ref().map(codec::vote_to),
+            committed: codec::opt_log_id_to(&self.committed),
+            last_log: codec::opt_log_id_to(&self.last_log),
+            purged: codec::opt_log_id_to(&self.purged),
+        }
+    }
+    fn from_proto(p: pb::TokenLogState) -> Result<Self, WireError> {
+        Ok(TokenLogState {
+            vote: p.vote.map(codec::vote_from),
+            committed: codec::opt_log_id_from(p.committed),
+            last_log: codec::opt_log_id_from(p.last_log),
+            purged: codec::opt_log_id_from(p.purged),
+        })
+    }
 }
 
-fn decode<T: for<'de> Deserialize<'de>>(b: &[u8]) -> Result<T, std::io::Error> {
-    serde_json::from_slice(b).map_err(io_error)
+fn decode_entry(bytes: &[u8]) -> Result<Entry, std::io::Error> {
+    Ok(codec::decode::<Entry>(bytes)?)
 }
 
 /// Token state is read and written through the user's login; a cloning
@@ -203,7 +219,7 @@ impl LogStore {
             }
         }
         match self.log.get(id.index.to_be_bytes()).map_err(io_error)? {
-            Some(v) => Ok(decode::<Entry>(&v)?.log_id == *id),
+            Some(v) => Ok(decode_entry(&v)?.log_id == *id),
             None => Ok(false),
         }
     }
@@ -277,7 +293,7 @@ impl LogStore {
         let state = if bytes.is_empty() {
             TokenLogState::default()
         } else {
-            serde_json::from_slice(&bytes).map_err(io_error)?
+            codec::decode::<TokenLogState>(&bytes)?
         };
         known.state = Some(state.clone());
         Ok(state)
@@ -296,7 +312,7 @@ impl LogStore {
         if state == before && !known.unsaved {
             return Ok(());
         }
-        let bytes = serde_json::to_vec(&state).map_err(io_error)?;
+        let bytes = codec::encode(&state);
         let written = retry(|| {
             self.partition
                 .session()
@@ -352,7 +368,7 @@ impl LogStore {
             .log
             .last()
             .map_err(io_error)?
-            .map(|(_, v)| decode::<Entry>(&v))
+            .map(|(_, v)| decode_entry(&v))
             .transpose()?
             .map(|e| e.log_id);
         Ok(LogState {
@@ -392,7 +408,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&index) {
                 break;
             }
-            out.push(decode(&v)?);
+            out.push(decode_entry(&v)?);
         }
         Ok(out)
     }
@@ -467,7 +483,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut last = None;
         for entry in entries {
             last = Some(entry.log_id);
-            batch.insert(&entry.log_id.index.to_be_bytes()[..], encode(&entry)?);
+            batch.insert(&entry.log_id.index.to_be_bytes()[..], codec::encode(&entry));
         }
         self.log.apply_batch(batch).map_err(io_error)?;
         let job = FlushJob {
@@ -547,5 +563,33 @@ async fn flush_appends(store: LogStore, mut rx: mpsc::UnboundedReceiver<FlushJob
                 let _ = barrier.send(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::log_id;
+
+    /// The token's log state is pinned (`vault.raft.v1.TokenLogState`): a
+    /// change would make every replica's token state unreadable.
+    #[test]
+    fn the_token_log_state_encoding_is_pinned() {
+        let state = TokenLogState {
+            vote: Some(Vote::new_committed(3, 1)),
+            committed: Some(log_id(3, 1, 12)),
+            last_log: Some(log_id(3, 1, 14)),
+            purged: Some(log_id(2, 2, 5)),
+        };
+        let bytes = codec::encode(&state);
+        assert_eq!(
+            hex::encode(&bytes),
+            "0a06080310011801120608031001180c1a0608031001180e2206080210021805"
+        );
+        assert_eq!(
+            codec::decode::<TokenLogState>(&bytes).expect("decodes"),
+            state
+        );
+        assert_eq!(codec::encode(&TokenLogState::default()), Vec::<u8>::new());
     }
 }

@@ -13,6 +13,7 @@
 //! of the shard map ([`crate::shard`]); each group commits the map it serves
 //! in its own log ([`Command::AdoptMap`]).
 
+pub mod codec;
 pub mod inbox;
 pub mod log_store;
 pub mod network;

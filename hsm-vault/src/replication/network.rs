@@ -23,8 +23,6 @@ use openraft::raft::{
     VoteResponse,
 };
 use openraft::{AnyError, BasicNode};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -34,6 +32,7 @@ use vault_proto::vault::node::v1::node_client::NodeClient;
 use vault_proto::vault::node::v1::node_server::Node;
 use zeroize::Zeroizing;
 
+use super::codec::{self, Remote, Wire};
 use super::inbox::SnapshotChunk;
 use super::{NodeId, Raft, SnapshotData, TypeConfig, VaultSnapshot, Vote};
 use crate::geo::{Geography, Route};
@@ -245,7 +244,7 @@ impl Link {
 
     /// Checks the answer to the request whose MAC was `request_mac`, and
     /// decodes it.
-    fn answer<T: DeserializeOwned>(
+    fn answer<T: Wire>(
         &self,
         kind: &str,
         request_mac: &[u8],
@@ -260,7 +259,7 @@ impl Link {
         if !verify(&self.partition, &input, &response.mac) {
             return Err(network(&"peer response MAC does not verify"));
         }
-        serde_json::from_slice(&response.payload).map_err(|e| network(&e))
+        codec::decode(&response.payload).map_err(|e| network(&e))
     }
 }
 
@@ -284,10 +283,6 @@ pub struct PeerClient {
 
 type Rpc<T> = Result<T, RPCError<TypeConfig>>;
 
-/// What the server answers to a request, before its MAC: the result, or
-/// the text of a fatal error of the peer's Raft.
-type Remote<T> = Result<T, String>;
-
 impl PeerClient {
     fn client(&mut self) -> Rpc<NodeClient<Channel>> {
         if self.client.is_none() {
@@ -308,10 +303,10 @@ impl PeerClient {
 
     async fn call<Req, Resp>(&mut self, kind: &str, req: &Req, timeout: Duration) -> Rpc<Resp>
     where
-        Req: Serialize,
-        Resp: DeserializeOwned,
+        Req: Wire,
+        Remote<Resp>: Wire,
     {
-        let payload = serde_json::to_vec(req).map_err(|e| network(&e))?;
+        let payload = codec::encode(req);
         self.send(kind, payload, timeout).await
     }
 
@@ -319,7 +314,7 @@ impl PeerClient {
     /// `kind` over the emulated link, and checks and decodes the answer.
     async fn send<Resp>(&mut self, kind: &str, payload: Vec<u8>, timeout: Duration) -> Rpc<Resp>
     where
-        Resp: DeserializeOwned,
+        Remote<Resp>: Wire,
     {
         let client = self.client()?;
         send_over(self.link.clone(), client, kind, payload, timeout).await
@@ -343,7 +338,7 @@ impl PeerClient {
                 let (link, client) = (link.clone(), client.clone());
                 async move {
                     let data = std::mem::take(&mut chunk.data);
-                    let head = serde_json::to_vec(&chunk).map_err(|e| network(&e))?;
+                    let head = codec::encode(&chunk);
                     let framed = frame_snapshot_chunk(&head, &data);
                     send_over(link, client, "install_snapshot", framed, timeout).await
                 }
@@ -379,9 +374,7 @@ impl PeerClient {
                 let Some(delay) = sender.delay() else {
                     break;
                 };
-                let Ok(payload) = serde_json::to_vec(&req) else {
-                    break;
-                };
+                let payload = codec::encode(&req);
                 let tag = frame_mac(&sending_key, STREAM_REQUEST_LABEL, hop, seq, &payload);
                 seq += 1;
                 let frame = pb::RaftRequest {
@@ -462,15 +455,13 @@ impl PeerClient {
                     let expected =
                         frame_mac(&key, STREAM_RESPONSE_LABEL, hop, seq, &response.payload);
                     let answer = if bool::from(expected.ct_eq(&response.mac)) {
-                        serde_json::from_slice::<Remote<StreamAppendResult<TypeConfig>>>(
-                            &response.payload,
-                        )
-                        .map_err(|e| network(&e))
-                        .and_then(|a| {
-                            a.map_err(|fatal| {
-                                unreachable(&format!("the peer's Raft stopped: {fatal}"))
+                        codec::decode::<Remote<StreamAppendResult<TypeConfig>>>(&response.payload)
+                            .map_err(|e| network(&e))
+                            .and_then(|a| {
+                                a.map_err(|fatal| {
+                                    unreachable(&format!("the peer's Raft stopped: {fatal}"))
+                                })
                             })
-                        })
                     } else {
                         Err(network(&"peer stream answer MAC does not verify"))
                     };
@@ -522,7 +513,7 @@ async fn send_over<Resp>(
     timeout: Duration,
 ) -> Rpc<Resp>
 where
-    Resp: DeserializeOwned,
+    Remote<Resp>: Wire,
 {
     let delay = link
         .delay()
@@ -747,8 +738,11 @@ fn bad_request(e: impl std::fmt::Display) -> Status {
 
 /// A Raft result as sent back: a fatal error of this node's Raft travels as
 /// its text.
-fn remote<T: Serialize, E: std::fmt::Display>(result: Result<T, E>) -> serde_json::Result<Vec<u8>> {
-    serde_json::to_vec(&result.map_err(|e| e.to_string()))
+fn remote<T, E: std::fmt::Display>(result: Result<T, E>) -> Vec<u8>
+where
+    Remote<T>: Wire,
+{
+    codec::encode(&result.map_err(|e| e.to_string()))
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::RaftResponse, Status>> + Send>>;
@@ -766,7 +760,7 @@ impl Node for NodeService {
         let payload = match req.kind.as_str() {
             "append_entries" => {
                 let rpc: AppendEntriesRequest<TypeConfig> =
-                    serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                    codec::decode(&req.payload).map_err(bad_request)?;
                 well_formed(&rpc).map_err(bad_request)?;
                 remote(self.raft.append_entries(rpc).await)
             }
@@ -778,13 +772,13 @@ impl Node for NodeService {
                     ));
                 }
                 let rpc: VoteRequest<TypeConfig> =
-                    serde_json::from_slice(&req.payload).map_err(bad_request)?;
+                    codec::decode(&req.payload).map_err(bad_request)?;
                 remote(self.raft.vote(rpc).await)
             }
             "install_snapshot" => {
                 let (head, data) = unframe_snapshot_chunk(&req.payload)
                     .ok_or_else(|| Status::invalid_argument("malformed snapshot chunk"))?;
-                let mut chunk: SnapshotChunk = serde_json::from_slice(head).map_err(bad_request)?;
+                let mut chunk: SnapshotChunk = codec::decode(head).map_err(bad_request)?;
                 chunk.data = data.to_vec();
                 let answer = self
                     .inbox
@@ -798,8 +792,7 @@ impl Node for NodeService {
                     "unknown Raft message kind {other:?}"
                 )))
             }
-        }
-        .map_err(|e| Status::internal(e.to_string()))?;
+        };
         Ok(Response::new(self.answer(&req, hop, payload)?))
     }
 
@@ -880,11 +873,10 @@ impl Node for NodeService {
                     );
                 }
                 seq += 1;
-                let rpc: AppendEntriesRequest<TypeConfig> =
-                    match serde_json::from_slice(&req.payload) {
-                        Ok(rpc) => rpc,
-                        Err(e) => break bad_request(e),
-                    };
+                let rpc: AppendEntriesRequest<TypeConfig> = match codec::decode(&req.payload) {
+                    Ok(rpc) => rpc,
+                    Err(e) => break bad_request(e),
+                };
                 if let Err(e) = well_formed(&rpc) {
                     tracing::error!(from = req.from, "refused a malformed AppendEntries: {e}");
                     break bad_request(e);
@@ -901,13 +893,14 @@ impl Node for NodeService {
             (key, results, 0u64, Some(refused)),
             move |(key, mut results, seq, mut refused)| async move {
                 let answer = match results.next().await {
-                    Some(result) => remote(result)
-                        .map_err(|e| Status::internal(e.to_string()))
-                        .map(|payload| pb::RaftResponse {
+                    Some(result) => {
+                        let payload = remote(result);
+                        Ok(pb::RaftResponse {
                             mac: frame_mac(&key, STREAM_RESPONSE_LABEL, hop, seq, &payload)
                                 .to_vec(),
                             payload,
-                        }),
+                        })
+                    }
                     // The input ended: say why, if a frame was refused.
                     None => Err(refused.take()?.await.ok()?),
                 };

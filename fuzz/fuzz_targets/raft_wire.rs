@@ -1,28 +1,28 @@
-//! Raft log entries and messages, JSON (`hsm-vault/src/replication/`):
-//! what the sled log, the state machine's tree and the token's log state
-//! hold on disk, and what peers send and answer. Whatever decodes must
-//! encode, decode again and encode to the same bytes; decoded commands and
-//! shard maps then go through the checks the state machine makes.
+//! Raft log entries and messages in their binary encoding
+//! (`hsm-vault/src/replication/codec.rs`, `vault.raft.v1`): what the sled
+//! log, the state machine's tree and the token's log state hold on disk,
+//! and what peers send and answer. Whatever decodes must encode, decode
+//! again and encode to the same bytes; decoded commands and shard maps then
+//! go through the checks the state machine makes.
 //!
-//! Input: a selector byte, then the JSON.
+//! Input: a selector byte, then the encoded message.
 
 #![no_main]
 
 use hsm_vault::core::record::SealedRecord;
 use hsm_vault::replication::inbox::{ChunkAnswer, SnapshotChunk};
 use hsm_vault::replication::log_store::TokenLogState;
-use hsm_vault::replication::{
-    Applied, Command, Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig, Vote,
-};
+use hsm_vault::replication::state_machine::SnapshotHeader;
+use hsm_vault::replication::{Command, Entry, LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use hsm_vault::shard::{ShardMap, SLOTS};
 use libfuzzer_sys::fuzz_target;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, StreamAppendResult, VoteRequest, VoteResponse,
 };
 use openraft::EntryPayload;
-use vault_fuzz::{json_round_trip as rt, select};
+use vault_fuzz::{select, wire_round_trip as rt};
 
-fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
+fuzz_target!(init: vault_fuzz::seeds::init("raft_wire"), |data: &[u8]| {
     let Some((which, bytes)) = select(data) else {
         return;
     };
@@ -41,7 +41,11 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
             }
         }
         2 => {
-            rt::<Applied>(bytes);
+            if let Some(h) = rt::<SnapshotHeader>(bytes) {
+                if let Some(m) = h.shard_map() {
+                    shard_map(m);
+                }
+            }
         }
         3 => {
             rt::<TokenLogState>(bytes);
@@ -50,7 +54,7 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
             rt::<Option<LogId>>(bytes);
         }
         5 => {
-            rt::<Option<Vote>>(bytes);
+            rt::<Option<LogId>>(bytes);
         }
         6 => {
             rt::<StoredMembership>(bytes);
@@ -92,7 +96,7 @@ fuzz_target!(init: vault_fuzz::seeds::init("raft_json"), |data: &[u8]| {
             rt::<Result<ChunkAnswer, String>>(bytes);
         }
         _ => {
-            rt::<Vec<Entry>>(bytes);
+            rt::<Entry>(bytes);
         }
     }
 });
