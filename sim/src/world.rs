@@ -456,6 +456,7 @@ impl<'a> World<'a> {
         let config = Arc::new(raft_config(
             self.opts.snapshot_every,
             hsm_vault::replication::HEARTBEAT_MS,
+            hsm_vault::replication::WRITE_LINGER_MS,
         )?);
         let net = NodeNet {
             net: self.net.clone(),

@@ -215,6 +215,14 @@ impl Flush {
 /// the floor of every group's).
 pub const HEARTBEAT_MS: u64 = 100;
 
+/// How long a leader waits for more writes before it appends what it has
+/// (openraft's `api_batch_linger_ms`). Each append costs every replica a
+/// sled flush and a token label write, and each apply another pair,
+/// whatever the number of entries: gathering writes for 10 ms made a
+/// recovery cost a 3-node group 2,093 µs of CPU instead of 3,690 (issue 15,
+/// docs/BENCHMARKS.md), for at most 10 ms more per write.
+pub const WRITE_LINGER_MS: u64 = 10;
+
 /// The heartbeat for a group whose longest round trip between members is
 /// `round_trip`: openraft gives every heartbeat (a one-frame AppendEntries
 /// stream, which also serves a read's leadership check) one heartbeat
@@ -234,10 +242,12 @@ pub fn heartbeat_for(round_trip: std::time::Duration) -> u64 {
 /// 0.5–1 s), a snapshot every
 /// `snapshot_every` entries (the log then keeps at most 1,000 behind it),
 /// snapshots sent in binary chunks well under the largest Raft message
-/// (see `network.rs`).
+/// (see `network.rs`), and the leader gathering writes for up to
+/// `write_linger_ms` into one append (see [`WRITE_LINGER_MS`]).
 pub fn raft_config(
     snapshot_every: u64,
     heartbeat_ms: u64,
+    write_linger_ms: u64,
 ) -> Result<openraft::Config, openraft::ConfigError> {
     let heartbeat = heartbeat_ms.max(1);
     let election = heartbeat.saturating_mul(5).max(500);
@@ -249,6 +259,7 @@ pub fn raft_config(
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: snapshot_every.min(1000),
         allow_log_reversion: Some(true),
+        api_batch_linger_ms: write_linger_ms,
         ..Default::default()
     }
     .validate()
