@@ -430,9 +430,13 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 geo: geo.clone(),
                 channels: channels.clone(),
             };
+            let mut config = config;
+            // Resyncing after a rollback: no elections until caught up.
+            config.enable_elect = resync_floor.is_none();
             let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
                 .await
                 .context("starting Raft")?;
+            hsm_vault::replication::network::elect_once_caught_up(&raft, resync_floor);
             if args.init {
                 if let Err(e) = raft.initialize(peers).await {
                     tracing::info!(error = %e, "group already formed");

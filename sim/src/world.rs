@@ -453,16 +453,19 @@ impl<'a> World<'a> {
         }
         let (log, sm) = (storage.log, storage.sm);
         let floor = log.resync_floor();
-        let config = Arc::new(raft_config(
+        let mut config = raft_config(
             self.opts.snapshot_every,
             hsm_vault::replication::HEARTBEAT_MS,
             hsm_vault::replication::WRITE_LINGER_MS,
-        )?);
+        )?;
+        // As a node does: no elections while resyncing after a rollback.
+        config.enable_elect = floor.is_none();
         let net = NodeNet {
             net: self.net.clone(),
             me: id,
         };
-        let raft = Raft::new(id, config, net, log, sm.clone()).await?;
+        let raft = Raft::new(id, Arc::new(config), net, log, sm.clone()).await?;
+        hsm_vault::replication::network::elect_once_caught_up(&raft, floor);
         let replica = |raft: &Raft| {
             Replica::new(
                 (id, GROUP),
@@ -878,7 +881,6 @@ impl<'a> World<'a> {
             if indexes.len() == 1 {
                 break;
             }
-            eprintln!("DBG views at indexes {indexes:?}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         for (id, place) in &self.nodes {

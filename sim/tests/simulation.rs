@@ -22,8 +22,13 @@ const CI_SEEDS: u64 = 25;
 /// the purge as if they came first: the replica applied them without the
 /// ones before (418, 521: its digest differed from its leader's; 648: the
 /// group never converged), until the replica refused such a request
-/// (`network::well_formed`).
-const REGRESSION_SEEDS: [u64; 9] = [154, 418, 521, 648, 2110, 2959, 3589, 6845, 7890];
+/// (`network::well_formed`); 49 (with writes gathered for 10 ms), a
+/// replica that lost its disk stood for election before it had caught up
+/// and won with the third member's shorter log while the member holding a
+/// committed entry was cut off: the entry was overwritten, and the two
+/// replicas held different records at the same index
+/// (`network::elect_once_caught_up`).
+const REGRESSION_SEEDS: [u64; 10] = [49, 154, 418, 521, 648, 2110, 2959, 3589, 6845, 7890];
 
 #[test]
 fn invariants_1_2_3_4_8_hold_under_simulated_faults_for_bounded_seeds() {

@@ -723,6 +723,38 @@ pub fn well_formed(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String>
     Ok(())
 }
 
+/// A replica that reopened after a rollback with `floor` must not stand for
+/// election either until its log reaches the floor: it may have
+/// acknowledged entries that only it and a minority still hold, and a
+/// leader elected by it and that minority, whose log lacks them, would
+/// overwrite committed entries (the simulation found it: seed 49, a replica
+/// that lost its disk elected itself with the third member's shorter log
+/// while the member holding the committed entry was cut off). Its Raft
+/// starts with elections off ([`super::raft_config`]'s caller sets
+/// `enable_elect`); this turns them on once the log reaches the floor.
+pub fn elect_once_caught_up(raft: &Raft, floor: Option<u64>) {
+    let Some(floor) = floor else {
+        return;
+    };
+    let raft = raft.clone();
+    tokio::spawn(async move {
+        let mut metrics = raft.metrics();
+        loop {
+            if metrics.borrow_watched().last_log_index.unwrap_or(0) >= floor {
+                break;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+        tracing::info!(
+            floor,
+            "caught up after a rollback: standing for election again"
+        );
+        raft.runtime_config().elect(true);
+    });
+}
+
 impl std::fmt::Debug for NodeService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeService")
