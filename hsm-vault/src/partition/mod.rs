@@ -814,13 +814,20 @@ impl PartitionSession {
     /// Reads the monotonic state kept under application name `app` in the
     /// token (created empty on first use). Like the anchor, it lives in the
     /// label of a private data object, where the host cannot roll it back.
+    /// A label is UTF-8 text (PKCS#11's `CKA_LABEL`; kryoptic refuses other
+    /// bytes), so the state's bytes are kept as hex.
     pub fn app_state(&self, app: &str) -> Result<Vec<u8>, PartitionError> {
-        read_label(self.s(), self.state_object(app)?).inspect_err(|_| self.forget_state_object(app))
+        let text = read_label(self.s(), self.state_object(app)?)
+            .inspect_err(|_| self.forget_state_object(app))?;
+        hex::decode(&text).map_err(|e| PartitionError::Operation {
+            op: "read token state",
+            detail: format!("the state label is not hex: {e}"),
+        })
     }
 
     /// Replaces the state kept under application name `app`.
     pub fn set_app_state(&self, app: &str, state: &[u8]) -> Result<(), PartitionError> {
-        write_label(self.s(), self.state_object(app)?, state)
+        write_label(self.s(), self.state_object(app)?, hex::encode(state).as_bytes())
             .inspect_err(|_| self.forget_state_object(app))
     }
 
