@@ -827,8 +827,12 @@ impl PartitionSession {
 
     /// Replaces the state kept under application name `app`.
     pub fn set_app_state(&self, app: &str, state: &[u8]) -> Result<(), PartitionError> {
-        write_label(self.s(), self.state_object(app)?, hex::encode(state).as_bytes())
-            .inspect_err(|_| self.forget_state_object(app))
+        write_label(
+            self.s(),
+            self.state_object(app)?,
+            hex::encode(state).as_bytes(),
+        )
+        .inspect_err(|_| self.forget_state_object(app))
     }
 
     /// The state object of `app`, found (or made) once and remembered.
