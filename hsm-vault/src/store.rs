@@ -33,6 +33,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::index::{self, Anchor, AnchorState, OpenCheck};
+use crate::core::memo::{MacMemo, Toggle};
 use crate::core::record::{SealedRecord, Stored};
 use crate::partition::{Partition, PartitionError};
 use crate::types::{RecordId, Seq};
@@ -301,6 +302,7 @@ async fn writer(
 ) {
     // A batch applied and flushed, waiting for its committed mark.
     let mut flushed: Option<(Vec<CommitRequest>, Anchor)> = None;
+    let mut memo = MacMemo::new(MacMemo::CAPACITY);
     loop {
         let mut next_reqs = Vec::with_capacity(MAX_BATCH);
         if flushed.is_none() {
@@ -322,7 +324,7 @@ async fn writer(
             )
             .map(|()| None)
         } else {
-            begin_batch(&db, &partition, committed, &next_reqs).map(Some)
+            begin_batch(&db, &partition, &mut memo, committed, &next_reqs).map(Some)
         };
         let result = match result {
             Ok(None) => Ok(None),
@@ -380,6 +382,7 @@ fn answer(reqs: Option<Vec<CommitRequest>>, reply: &Result<(), String>) {
 fn begin_batch(
     db: &sled::Db,
     partition: &Arc<Partition>,
+    memo: &mut MacMemo,
     committed: Anchor,
     reqs: &[CommitRequest],
 ) -> Result<(sled::Batch, Anchor), StoreError> {
@@ -389,11 +392,11 @@ fn begin_batch(
     for req in reqs {
         let id = *req.write.id();
         if let Some(old) = read_index(db, &id)? {
-            index::toggle(&session, &mut next.digest, &id, old)?;
+            index::toggle_memo(&session, &mut next.digest, (&id, old), memo, Toggle::Out)?;
         }
         match &req.write {
             Write::Put(id, sealed) => {
-                index::toggle(&session, &mut next.digest, id, req.seq)?;
+                index::toggle_memo(&session, &mut next.digest, (id, req.seq), memo, Toggle::In)?;
                 batch.insert(&id.0[..], sealed.as_bytes());
                 batch.insert(&index_key(id)[..], &req.seq.0.to_be_bytes()[..]);
             }

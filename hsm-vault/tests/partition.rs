@@ -270,3 +270,83 @@ fn invariant2_pending_logins_expire_and_keep_their_charge() {
     let (_, record) = core.inspect(&t, &id, &write).expect("inspect");
     assert_eq!(record.guesses_used, 1, "the charge outlives the login");
 }
+
+/// The real token, counting the MACs asked of it.
+struct CountingToken<'a> {
+    token: &'a hsm_vault::partition::PartitionSession,
+    macs: std::cell::Cell<usize>,
+}
+
+impl hsm_vault::core::Token for CountingToken<'_> {
+    fn hmac(
+        &self,
+        key: hsm_vault::partition::MacKey,
+        data: &[u8],
+    ) -> Result<[u8; 32], hsm_vault::partition::PartitionError> {
+        self.macs.set(self.macs.get() + 1);
+        hsm_vault::core::Token::hmac(self.token, key, data)
+    }
+    fn ecdh_x(
+        &self,
+        peer: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, hsm_vault::partition::PartitionError> {
+        hsm_vault::core::Token::ecdh_x(self.token, peer)
+    }
+    fn seal(
+        &self,
+        iv: &[u8; 12],
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, hsm_vault::partition::PartitionError> {
+        hsm_vault::core::Token::seal(self.token, iv, aad, plaintext)
+    }
+    fn unseal(
+        &self,
+        iv: &[u8; 12],
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, hsm_vault::partition::PartitionError> {
+        hsm_vault::core::Token::unseal(self.token, iv, aad, sealed)
+    }
+}
+
+#[test]
+fn a_digest_kept_through_the_mac_memo_is_the_tokens_own_and_saves_the_second_mac() {
+    use hsm_vault::core::index;
+    use hsm_vault::core::memo::{MacMemo, Toggle};
+    use hsm_vault::types::RecordId;
+
+    let (_token, p) = open_token("memo");
+    let session = p.session().expect("session");
+    let counting = CountingToken {
+        token: &session,
+        macs: std::cell::Cell::new(0),
+    };
+    let entry = |i: u8| (RecordId([i; 32]), Seq(u64::from(i) + 1));
+    let mut memo = MacMemo::new(3);
+    let (mut plain, mut kept) = ([0u8; 32], [0u8; 32]);
+    for i in 0..5 {
+        let (id, seq) = entry(i);
+        index::toggle(&session, &mut plain, &id, seq).expect("toggle");
+        index::toggle_memo(&counting, &mut kept, (&id, seq), &mut memo, Toggle::In)
+            .expect("toggle in");
+    }
+    assert_eq!(kept, plain, "the memo changes no digest");
+    assert_ne!(kept, [0u8; 32]);
+    assert_eq!(memo.len(), 3, "the memo holds at most its capacity");
+    assert_eq!(
+        counting.macs.get(),
+        5,
+        "every value toggled in was MAC'd once"
+    );
+
+    // The three newest come back from the memo, the two oldest from the token.
+    for i in (0..5).rev() {
+        let (id, seq) = entry(i);
+        index::toggle_memo(&counting, &mut kept, (&id, seq), &mut memo, Toggle::Out)
+            .expect("toggle out");
+    }
+    assert_eq!(kept, [0u8; 32], "out after in leaves the empty digest");
+    assert_eq!(counting.macs.get(), 5 + 2);
+    assert!(memo.is_empty(), "what was toggled out is forgotten");
+}

@@ -40,19 +40,22 @@ impl ServerPublic {
 /// KE1 for P256-SHA256: blinded element (33) || client nonce (32) || key (33).
 const KE1_EPHEMERAL: std::ops::Range<usize> = 65..98;
 
-/// The shifted point `C + G` to derive against, or `None` when it is the
-/// point at infinity (`C = -G`), which no token can use.
-fn shifted(client_sec1: &[u8]) -> Option<p256::EncodedPoint> {
-    let c = p256::PublicKey::from_sec1_bytes(client_sec1).ok()?;
-    let sum = c.to_projective() + ProjectivePoint::GENERATOR;
-    let sum = p256::PublicKey::from_affine(sum.to_affine()).ok()?;
-    Some(sum.to_encoded_point(true))
+/// `-G`, SEC1 compressed: the one ephemeral key whose shifted point `C + G`
+/// is the point at infinity, which no token can derive against.
+fn minus_generator() -> p256::EncodedPoint {
+    (-ProjectivePoint::GENERATOR)
+        .to_affine()
+        .to_encoded_point(true)
 }
 
 /// Checks, before a guess is charged, that the KE1's ephemeral key is one
-/// [`shared_point`] can use.
+/// [`shared_point`] can use. The KE1 has already been parsed, so its key is
+/// a valid compressed point, whose encoding is unique: comparing bytes is
+/// enough (and the key is public, so the comparison need not be constant
+/// time).
 pub fn usable_ke1(ke1: &[u8]) -> bool {
-    ke1.get(KE1_EPHEMERAL).and_then(shifted).is_some()
+    ke1.get(KE1_EPHEMERAL)
+        .is_some_and(|key| key != minus_generator().as_bytes())
 }
 
 /// Computes `sk·C` for the client's ephemeral key `C`, SEC1 compressed.
@@ -61,18 +64,21 @@ pub fn shared_point(
     server: &ServerPublic,
     client: &PublicKey<NistP256>,
 ) -> Result<Share, CoreError> {
-    let client_bytes = client.serialize();
-    let shifted = shifted(&client_bytes).ok_or(CoreError::InvalidMessage("KE1 ephemeral key"))?;
-
-    let x = token.ecdh_x(&client_bytes)?;
-    let check_x = token.ecdh_x(shifted.as_bytes())?;
+    let unusable = || CoreError::InvalidMessage("KE1 ephemeral key");
+    let c = client.to_group_type().0.to_point();
+    let shifted = (c + ProjectivePoint::GENERATOR).to_affine();
+    if bool::from(shifted.is_identity()) {
+        return Err(unusable());
+    }
+    let x = token.ecdh_x(c.to_affine().to_encoded_point(true).as_bytes())?;
+    let check_x = token.ecdh_x(shifted.to_encoded_point(true).as_bytes())?;
     if x.len() != 32 || check_x.len() != 32 {
-        return Err(CoreError::InvalidMessage("KE1 ephemeral key"));
+        return Err(unusable());
     }
     let x_field = p256::FieldBytes::clone_from_slice(&x);
     let even: Option<AffinePoint> =
         AffinePoint::decompress(&x_field, subtle::Choice::from(0)).into();
-    let even = even.ok_or(CoreError::InvalidMessage("KE1 ephemeral key"))?;
+    let even = even.ok_or_else(unusable)?;
     let candidate = (server.point + even).to_affine();
     // If even + PK matches the token's second answer, sk·C is the even point.
     let is_even = candidate.x().as_slice().ct_eq(&check_x[..]);
@@ -80,4 +86,22 @@ pub fn shared_point(
     share[0] = u8::conditional_select(&0x03, &0x02, is_even);
     share[1..].copy_from_slice(&x);
     Ok(Share::clone_from_slice(share.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_minus_g_is_refused_as_an_ephemeral_key() {
+        let mut ke1 = [0u8; 98];
+        ke1[KE1_EPHEMERAL].copy_from_slice(minus_generator().as_bytes());
+        assert!(!usable_ke1(&ke1));
+        let g = ProjectivePoint::GENERATOR
+            .to_affine()
+            .to_encoded_point(true);
+        ke1[KE1_EPHEMERAL].copy_from_slice(g.as_bytes());
+        assert!(usable_ke1(&ke1));
+        assert!(!usable_ke1(&ke1[..97]), "a short KE1 has no key");
+    }
 }

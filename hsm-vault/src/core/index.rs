@@ -27,6 +27,7 @@
 //!   as *committed*. A crash between the two leaves a store that matches one
 //!   of them.
 
+use crate::core::memo::{MacMemo, Toggle};
 use crate::core::Token;
 use crate::partition::{MacKey, PartitionError};
 use crate::types::{RecordId, Seq};
@@ -105,15 +106,37 @@ pub fn toggle(
     id: &RecordId,
     seq: Seq,
 ) -> Result<(), PartitionError> {
+    let mac = token.hmac(MacKey::RecordId, &entry_input(id, seq))?;
+    xor(digest, &mac);
+    Ok(())
+}
+
+/// [`toggle`], with the MAC taken from (or kept in) `memo`.
+pub fn toggle_memo(
+    token: &impl Token,
+    digest: &mut [u8; 32],
+    (id, seq): (&RecordId, Seq),
+    memo: &mut MacMemo,
+    toggle: Toggle,
+) -> Result<(), PartitionError> {
+    let mac = memo.mac(token, entry_input(id, seq), toggle)?;
+    xor(digest, &mac);
+    Ok(())
+}
+
+/// What the token MACs for the index entry `(id, seq)`.
+fn entry_input(id: &RecordId, seq: Seq) -> Vec<u8> {
     let mut data = Vec::with_capacity(INDEX_LABEL.len() + 40);
     data.extend_from_slice(INDEX_LABEL);
     data.extend_from_slice(&id.0);
     data.extend_from_slice(&seq.0.to_be_bytes());
-    let mac = token.hmac(MacKey::RecordId, &data)?;
+    data
+}
+
+fn xor(digest: &mut [u8; 32], mac: &[u8; 32]) {
     for (d, m) in digest.iter_mut().zip(mac) {
         *d ^= m;
     }
-    Ok(())
 }
 
 /// How a store found at open relates to the token's anchor.

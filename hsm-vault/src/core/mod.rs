@@ -21,6 +21,7 @@
 
 pub mod ecdh;
 pub mod index;
+pub mod memo;
 pub mod pending;
 pub mod record;
 pub mod replica;

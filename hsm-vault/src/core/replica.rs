@@ -34,6 +34,7 @@
 
 use sha2::{Digest, Sha256};
 
+use crate::core::memo::{MacMemo, Toggle};
 use crate::core::Token;
 use crate::partition::{MacKey, PartitionError};
 
@@ -93,10 +94,28 @@ impl StateDigest {
         part: Part<'_>,
     ) -> Result<(), PartitionError> {
         let mac = token.hmac(MacKey::RecordId, &part.encode(group))?;
+        self.xor(&mac);
+        Ok(())
+    }
+
+    /// [`Self::toggle`], with the MAC taken from (or kept in) `memo`.
+    pub fn toggle_memo(
+        &mut self,
+        token: &impl Token,
+        group: u64,
+        part: Part<'_>,
+        memo: &mut MacMemo,
+        toggle: Toggle,
+    ) -> Result<(), PartitionError> {
+        let mac = memo.mac(token, part.encode(group), toggle)?;
+        self.xor(&mac);
+        Ok(())
+    }
+
+    fn xor(&mut self, mac: &[u8; 32]) {
         for (d, m) in self.0.iter_mut().zip(mac) {
             *d ^= m;
         }
-        Ok(())
     }
 }
 

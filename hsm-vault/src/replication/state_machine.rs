@@ -41,6 +41,7 @@ use super::{
     io_error, Applied, Command, Entry, ExportedRecord, LogId, ReplicaToken, SnapshotData,
     SnapshotMeta, StoredMembership, TypeConfig, VaultSnapshot,
 };
+use crate::core::memo::{MacMemo, Toggle};
 use crate::core::replica::{snapshot_mac, AppliedAt, Part, StateDigest};
 use crate::shard::{slot, GroupId, ShardMap};
 
@@ -307,6 +308,8 @@ struct Shared {
     diverged: std::sync::atomic::AtomicBool,
     /// The last snapshot [`StateMachine::check_snapshot`] passed.
     vetted: std::sync::Mutex<Option<VettedSnapshot>>,
+    /// The MACs of the record values applied last, for the digest.
+    memo: std::sync::Mutex<MacMemo>,
 }
 
 /// How many applied entries' digests a replica remembers for
@@ -375,6 +378,7 @@ struct Toggler<'a, K: ReplicaToken> {
     session: K::Session,
     group: GroupId,
     digest: &'a mut StateDigest,
+    memo: &'a std::sync::Mutex<MacMemo>,
 }
 
 impl<K: ReplicaToken> Toggler<'_, K> {
@@ -384,19 +388,26 @@ impl<K: ReplicaToken> Toggler<'_, K> {
             .map_err(sm_err)
     }
 
+    /// Toggles a record's value in (a write) or out (what it replaced); the
+    /// MAC of a value toggled in is kept until that value is toggled out.
     fn record(
         &mut self,
         id: &[u8; 32],
         value: Option<&(u64, Vec<u8>)>,
+        toggle: Toggle,
     ) -> Result<(), std::io::Error> {
-        match value {
-            Some((seq, sealed)) => self.part(Part::Record {
-                id,
-                seq: *seq,
-                sealed,
-            }),
-            None => Ok(()),
-        }
+        let Some((seq, sealed)) = value else {
+            return Ok(());
+        };
+        let part = Part::Record {
+            id,
+            seq: *seq,
+            sealed,
+        };
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        self.digest
+            .toggle_memo(&self.session, self.group, part, &mut memo, toggle)
+            .map_err(sm_err)
     }
 }
 
@@ -561,11 +572,15 @@ impl<K: ReplicaToken> StateMachine<K> {
         super::log_store::retry(|| self.token.set_app_state(&self.app, &bytes)).map_err(sm_err)
     }
 
-    fn toggler<'a>(&self, digest: &'a mut StateDigest) -> Result<Toggler<'a, K>, std::io::Error> {
+    fn toggler<'a>(
+        &'a self,
+        digest: &'a mut StateDigest,
+    ) -> Result<Toggler<'a, K>, std::io::Error> {
         Ok(Toggler {
             session: super::log_store::retry(|| self.token.session()).map_err(sm_err)?,
             group: self.group,
             digest,
+            memo: &self.shared.memo,
         })
     }
 
@@ -1064,9 +1079,9 @@ impl<K: ReplicaToken> StateMachine<K> {
                     let old = self.current(&pending, &id)?;
                     let current = old.as_ref().map(|(s, _)| *s);
                     if current == expect {
-                        t.record(&id, old.as_ref())?;
+                        t.record(&id, old.as_ref(), Toggle::Out)?;
                         let new = (seq, sealed);
-                        t.record(&id, Some(&new))?;
+                        t.record(&id, Some(&new), Toggle::In)?;
                         batch.insert(&id[..], record_value(new.0, &new.1));
                         pending.insert(id, Some(new));
                         Applied::Done
@@ -1082,7 +1097,7 @@ impl<K: ReplicaToken> StateMachine<K> {
                                 // now live in their new group only.
                                 for (id, _, _) in self.leaving(map.as_ref(), &next)? {
                                     let old = self.current(&pending, &id)?;
-                                    t.record(&id, old.as_ref())?;
+                                    t.record(&id, old.as_ref(), Toggle::Out)?;
                                     batch.remove(&id[..]);
                                     pending.insert(id, None);
                                 }
@@ -1127,9 +1142,9 @@ impl<K: ReplicaToken> StateMachine<K> {
                     Ok(false) => {
                         for (id, seq, sealed) in records {
                             let old = self.current(&pending, &id)?;
-                            t.record(&id, old.as_ref())?;
+                            t.record(&id, old.as_ref(), Toggle::Out)?;
                             let new = (seq, sealed);
-                            t.record(&id, Some(&new))?;
+                            t.record(&id, Some(&new), Toggle::In)?;
                             batch.insert(&id[..], record_value(new.0, &new.1));
                             pending.insert(id, Some(new));
                         }
@@ -1154,7 +1169,7 @@ impl<K: ReplicaToken> StateMachine<K> {
                     let old = self.current(&pending, &id)?;
                     let current = old.as_ref().map(|(s, _)| *s);
                     if current == expect {
-                        t.record(&id, old.as_ref())?;
+                        t.record(&id, old.as_ref(), Toggle::Out)?;
                         batch.remove(&id[..]);
                         pending.insert(id, None);
                         Applied::Done
