@@ -477,10 +477,10 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 partition: partition.clone(),
                 resync_floor,
                 peers: peer_check,
-                inbox: Arc::new(hsm_vault::replication::inbox::SnapshotInbox::new(
-                    raft.clone(),
-                    sm.clone(),
-                )),
+                inbox: Arc::new(
+                    hsm_vault::replication::inbox::SnapshotInbox::new(raft.clone(), sm.clone())
+                        .checking_off_the_runtime(),
+                ),
             });
             Backend::Replicated(Replica::new(
                 (id, group),
@@ -619,8 +619,11 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .tls_config(config)
                 .context("the TLS server certificate or the fleet CA")?;
         }
+        // Longer than the client API's: the last chunk of a snapshot is
+        // answered after the whole snapshot is checked and installed
+        // (`network::last_chunk_timeout`), about 10 s per million records.
         peer_api
-            .timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(120))
             .concurrency_limit_per_connection(256)
             .layer(RpcLayer)
             .add_service(health_server())

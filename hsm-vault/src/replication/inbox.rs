@@ -61,6 +61,10 @@ pub struct SnapshotInbox {
     sm: StateMachine,
     /// The transfer being received: its id and the bytes so far.
     receiving: tokio::sync::Mutex<Option<(u64, Vec<u8>)>>,
+    /// Whether a snapshot is checked on a blocking thread (a node) or on
+    /// the task that received it (the simulation, whose runtime is one
+    /// seeded thread).
+    off_the_runtime: bool,
 }
 
 impl SnapshotInbox {
@@ -69,6 +73,28 @@ impl SnapshotInbox {
             raft,
             sm,
             receiving: tokio::sync::Mutex::new(None),
+            off_the_runtime: false,
+        }
+    }
+
+    /// Checks each snapshot on a blocking thread: a token MAC per record,
+    /// about 10 s for a million, which would otherwise hold one of the
+    /// runtime's threads (and every peer message waiting for it).
+    pub fn checking_off_the_runtime(mut self) -> Self {
+        self.off_the_runtime = true;
+        self
+    }
+
+    async fn check(&self, meta: &SnapshotMeta, data: Vec<u8>) -> (Result<(), String>, Vec<u8>) {
+        if !self.off_the_runtime {
+            let checked = self.sm.check_snapshot(meta, &data);
+            return (checked, data);
+        }
+        let (sm, meta) = (self.sm.clone(), meta.clone());
+        let task = tokio::task::spawn_blocking(move || (sm.check_snapshot(&meta, &data), data));
+        match task.await {
+            Ok(done) => done,
+            Err(e) => (Err(format!("the check did not finish: {e}")), Vec::new()),
         }
     }
 
@@ -105,7 +131,8 @@ impl SnapshotInbox {
         let data = std::mem::take(buf);
         *receiving = None;
         drop(receiving);
-        if let Err(reason) = self.sm.check_snapshot(&chunk.meta, &data) {
+        let (checked, data) = self.check(&chunk.meta, data).await;
+        if let Err(reason) = checked {
             tracing::error!(
                 snapshot = ?chunk.meta.last_log_id,
                 reason = %reason,

@@ -236,6 +236,9 @@ pub fn heartbeat_for(round_trip: std::time::Duration) -> u64 {
     HEARTBEAT_MS.max(rtt.saturating_mul(5) / 4 + 100)
 }
 
+/// How long one snapshot chunk may take to be sent and taken.
+pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
+
 /// The Raft settings of every replica group (nodes and the simulation):
 /// heartbeats every `heartbeat_ms` (see [`heartbeat_for`]; 100 ms in one
 /// region), elections after 5–10 heartbeats of silence (at least
@@ -260,6 +263,10 @@ pub fn raft_config(
         max_in_snapshot_log_to_keep: snapshot_every.min(1000),
         allow_log_reversion: Some(true),
         api_batch_linger_ms: write_linger_ms,
+        // Per snapshot chunk (4 MiB, `network::SNAPSHOT_CHUNK`); openraft's
+        // 200 ms is less than such a chunk takes on a loaded node or a slow
+        // link, and every timeout restarts the transfer from its start.
+        install_snapshot_timeout: SNAPSHOT_CHUNK_TIMEOUT_MS,
         ..Default::default()
     }
     .validate()

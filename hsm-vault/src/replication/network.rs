@@ -198,6 +198,19 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 /// The largest snapshot chunk sent in one message.
 pub const SNAPSHOT_CHUNK: usize = 4 * 1024 * 1024;
 
+/// How long the last chunk of a snapshot of `len` bytes may take. The
+/// receiver answers it only after checking the whole snapshot (a token MAC
+/// per record) and installing it: about 10 s for a million records here.
+/// Held to the per-chunk timeout (openraft's `install_snapshot_timeout`,
+/// 200 ms), that answer never arrived in time, so the leader sent the
+/// snapshot again and again and the member never caught up; the bound
+/// allows 5 MB/s of checking after a 10 s start.
+pub fn last_chunk_timeout(chunk_timeout: Duration, len: usize) -> Duration {
+    const CHECKED_PER_SECOND: usize = 5 * 1024 * 1024;
+    let checking = Duration::from_secs(10 + (len / CHECKED_PER_SECOND) as u64);
+    chunk_timeout.max(checking)
+}
+
 /// One direction of the path to a peer: who talks to whom, the token that
 /// MACs, and the emulated geography.
 #[derive(Clone, Debug)]
@@ -338,6 +351,11 @@ impl PeerClient {
                 let (link, client) = (link.clone(), client.clone());
                 async move {
                     let data = std::mem::take(&mut chunk.data);
+                    let timeout = if chunk.done {
+                        last_chunk_timeout(timeout, chunk.offset as usize + data.len())
+                    } else {
+                        timeout
+                    };
                     let head = codec::encode(&chunk);
                     let framed = frame_snapshot_chunk(&head, &data);
                     send_over(link, client, "install_snapshot", framed, timeout).await
