@@ -20,7 +20,7 @@ use hsm_vault::shard::{GroupId, ShardMap};
 use hsm_vault::store::Store;
 use hsm_vault::telemetry::{self, RpcLayer};
 use hsm_vault::tls::{load_certificate, load_identity, NodeTls, PeerCheck};
-use openraft::{BasicNode, Raft};
+use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::service::interceptor::InterceptedService;
@@ -430,13 +430,16 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 geo: geo.clone(),
                 channels: channels.clone(),
             };
-            let mut config = config;
-            // Resyncing after a rollback: no elections until caught up.
-            config.enable_elect = resync_floor.is_none();
-            let raft = Raft::new(id, Arc::new(config), network, log, sm.clone())
-                .await
-                .context("starting Raft")?;
-            hsm_vault::replication::network::elect_once_caught_up(&raft, resync_floor);
+            let raft = hsm_vault::replication::start_raft(
+                id,
+                config,
+                network,
+                log,
+                sm.clone(),
+                resync_floor,
+            )
+            .await
+            .context("starting Raft")?;
             if args.init {
                 if let Err(e) = raft.initialize(peers).await {
                     tracing::info!(error = %e, "group already formed");

@@ -17,7 +17,7 @@ use hsm_vault::replication::inbox::SnapshotInbox;
 use hsm_vault::replication::network::Channels;
 use hsm_vault::replication::state_machine::StateMachine;
 use hsm_vault::replication::Raft;
-use hsm_vault::replication::{raft_config, Flush, NodeId};
+use hsm_vault::replication::{raft_config, start_raft, Flush, NodeId};
 use hsm_vault::service::VaultService;
 use hsm_vault::shard::{GroupId, ShardMap};
 use openraft::{BasicNode, ServerState};
@@ -453,19 +453,16 @@ impl<'a> World<'a> {
         }
         let (log, sm) = (storage.log, storage.sm);
         let floor = log.resync_floor();
-        let mut config = raft_config(
+        let config = raft_config(
             self.opts.snapshot_every,
             hsm_vault::replication::HEARTBEAT_MS,
             hsm_vault::replication::WRITE_LINGER_MS,
         )?;
-        // As a node does: no elections while resyncing after a rollback.
-        config.enable_elect = floor.is_none();
         let net = NodeNet {
             net: self.net.clone(),
             me: id,
         };
-        let raft = Raft::new(id, Arc::new(config), net, log, sm.clone()).await?;
-        hsm_vault::replication::network::elect_once_caught_up(&raft, floor);
+        let raft = start_raft(id, config, net, log, sm.clone(), floor).await?;
         let replica = |raft: &Raft| {
             Replica::new(
                 (id, GROUP),

@@ -236,6 +236,29 @@ pub fn heartbeat_for(round_trip: std::time::Duration) -> u64 {
     HEARTBEAT_MS.max(rtt.saturating_mul(5) / 4 + 100)
 }
 
+/// Starts the Raft of a replica opened by [`open_replica`] (a node and the
+/// simulation both start theirs here). A replica that reopened behind its
+/// token, with `resync_floor`, does not stand for election until its log
+/// reaches the floor ([`network::elect_once_caught_up`]).
+pub async fn start_raft<N, LS>(
+    id: u64,
+    mut config: openraft::Config,
+    network: N,
+    log: LS,
+    sm: state_machine::StateMachine,
+    resync_floor: Option<u64>,
+) -> Result<Raft, openraft::error::Fatal<TypeConfig>>
+where
+    N: openraft::network::RaftNetworkFactory<TypeConfig>,
+    N::Network: openraft::network::NetSnapshot<TypeConfig, SnapshotData = std::io::Cursor<Vec<u8>>>,
+    LS: openraft::storage::RaftLogStorage<TypeConfig>,
+{
+    config.enable_elect = resync_floor.is_none();
+    let raft = Raft::new(id, std::sync::Arc::new(config), network, log, sm).await?;
+    network::elect_once_caught_up(&raft, resync_floor);
+    Ok(raft)
+}
+
 /// How long one snapshot chunk may take to be sent and taken.
 pub const SNAPSHOT_CHUNK_TIMEOUT_MS: u64 = 10_000;
 

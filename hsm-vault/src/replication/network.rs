@@ -748,9 +748,9 @@ pub fn well_formed(rpc: &AppendEntriesRequest<TypeConfig>) -> Result<(), String>
 /// overwrite committed entries (the simulation found it: seed 49, a replica
 /// that lost its disk elected itself with the third member's shorter log
 /// while the member holding the committed entry was cut off). Its Raft
-/// starts with elections off ([`super::raft_config`]'s caller sets
-/// `enable_elect`); this turns them on once the log reaches the floor.
-pub fn elect_once_caught_up(raft: &Raft, floor: Option<u64>) {
+/// starts with elections off ([`super::start_raft`] sets `enable_elect`);
+/// this turns them on once the log reaches the floor.
+pub(crate) fn elect_once_caught_up(raft: &Raft, floor: Option<u64>) {
     let Some(floor) = floor else {
         return;
     };
