@@ -168,13 +168,14 @@ pub fn check_open(token_state: &AnchorState, store: Anchor) -> OpenCheck {
     if token_state.pending == Some(store) {
         return OpenCheck::RollForward(store);
     }
-    let newest = token_state.pending.map_or(token_state.committed.seq, |p| {
-        p.seq.max(token_state.committed.seq)
-    });
-    if store.seq < newest {
+    // Only the committed anchor was ever acknowledged: a store behind it is
+    // stale. A store at the committed (or pending) sequence whose digest
+    // differs was edited, whether or not a batch was in flight when the
+    // process died; so was a store the token never saw.
+    if store.seq < token_state.committed.seq {
         OpenCheck::RolledBack {
             store: store.seq,
-            token: newest,
+            token: token_state.committed.seq,
         }
     } else {
         OpenCheck::Altered
@@ -257,5 +258,23 @@ mod tests {
             digest: [9; 32],
         };
         assert_eq!(check_open(&settled, ahead), OpenCheck::Altered);
+        // Killed with a batch in flight, then the committed store edited:
+        // the edit is named as such, not as a rollback.
+        let edited = Anchor {
+            seq: Seq(5),
+            digest: [9; 32],
+        };
+        assert_eq!(check_open(&midway, edited), OpenCheck::Altered);
+        let older = Anchor {
+            seq: Seq(4),
+            digest: [4; 32],
+        };
+        assert_eq!(
+            check_open(&midway, older),
+            OpenCheck::RolledBack {
+                store: Seq(4),
+                token: Seq(5)
+            }
+        );
     }
 }
