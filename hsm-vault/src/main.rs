@@ -19,7 +19,7 @@ use hsm_vault::service::{from_client, VaultService, MAX_MESSAGE_BYTES};
 use hsm_vault::shard::{GroupId, ShardMap};
 use hsm_vault::store::Store;
 use hsm_vault::telemetry::{self, RpcLayer};
-use hsm_vault::tls::{load_certificate, load_identity, NodeTls, PeerCheck};
+use hsm_vault::tls::{load_certificate, load_identity, Caller, Gated, NodeTls, PeerCheck};
 use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -634,20 +634,30 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             .add_service(
                 telemetry::reflection_v1alpha(&peer_services).context("reflection service")?,
             )
-            .add_service(
+            .add_service(Gated::new(
+                peer_check,
+                Caller::Node,
                 VaultServer::new(service)
                     .max_decoding_message_size(MAX_MESSAGE_BYTES)
                     .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            )
+            ))
             .add_optional_service(operator_service.map(|o| {
-                OperatorServer::new(o)
-                    .max_decoding_message_size(MAX_HANDOVER_MESSAGE)
-                    .max_encoding_message_size(MAX_HANDOVER_MESSAGE)
+                Gated::new(
+                    peer_check,
+                    Caller::Operator,
+                    OperatorServer::new(o)
+                        .max_decoding_message_size(MAX_HANDOVER_MESSAGE)
+                        .max_encoding_message_size(MAX_HANDOVER_MESSAGE),
+                )
             }))
             .add_optional_service(node_service.map(|n| {
-                NodeServer::new(n)
-                    .max_decoding_message_size(MAX_RAFT_MESSAGE)
-                    .max_encoding_message_size(MAX_RAFT_MESSAGE)
+                Gated::new(
+                    peer_check,
+                    Caller::Node,
+                    NodeServer::new(n)
+                        .max_decoding_message_size(MAX_RAFT_MESSAGE)
+                        .max_encoding_message_size(MAX_RAFT_MESSAGE),
+                )
             }))
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),

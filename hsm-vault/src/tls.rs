@@ -231,3 +231,108 @@ pub fn names(der: &CertificateDer<'_>, name: &str) -> bool {
         .and_then(|cert| cert.verify_is_valid_for_subject_name(&server_name))
         .is_ok()
 }
+
+/// Who may call a service on the peer listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// The operator API: the operator's certificate only.
+    Operator,
+    /// The node-to-node API and forwarded client requests: a node's
+    /// certificate (which node, the service checks against the message).
+    Node,
+}
+
+/// Whether `der` names some node (`node-<id>`).
+fn names_a_node(der: &CertificateDer<'_>) -> bool {
+    webpki::EndEntityCert::try_from(der).is_ok_and(|cert| {
+        cert.valid_dns_names().any(|name| {
+            name.strip_prefix("node-")
+                .is_some_and(|id| id.parse::<NodeId>().is_ok())
+        })
+    })
+}
+
+/// A service of the peer listener behind its gate: the call is refused by
+/// the caller's TLS client certificate, read from the request's head,
+/// **before** the body is read or decoded, so a holder of some other
+/// certificate of the fleet CA cannot make the node buffer a large message
+/// (the operator API takes bulk handovers). The gate wraps the service
+/// itself, not a route, so no spelling of a path gets around it. The
+/// service then checks the exact holder again (the node a Raft message says
+/// sent it; the operator's signature on its request).
+#[derive(Clone, Debug)]
+pub struct Gated<S> {
+    inner: S,
+    caller: Caller,
+    check: PeerCheck,
+}
+
+impl<S> Gated<S> {
+    pub fn new(check: PeerCheck, caller: Caller, inner: S) -> Self {
+        Gated {
+            inner,
+            caller,
+            check,
+        }
+    }
+
+    fn admit<B>(&self, request: &http::Request<B>) -> Result<(), Status> {
+        if self.check == PeerCheck::Off {
+            return Ok(());
+        }
+        type Info =
+            tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
+        let certs = request
+            .extensions()
+            .get::<Info>()
+            .and_then(Info::peer_certs)
+            .filter(|c| !c.is_empty())
+            .ok_or_else(|| {
+                Status::unauthenticated("this API needs a client certificate of the fleet CA")
+            })?;
+        match self.caller {
+            Caller::Operator if names(&certs[0], OPERATOR_NAME) => Ok(()),
+            Caller::Node if names_a_node(&certs[0]) => Ok(()),
+            Caller::Operator => Err(Status::permission_denied(
+                "only the operator's certificate may call the operator API",
+            )),
+            Caller::Node => Err(Status::permission_denied(
+                "only a node's certificate may call this API on the peer listener",
+            )),
+        }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Gated<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Gated<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    RB: Default,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = futures_util::future::Either<
+        S::Future,
+        std::future::Ready<Result<http::Response<RB>, S::Error>>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        match self.admit(&request) {
+            Ok(()) => futures_util::future::Either::Left(self.inner.call(request)),
+            // The body is dropped unread: the client's stream is reset.
+            Err(status) => {
+                futures_util::future::Either::Right(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}

@@ -243,6 +243,14 @@ impl OneNode {
         (d.join("client.pem"), d.join("client.key"))
     }
 
+    /// The node's process id, as `fleet up` recorded it.
+    fn pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.dir.join("state.json")).expect("state");
+        let state: serde_json::Value = serde_json::from_str(&text).expect("state json");
+        let pid = state["nodes"]["1"]["pid"].as_u64().expect("node 1 pid");
+        u32::try_from(pid).expect("pid")
+    }
+
     /// `Reshard::Show`, signed by the operator's key: a valid request.
     fn signed_show(&self) -> node_pb::OperatorRequest {
         let text = std::fs::read_to_string(self.dir.join("operator/operator.key")).expect("key");
@@ -376,6 +384,56 @@ async fn tls_operator_api_accepts_only_the_operator_certificate() {
         .operator_call(Some(&fleet.operator_cert()))
         .await
         .expect("the operator's certificate is accepted");
+}
+
+/// The most memory the process `pid` has held (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// A holder of a fleet certificate that is not the operator's (here a
+/// node's) sends a 200 MiB operator message: it is refused from the
+/// request's head, before the body is buffered or decoded, so the node's
+/// peak memory does not grow by the message; the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_operator_api_refuses_a_large_message_before_reading_it() {
+    let fleet = OneNode::up();
+    fleet
+        .operator_call(Some(&fleet.operator_cert()))
+        .await
+        .expect("the operator's certificate is accepted");
+    let pid = fleet.pid();
+    let before = peak_rss_kib(pid);
+    let channel = peer_channel(&fleet.ca(), Some(&fleet.node_cert()), 1, &fleet.peer_addr)
+        .await
+        .expect("a node's certificate gets through the handshake");
+    let big = node_pb::OperatorRequest {
+        issued_at: 0,
+        signature: Vec::new(),
+        body: vec![7; 200 << 20],
+    };
+    let status = OperatorClient::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .reshard(big)
+        .await
+        .expect_err("a node's certificate is not the operator's");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let after = peak_rss_kib(pid);
+    // The bound: well under the message, above the noise of a TLS
+    // connection's buffers.
+    assert!(
+        after < before + 48 * 1024,
+        "the node buffered the message: peak memory {before} KiB -> {after} KiB"
+    );
+    fleet
+        .operator_call(Some(&fleet.operator_cert()))
+        .await
+        .expect("the node keeps serving the operator");
 }
 
 #[tokio::test]
