@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use hsm_vault::core::record::{Stored, SEALED_LEN};
-use hsm_vault::core::{Charge, CoreError, Finish, Purpose, StatusView};
+use hsm_vault::core::{Charge, Client, CoreError, Finish, Purpose, StatusView};
 use hsm_vault::types::{LoginId, RecordId, Seq};
 use libfuzzer_sys::fuzz_target;
 use opaque_ke::{CredentialResponse, RegistrationResponse};
@@ -213,10 +213,14 @@ fn recover_start(m: &pb::RecoverStartRequest) {
     let f = fixture();
     let (id, stored) = record_of(&m.account_id);
     let now = Instant::now();
-    let charge = match f
-        .core
-        .charge_guess(&f.token, &id, &stored, &m.ke1, Seq(2), now)
-    {
+    let charge = match f.core.charge_guess(
+        &f.token,
+        (&id, Client::default()),
+        &stored,
+        &m.ke1,
+        Seq(2),
+        now,
+    ) {
         Ok(c) => c,
         Err(CoreError::InvalidMessage(_)) => return,
         Err(e) => panic!("charge: {e}"),

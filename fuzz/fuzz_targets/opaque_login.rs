@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use hsm_vault::core::record::{self, Record, RecordBody, Stored, PASSWORD_FILE_LEN};
-use hsm_vault::core::{Charge, CoreError, Finish, Purpose, StatusView};
+use hsm_vault::core::{Charge, Client, CoreError, Finish, Purpose, StatusView};
 use hsm_vault::types::{LoginId, Seq};
 use libfuzzer_sys::fuzz_target;
 use opaque_ke::ClientLogin;
@@ -147,10 +147,14 @@ fn edited_ke3(f: &Fixture, edits: &[u8]) {
 
 fn any_ke1(f: &Fixture, ke1: &[u8]) {
     let now = Instant::now();
-    let charge = match f
-        .core
-        .charge_guess(&f.token, &f.id, &f.stored, ke1, Seq(2), now)
-    {
+    let charge = match f.core.charge_guess(
+        &f.token,
+        (&f.id, Client::default()),
+        &f.stored,
+        ke1,
+        Seq(2),
+        now,
+    ) {
         Ok(c) => c,
         Err(CoreError::InvalidMessage(_)) => return,
         Err(e) => panic!("charge: {e}"),
@@ -219,7 +223,14 @@ fn policy(f: &Fixture, bytes: &[u8]) {
     let ke1 = start.message.serialize();
     let charge = f
         .core
-        .charge_guess(&f.token, &f.id, &stored, &ke1, Seq(5), Instant::now())
+        .charge_guess(
+            &f.token,
+            (&f.id, Client::default()),
+            &stored,
+            &ke1,
+            Seq(5),
+            Instant::now(),
+        )
         .expect("charge");
     match charge {
         Charge::Locked => assert!(locked),

@@ -19,7 +19,7 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use hmac::{Hmac, Mac};
 use hsm_vault::core::record::Stored;
-use hsm_vault::core::{Charge, SecureCore, Token};
+use hsm_vault::core::{Charge, Client, SecureCore, Token};
 use hsm_vault::partition::{MacKey, PartitionError};
 use hsm_vault::types::{LoginId, RecordId, Seq};
 use opaque_ke::{
@@ -255,7 +255,14 @@ impl Fixture {
         let now = Instant::now();
         let Charge::Charged { write, ticket } = self
             .core
-            .charge_guess(&self.token, &self.id, &self.stored, &ke1, Seq(2), now)
+            .charge_guess(
+                &self.token,
+                (&self.id, Client::default()),
+                &self.stored,
+                &ke1,
+                Seq(2),
+                now,
+            )
             .expect("charge")
         else {
             panic!("a fresh record is charged");

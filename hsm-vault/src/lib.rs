@@ -16,6 +16,7 @@ pub mod core;
 pub mod geo;
 pub mod limits;
 pub mod partition;
+pub mod proxy;
 pub mod replication;
 pub mod service;
 pub mod shard;

@@ -138,6 +138,23 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 }
 
+/// The bucket a client address counts against: an IPv4 address itself
+/// (also when written as an IPv4-mapped IPv6 address), an IPv6 address by
+/// its /64, the smallest prefix a site is given, so one host cannot spread
+/// its starts over the 2^64 addresses it is free to use.
+pub fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
 /// The two limiters of a node.
 #[derive(Debug)]
 pub struct RecoveryLimits {
@@ -160,14 +177,16 @@ impl RecoveryLimits {
         }
     }
 
+    /// Takes one start from the bucket of `ip` (see [`bucket`]).
     pub fn address(&self, ip: Option<IpAddr>) -> Result<(), Throttled> {
         match (&self.address, ip) {
-            (Some(l), Some(ip)) => l
-                .take(&ip, Instant::now())
-                .map_err(|retry_after| Throttled {
-                    scope: "address",
-                    retry_after,
-                }),
+            (Some(l), Some(ip)) => {
+                l.take(&bucket(ip), Instant::now())
+                    .map_err(|retry_after| Throttled {
+                        scope: "address",
+                        retry_after,
+                    })
+            }
             _ => Ok(()),
         }
     }
@@ -188,6 +207,33 @@ impl RecoveryLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_are_bucketed_by_their_64_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("address");
+        assert_eq!(
+            bucket(ip("2001:db8:1:2:aaaa::1")),
+            bucket(ip("2001:db8:1:2:ffff:1:2:3"))
+        );
+        assert_ne!(bucket(ip("2001:db8:1:2::1")), bucket(ip("2001:db8:1:3::1")));
+        assert_eq!(bucket(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_ne!(bucket(ip("192.0.2.7")), bucket(ip("192.0.2.8")));
+        // One limit for a whole /64.
+        let limits = RecoveryLimits::new(Limits {
+            per_account: None,
+            per_address: Some(Rate {
+                burst: 1,
+                per_minute: 1,
+            }),
+        });
+        limits.address(Some(ip("2001:db8::1"))).expect("first");
+        limits
+            .address(Some(ip("2001:db8::2")))
+            .expect_err("the same /64");
+        limits
+            .address(Some(ip("2001:db8:0:1::1")))
+            .expect("another /64");
+    }
 
     #[test]
     fn a_burst_is_allowed_then_refused_with_a_hint_then_refilled() {

@@ -47,6 +47,13 @@ struct Args {
     /// the fleet file; printed as `hsm-vault peers listening on ADDR`.
     #[arg(long, env = "HSM_VAULT_PEER_LISTEN")]
     peer_listen: Option<SocketAddr>,
+    /// The client listener sits behind a load balancer that starts every
+    /// connection with a PROXY protocol version 2 header: take each
+    /// client's address from it (for rate limits and pending-login quotas)
+    /// and drop connections without one. Only with a balancer in front of
+    /// every connection: otherwise anyone could claim any address.
+    #[arg(long, env = "HSM_VAULT_PROXY_PROTOCOL")]
+    proxy_protocol: bool,
     /// Serve and connect without TLS: development only. Without this flag
     /// the node refuses to start unless it has its TLS material.
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "tls_client_cert", "tls_client_key"])]
@@ -602,10 +609,8 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
             from_client,
         ))
-        // Small request/answer messages: Nagle's algorithm would hold each
-        // answer back until the peer's delayed ACK (~40 ms on Linux).
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            hsm_vault::proxy::incoming(listener, args.proxy_protocol),
             until_stopped(stopped.clone()),
         );
 

@@ -7,6 +7,7 @@
 //! core for the KE2, so a KE2 never leaves the process for an uncounted
 //! guess.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use crate::audit::{AuditLog, Event};
 use crate::auth::Authorizer;
 use crate::backend::{Backend, Hop};
 use crate::core::record::Stored;
-use crate::core::{Charge, CoreError, Finish, Purpose, SecureCore, StatusView};
+use crate::core::{Charge, Client, CoreError, Finish, Purpose, SecureCore, StatusView};
 use crate::limits::{Limits, RecoveryLimits, Throttled};
 use crate::partition::{Partition, PartitionSession};
 use crate::shard::GroupId;
@@ -46,11 +47,36 @@ const STRIPES: usize = 1024;
 /// ("group": to another group; "leader": to the group's leader).
 pub const FORWARDED: &str = "x-vault-forwarded";
 
-/// Interceptor of the client listener: drops a forwarding mark. Only the
-/// peer listener, which takes nothing but fleet certificates, honours it.
+/// Metadata entry of a forwarded request naming the address of the client
+/// that sent it to the first node, so the serving node limits that client
+/// (and not the forwarding node). Only honoured with [`FORWARDED`], which
+/// only nodes may send (the peer listener's gate takes nothing but a node's
+/// certificate for the client API).
+pub const CLIENT_ADDR: &str = "x-vault-client-addr";
+
+/// Interceptor of the client listener: drops a forwarding mark and a
+/// claimed client address. Only the peer listener honours them.
 pub fn from_client(mut request: Request<()>) -> Result<Request<()>, Status> {
     request.metadata_mut().remove(FORWARDED);
+    request.metadata_mut().remove(CLIENT_ADDR);
     Ok(request)
+}
+
+/// The address of the client behind `request`: the one a forwarding node
+/// named, or else the connection's (with the PROXY protocol, the address the
+/// load balancer named), reduced to its rate-limit bucket.
+fn client_of<T>(request: &Request<T>) -> Client {
+    let named = request
+        .metadata()
+        .get(FORWARDED)
+        .and(request.metadata().get(CLIENT_ADDR))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<IpAddr>().ok());
+    Client(
+        named
+            .or_else(|| request.remote_addr().map(|a| a.ip()))
+            .map(crate::limits::bucket),
+    )
 }
 
 /// Length of a login id on the wire: the group serving the login (u64
@@ -87,6 +113,11 @@ fn forwarded<T: Clone>(request: &Request<T>, hop: Hop) -> Request<T> {
         FORWARDED,
         tonic::metadata::MetadataValue::from_static(hop.mark()),
     );
+    if let Client(Some(addr)) = client_of(request) {
+        if let Ok(value) = addr.to_string().parse() {
+            r.metadata_mut().insert(CLIENT_ADDR, value);
+        }
+    }
     r
 }
 
@@ -470,17 +501,24 @@ impl Vault for VaultService {
         &self,
         request: Request<pb::RecoverStartRequest>,
     ) -> Result<Response<pb::RecoverStartResponse>, Status> {
-        if request.metadata().get(FORWARDED).is_none() {
-            // Straight from a client (the client listener drops the mark).
-            let ip = request.remote_addr().map(|a| a.ip());
-            self.inner.limits.address(ip).map_err(throttled)?;
+        let client = client_of(&request);
+        let entry = request.metadata().get(FORWARDED).is_none();
+        if entry {
+            // Straight from a client (the client listener drops the mark):
+            // the node it reached limits its address...
+            self.inner.limits.address(client.0).map_err(throttled)?;
         }
         let (id, group) = self.locate(&request.get_ref().account_id).await?;
         route!(self, request, group, recover_start);
         let req = request.into_inner();
         check_opaque("ke1", &req.ke1)?;
-        // On the node serving the record: before anything is read or
-        // charged, so a refused start costs no guess.
+        // ...and so does the node serving the record, whichever node it
+        // came through, so N entry nodes do not give N times the budget.
+        // Before anything is read or charged, so a refused start costs no
+        // guess.
+        if !entry {
+            self.inner.limits.address(client.0).map_err(throttled)?;
+        }
         self.inner.limits.account(&id.0).map_err(throttled)?;
         let _guard = self.lock_stripe(&id).await;
         let stored = self.stored(&id)?;
@@ -488,7 +526,7 @@ impl Vault for VaultService {
         let expect = stored.index;
         let ke1 = req.ke1;
         let charge = self.with_token(move |core, t| {
-            core.charge_guess(t, &id, &stored, &ke1, seq, Instant::now())
+            core.charge_guess(t, (&id, client), &stored, &ke1, seq, Instant::now())
         })?;
         let outcome = match charge {
             Charge::Charged { write, ticket } => {

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use hsm_vault::core::record::Stored;
-use hsm_vault::core::{Charge, Finish, Purpose, SecureCore};
+use hsm_vault::core::{Charge, Client, Finish, Purpose, SecureCore};
 use hsm_vault::partition::Partition;
 use hsm_vault::types::Seq;
 use opaque_ke::{
@@ -127,7 +127,14 @@ fn invariant4_core_register_then_recover_releases_the_secret_and_resets() {
         let now = Instant::now();
         let seq = Seq(2 + 2 * round);
         let Charge::Charged { write, ticket } = core
-            .charge_guess(&t, &id, &current, &login.message.serialize(), seq, now)
+            .charge_guess(
+                &t,
+                (&id, Client::default()),
+                &current,
+                &login.message.serialize(),
+                seq,
+                now,
+            )
             .expect("charge")
         else {
             panic!("expected a charge");
@@ -239,7 +246,7 @@ fn invariant2_pending_logins_expire_and_keep_their_charge() {
     let Charge::Charged { write, ticket } = core
         .charge_guess(
             &t,
-            &id,
+            (&id, Client::default()),
             &Stored::default(),
             &login.message.serialize(),
             Seq(1),

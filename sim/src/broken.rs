@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hsm_vault::backend::Backend;
-use hsm_vault::core::{Charge, Finish, Purpose, SecureCore};
+use hsm_vault::core::{Charge, Client, Finish, Purpose, SecureCore};
 use hsm_vault::partition::Partition;
 use hsm_vault::store::Write;
 use hsm_vault::types::{LoginId, RecordId};
@@ -60,7 +60,14 @@ impl Broken {
         let session = self.partition.session().map_err(internal)?;
         let charge = self
             .core
-            .charge_guess(&session, &id, &stored, ke1, seq, Instant::now())
+            .charge_guess(
+                &session,
+                (&id, Client::default()),
+                &stored,
+                ke1,
+                seq,
+                Instant::now(),
+            )
             .map_err(internal)?;
         let outcome = match charge {
             Charge::Charged { write, ticket } => {

@@ -922,6 +922,44 @@ pub async fn peer_channel(
         .map_err(|e| error_chain(&e))
 }
 
+/// A plaintext channel to the client API at `addr` whose connections start
+/// with a PROXY protocol v2 header naming `client` as the client, as a load
+/// balancer in front of the node would send.
+pub async fn proxied_channel(
+    addr: SocketAddr,
+    client: SocketAddr,
+) -> Result<tonic::transport::Channel, String> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    use tokio::io::AsyncWriteExt;
+    // The balancer's own address, in the client's family (a header names
+    // two addresses of one family).
+    let local: SocketAddr = match client {
+        SocketAddr::V4(_) => addr,
+        SocketAddr::V6(_) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port())),
+    };
+    let header = Builder::with_addresses(
+        Version::Two | Command::Proxy,
+        Protocol::Stream,
+        (client, local),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let header = header.clone();
+            async move {
+                let mut stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.write_all(&header).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| error_chain(&e))
+}
+
 /// An error and its causes, as one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

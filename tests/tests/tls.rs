@@ -16,6 +16,7 @@ use vault_e2e::{bin, fleet_tool, free_ports, peer_channel, Certs, FleetDown, Vau
 use vault_proto::vault::node::v1 as node_pb;
 use vault_proto::vault::node::v1::node_client::NodeClient;
 use vault_proto::vault::node::v1::operator_client::OperatorClient;
+use vault_proto::vault::v1::vault_client::VaultClient as RawVaultClient;
 
 const PASSWORD: &[u8] = b"correct horse battery staple";
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -434,6 +435,58 @@ async fn tls_operator_api_refuses_a_large_message_before_reading_it() {
         .operator_call(Some(&fleet.operator_cert()))
         .await
         .expect("the node keeps serving the operator");
+}
+
+/// The client API on the peer listener is for forwarding nodes: a holder
+/// of another certificate of the fleet CA (here the operator's) cannot
+/// send requests there marked as forwarded (which the node would take as
+/// already limited at their entry, with the client address they claim).
+#[tokio::test]
+async fn tls_forwarded_requests_are_taken_only_from_node_certificates() {
+    let fleet = OneNode::up();
+    let ke1 = opaque_ke::ClientLogin::<vault_proto::suite::Suite>::start(
+        &mut rand::rngs::OsRng,
+        b"any password",
+    )
+    .expect("KE1")
+    .message
+    .serialize()
+    .to_vec();
+    let start = |ke1: Vec<u8>| {
+        let mut request = tonic::Request::new(vault_proto::vault::v1::RecoverStartRequest {
+            account_id: b"someone".to_vec(),
+            ke1,
+        });
+        let meta = request.metadata_mut();
+        meta.insert("x-vault-forwarded", "leader".parse().expect("mark"));
+        meta.insert("x-vault-client-addr", "192.0.2.1".parse().expect("addr"));
+        request
+    };
+    let call = |cert: (PathBuf, PathBuf), ke1: Vec<u8>| {
+        let fleet = &fleet;
+        async move {
+            let channel = peer_channel(&fleet.ca(), Some(&cert), 1, &fleet.peer_addr)
+                .await
+                .expect("through the handshake");
+            RawVaultClient::new(channel).recover_start(start(ke1)).await
+        }
+    };
+    let status = call(fleet.operator_cert(), ke1.clone())
+        .await
+        .expect_err("the operator is not a node");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    // A node's certificate gets its forwarded start served (retried while
+    // the one-node group elects itself).
+    let start_time = Instant::now();
+    loop {
+        match call(fleet.node_cert(), ke1.clone()).await {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Unavailable && start_time.elapsed() < DEADLINE => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(s) => panic!("a node's forwarded start: {s:?}"),
+        }
+    }
 }
 
 #[tokio::test]

@@ -43,6 +43,7 @@ use zeroize::Zeroizing;
 
 use crate::partition::{MacKey, PartitionError, PartitionSession};
 use crate::types::{LoginId, RecordId, Seq};
+pub use pending::Client;
 use pending::{PendingLogin, PendingLogins};
 use record::{
     Generation, Record, RecordBody, RecordError, SealedRecord, Stored, PASSWORD_FILE_LEN,
@@ -140,6 +141,7 @@ impl From<RecordError> for CoreError {
 #[derive(Debug)]
 pub struct GuessTicket {
     id: RecordId,
+    client: Client,
     seq: Seq,
     generation: Generation,
     ke1: Box<CredentialRequest<Suite>>,
@@ -354,11 +356,13 @@ impl SecureCore {
     }
 
     /// Recovery, step one: charges a guess against the record (or against a
-    /// phantom for an unknown id). Nothing is evaluated yet.
+    /// phantom for an unknown id), for a login `client` will hold. Nothing is
+    /// evaluated yet. [`CoreError::Busy`] when the client (or everyone) has
+    /// as many logins pending as allowed: refused before any charge.
     pub fn charge_guess(
         &self,
         token: &impl Token,
-        id: &RecordId,
+        (id, client): (&RecordId, Client),
         stored: &Stored,
         ke1: &[u8],
         seq: Seq,
@@ -371,7 +375,7 @@ impl SecureCore {
         if !ecdh::usable_ke1(ke1_bytes) {
             return Err(CoreError::InvalidMessage("KE1 ephemeral key"));
         }
-        if !self.pending.has_room(now) {
+        if !self.pending.has_room(client, now) {
             return Err(CoreError::Busy);
         }
         let mut record = match record::current(token, id, stored)? {
@@ -402,6 +406,7 @@ impl SecureCore {
             write,
             ticket: GuessTicket {
                 id: *id,
+                client,
                 seq,
                 generation: record.generation,
                 ke1: Box::new(ke1),
@@ -452,6 +457,7 @@ impl SecureCore {
         let login_id = self.pending.insert(
             PendingLogin {
                 id: ticket.id,
+                client: ticket.client,
                 generation: record.generation,
                 phantom,
                 state: started.state,
