@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use hsm_vault::geo::{Faults, FleetFile};
-use hsm_vault::partition::ceremony::{ClonePackage, Enrollment};
+use hsm_vault::partition::ceremony::{self, ClonePackage, Enrollment};
 use hsm_vault::partition::import::DomainKeyMaterial;
 use hsm_vault::partition::{KeySetup, Module, Partition};
 use serde::{Deserialize, Serialize};
@@ -202,11 +202,18 @@ enum Cmd {
     EnrollToken(EnrollArgs),
     /// On the operator's machine: have a running member wrap the domain keys
     /// for the token that wrote REQUEST (the operator's certificate and
-    /// signature from the fleet directory); the package goes to OUT.
+    /// signature from the fleet directory); the package goes to OUT. Only
+    /// once the request's transport key has the fingerprint that
+    /// `enroll-token` showed on the new node's machine.
     ExportKeys {
         /// The member's node id (its peer certificate names it).
         #[arg(long)]
         member: u64,
+        /// The transport key fingerprint `enroll-token` printed on the new
+        /// node's machine, read from that screen (not from the request
+        /// file): a request swapped on the way is refused.
+        #[arg(long)]
+        expect_fingerprint: String,
         /// The member's peer listener, HOST:PORT.
         #[arg(long)]
         peer_addr: String,
@@ -1063,6 +1070,7 @@ fn enroll_token(args: &EnrollArgs) -> anyhow::Result<()> {
         transport: hex::encode(enrollment.transport_public_key()),
     };
     write_whole(&args.request, &serde_json::to_vec_pretty(&request)?)?;
+    let fingerprint = enrollment.transport_fingerprint();
     println!(
         "enrollment request for token {} written to {}; answer it with `fleet export-keys` \
          and put the package at {} (waiting up to {} s)",
@@ -1070,6 +1078,11 @@ fn enroll_token(args: &EnrollArgs) -> anyhow::Result<()> {
         args.request.display(),
         args.package.display(),
         args.wait_secs
+    );
+    println!("transport key fingerprint: {fingerprint}");
+    println!(
+        "tell the operator this fingerprint over another channel than the request file; \
+         they pass it to `fleet export-keys --expect-fingerprint`"
     );
     let deadline = Instant::now() + Duration::from_secs(args.wait_secs);
     let text = loop {
@@ -1112,7 +1125,7 @@ fn enroll_token(args: &EnrollArgs) -> anyhow::Result<()> {
 async fn export_keys_for(
     dir: &Path,
     (member, peer_addr): (u64, &str),
-    request: &Path,
+    (request, expect_fingerprint): (&Path, &str),
     out: &Path,
 ) -> anyhow::Result<()> {
     let text = std::fs::read(request).with_context(|| format!("reading {}", request.display()))?;
@@ -1120,6 +1133,14 @@ async fn export_keys_for(
         serde_json::from_slice(&text).context("not an enrollment request")?;
     let transport =
         hex::decode(&request.transport).context("the request's transport key is not hex")?;
+    if !ceremony::fingerprint_matches(&transport, expect_fingerprint) {
+        bail!(
+            "the request's transport key has fingerprint {}, not the {expect_fingerprint} \
+             expected: the request is not the one `enroll-token` wrote on the new node's \
+             machine (swapped or mixed up on the way); no keys were exported",
+            ceremony::transport_fingerprint(&transport)
+        );
+    }
     let package = export_keys(dir, member, peer_addr, &transport).await?;
     write_whole(out, &serde_json::to_vec(&package)?)?;
     println!(
@@ -1580,13 +1601,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::EnrollToken(args) => enroll_token(&args),
         Cmd::ExportKeys {
             member,
+            expect_fingerprint,
             peer_addr,
             request,
             out,
         } => runtime()?.block_on(export_keys_for(
             &cli.dir,
             (member, &peer_addr),
-            &request,
+            (&request, &expect_fingerprint),
             &out,
         )),
     }

@@ -851,7 +851,13 @@ fn fleet_up_serves_on_either_token_and_imports_keys_where_it_cannot_clone() {
 
 /// `fleet enroll-token` running in the background for a token on another
 /// machine (its own token store, no fleet directory); killed if dropped.
-struct Enrolling(Option<std::process::Child>);
+/// What it prints is collected as it comes (the operator reads the
+/// transport key's fingerprint off that screen).
+struct Enrolling(
+    Option<std::process::Child>,
+    std::sync::mpsc::Receiver<String>,
+    Vec<String>,
+);
 
 impl Enrolling {
     fn start(
@@ -883,7 +889,36 @@ impl Enrolling {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("fleet enroll-token");
-        Enrolling(Some(child))
+        let mut child = child;
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        Enrolling(Some(child), rx, Vec::new())
+    }
+
+    /// The transport key fingerprint it printed.
+    fn fingerprint(&mut self) -> String {
+        loop {
+            if let Some(fp) = self
+                .2
+                .iter()
+                .find_map(|l| l.strip_prefix("transport key fingerprint: "))
+            {
+                return fp.trim().to_owned();
+            }
+            match self.1.recv_timeout(DEADLINE) {
+                Ok(line) => self.2.push(line),
+                Err(_) => panic!("enroll-token printed no fingerprint: {:?}", self.2),
+            }
+        }
     }
 
     fn running(&mut self) -> bool {
@@ -893,7 +928,11 @@ impl Enrolling {
 
     fn finish(mut self) -> Output {
         let child = self.0.take().expect("child");
-        child.wait_with_output().expect("enroll-token ends")
+        let mut out = child.wait_with_output().expect("enroll-token ends");
+        let mut said: Vec<String> = std::mem::take(&mut self.2);
+        said.extend(self.1.try_iter());
+        out.stdout = said.join("\n").into_bytes();
+        out
     }
 }
 
@@ -925,10 +964,13 @@ fn answer_enrollment(
     }
     let text = std::fs::read_to_string(request).expect("request");
     assert!(text.contains("\"transport\""), "{text}");
+    let fingerprint = enrolling.fingerprint();
     let out = ok(fleet(
         dir,
         &[
             "export-keys",
+            "--expect-fingerprint",
+            &fingerprint,
             "--member",
             &member.to_string(),
             "--peer-addr",
@@ -941,6 +983,68 @@ fn answer_enrollment(
     ));
     assert!(out.contains(&format!("from node {member}")), "{out}");
     enrolling.finish()
+}
+
+/// The enrollment request travels between machines unauthenticated: one
+/// swapped on the way (carrying the attacker's transport key) is refused by
+/// `export-keys`, whose operator confirms the fingerprint `enroll-token`
+/// showed on the new node's machine; no package is made.
+#[test]
+fn fleet_export_keys_refuses_a_swapped_enrollment_request() {
+    let work = tempfile::tempdir().expect("dir");
+    let UpFleet {
+        dir,
+        file: fleet_file,
+        _down,
+        ..
+    } = up_fleet(work.path(), &["eu"], &[1]);
+    let fleet_spec = hsm_vault::geo::FleetFile::load(&fleet_file).expect("fleet file");
+    let peer_addr = fleet_spec.node(1).expect("node").peer_addr.clone();
+    let remote = softhsm_test_harness::TestToken::new("swapped-node").expect("token");
+    let (request, package) = (
+        work.path().join("request.json"),
+        work.path().join("package.json"),
+    );
+    let mut enrolling = Enrolling::start(&remote, &dir.join("vault.pub"), (&request, &package));
+    let start = Instant::now();
+    while !request.exists() {
+        assert!(enrolling.running(), "enroll-token ended early");
+        assert!(start.elapsed() < DEADLINE, "no enrollment request");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fingerprint = enrolling.fingerprint();
+    // The attacker's key in place of the token's.
+    let attacker = p256::SecretKey::random(&mut rand::rngs::OsRng);
+    std::fs::write(
+        &request,
+        serde_json::json!({
+            "label": "swapped-node",
+            "transport": hex::encode(attacker.public_key().to_sec1_bytes()),
+        })
+        .to_string(),
+    )
+    .expect("swap the request");
+    let out = fleet(
+        &dir,
+        &[
+            "export-keys",
+            "--expect-fingerprint",
+            &fingerprint,
+            "--member",
+            "1",
+            "--peer-addr",
+            &peer_addr,
+            "--request",
+            request.to_str().expect("utf8"),
+            "--out",
+            package.to_str().expect("utf8"),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("fingerprint"), "{err}");
+    assert!(err.contains("no keys were exported"), "{err}");
+    assert!(!package.exists(), "a package was written");
 }
 
 /// A token on another machine joins the fleet's key domain by a ceremony

@@ -310,6 +310,12 @@ impl Enrollment {
         &self.transport
     }
 
+    /// The transport key's fingerprint ([`transport_fingerprint`]), for the
+    /// operator to confirm on the source side.
+    pub fn transport_fingerprint(&self) -> String {
+        transport_fingerprint(&self.transport)
+    }
+
     /// Unwraps the package's keys into the token. On success the token can
     /// be opened with [`super::KeySetup::RequireExisting`].
     pub fn complete(self, package: &ClonePackage) -> Result<(), PartitionError> {
@@ -398,4 +404,55 @@ fn check_key_pair(s: &Session, private: ObjectHandle, public: &[u8]) -> Result<(
         });
     }
     Ok(())
+}
+
+/// The fingerprint of a transport public key (SEC1 bytes): the first 16
+/// bytes of its SHA-256, as eight groups of four hex digits. Whoever can
+/// swap the enrollment request between the two machines would receive the
+/// domain keys, so the operator reads this on the new node's machine and
+/// gives it to the source side, which wraps for nothing else.
+pub fn transport_fingerprint(public: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(public);
+    digest[..16]
+        .chunks(2)
+        .map(hex::encode)
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// Whether `said` (as an operator typed it: any case, with or without the
+/// dashes and spaces) is the fingerprint of `public`.
+pub fn fingerprint_matches(public: &[u8], said: &str) -> bool {
+    let normal = |s: &str| -> String {
+        s.chars()
+            .filter(|c| !matches!(c, '-' | ' ' | ':'))
+            .flat_map(char::to_lowercase)
+            .collect()
+    };
+    let said = normal(said);
+    !said.is_empty() && said == normal(&transport_fingerprint(public))
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+
+    #[test]
+    fn a_fingerprint_is_pinned_and_matches_only_its_key() {
+        let key = [2u8; 33];
+        let fp = transport_fingerprint(&key);
+        assert_eq!(fp.len(), 39);
+        assert_eq!(fp.split('-').count(), 8);
+        // Pinned: SHA-256 of 33 bytes of 0x02, first 16 bytes.
+        assert_eq!(fp, "7f2f-54ff-9445-9f3a-c4d1-9d32-19ce-6ef0");
+        assert!(fingerprint_matches(&key, &fp));
+        assert!(fingerprint_matches(
+            &key,
+            &fp.to_uppercase().replace('-', " ")
+        ));
+        assert!(!fingerprint_matches(&[3u8; 33], &fp));
+        assert!(!fingerprint_matches(&key, ""));
+        assert!(!fingerprint_matches(&key, &fp[..20]));
+    }
 }
