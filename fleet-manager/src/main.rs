@@ -903,9 +903,12 @@ async fn operator_api(
 }
 
 /// A signed operator request.
+/// An operator request of `kind` for node `node` of group `group`, signed
+/// with the operator's key (fresh time and nonce).
 fn signed(
     dir: &Path,
     kind: &str,
+    (node, group): (u64, u64),
     body: &impl Serialize,
 ) -> anyhow::Result<vault_proto::vault::node::v1::OperatorRequest> {
     let text = zeroize::Zeroizing::new(std::fs::read_to_string(dir.join("operator/operator.key"))?);
@@ -914,12 +917,10 @@ fn signed(
     let issued_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let signature = vault_proto::operator::sign(&key, kind, issued_at, &body);
-    Ok(vault_proto::vault::node::v1::OperatorRequest {
-        issued_at,
-        body,
-        signature,
-    })
+    let target = vault_proto::operator::Target { node, group };
+    Ok(vault_proto::operator::request(
+        &key, kind, target, issued_at, body,
+    ))
 }
 
 /// The id and address of `group`'s leader: the one a majority of its
@@ -992,7 +993,7 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
     {
         match export_keys(
             dir,
-            *source,
+            (*source, member.group),
             &member.peer_addr,
             enrollment.transport_public_key(),
         )
@@ -1013,7 +1014,7 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
 /// domain keys wrapped for the enrolling token's transport key.
 async fn export_keys(
     dir: &Path,
-    source: u64,
+    (source, group): (u64, u64),
     peer_addr: &str,
     transport: &[u8],
 ) -> anyhow::Result<ClonePackage> {
@@ -1022,7 +1023,7 @@ async fn export_keys(
     };
     let mut c = operator_api(dir, source, peer_addr).await?;
     let reply = c
-        .export_keys(signed(dir, "ExportKeys", &body)?)
+        .export_keys(signed(dir, "ExportKeys", (source, group), &body)?)
         .await?
         .into_inner();
     Ok(serde_json::from_slice(&reply.body)?)
@@ -1141,7 +1142,13 @@ async fn export_keys_for(
             ceremony::transport_fingerprint(&transport)
         );
     }
-    let package = export_keys(dir, member, peer_addr, &transport).await?;
+    let state = load_state(dir)?.context("no fleet here: run `fleet up` first")?;
+    let group = state
+        .nodes
+        .get(&member)
+        .with_context(|| format!("node {member} is not in this fleet"))?
+        .group;
+    let package = export_keys(dir, (member, group), peer_addr, &transport).await?;
     write_whole(out, &serde_json::to_vec(&package)?)?;
     println!(
         "package for token {} (from node {member}) written to {}; carry it to the new node's machine",
@@ -1232,7 +1239,9 @@ async fn membership(
         }
         .start()
         .await;
-        let added = c.add_learner(signed(dir, "AddLearner", &body)?).await;
+        let added = c
+            .add_learner(signed(dir, "AddLearner", (leader_id, group), &body)?)
+            .await;
         progress.abort();
         added?;
         println!("node {id}: added as a learner (caught up) via leader {leader_id}");
@@ -1240,7 +1249,7 @@ async fn membership(
     let body = hsm_vault::replication::operator::ChangeMembership {
         voters: voters.clone(),
     };
-    c.change_membership(signed(dir, "ChangeMembership", &body)?)
+    c.change_membership(signed(dir, "ChangeMembership", (leader_id, group), &body)?)
         .await?;
     println!("group {group}: voters are now {voters:?} (joint consensus, via leader {leader_id})");
     Ok(())
@@ -1255,7 +1264,9 @@ async fn reshard(
 ) -> anyhow::Result<Vec<u8>> {
     let (leader_id, leader_node) = leader(dir, state, group).await?;
     let mut c = operator_api(dir, leader_id, &leader_node.peer_addr).await?;
-    let reply = c.reshard(signed(dir, "Reshard", step)?).await;
+    let reply = c
+        .reshard(signed(dir, "Reshard", (leader_id, group), step)?)
+        .await;
     Ok(reply
         .map_err(|s| anyhow::anyhow!("group {group}: {}", s.message()))?
         .into_inner()

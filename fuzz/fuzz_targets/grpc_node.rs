@@ -93,19 +93,18 @@ fn raft_request(m: &pb::RaftRequest) {
 
 fn operator_request(m: &pb::OperatorRequest) {
     let key = SigningKey::from_slice(&[5u8; 32]).expect("a valid scalar");
-    let now = 1_000_000;
+    let now: u64 = 1_000_000;
+    let me = operator::Target { node: 1, group: 1 };
     for kind in ["ExportKeys", "AddLearner", "ChangeMembership", "Reshard"] {
-        match operator::verify(
-            key.verifying_key(),
-            kind,
-            m.issued_at,
-            &m.body,
-            &m.signature,
-            now,
-        ) {
-            Ok(()) => assert!(now.abs_diff(m.issued_at) <= FRESHNESS_SECS),
+        match operator::verify(key.verifying_key(), kind, me, m, now) {
+            Ok(()) => {
+                assert!(now.abs_diff(m.issued_at) <= FRESHNESS_SECS);
+                assert_eq!((m.target_node, m.target_group), (1, 1));
+                assert_eq!(m.nonce.len(), operator::NONCE_LEN);
+            }
             Err(OperatorError::Stale) => assert!(now.abs_diff(m.issued_at) > FRESHNESS_SECS),
-            Err(OperatorError::BadSignature) => {}
+            Err(OperatorError::WrongTarget { node, group }) => assert_ne!((node, group), (1, 1)),
+            Err(OperatorError::BadSignature | OperatorError::BadNonce) => {}
         }
     }
     // The bodies, as each call decodes them once the signature verified.

@@ -614,20 +614,9 @@ fn grpc_node() -> Seeds {
         ),
     ];
     for (i, (kind, body)) in bodies.into_iter().enumerate() {
-        let issued_at = 1_000_000;
-        let signature = vault_proto::operator::sign(&key, kind, issued_at, &body);
-        seeds.push((
-            format!("operator{i}"),
-            sel(
-                2,
-                node::OperatorRequest {
-                    issued_at,
-                    body,
-                    signature,
-                }
-                .encode_to_vec(),
-            ),
-        ));
+        let target = vault_proto::operator::Target { node: 1, group: 1 };
+        let request = vault_proto::operator::request(&key, kind, target, 1_000_000, body);
+        seeds.push((format!("operator{i}"), sel(2, request.encode_to_vec())));
     }
     let replies: Vec<Vec<u8>> = vec![
         json(&Maps {

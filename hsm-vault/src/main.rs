@@ -456,7 +456,9 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
                 operator_service = Some(OperatorService {
+                    node: id,
                     group,
+                    seen: Arc::default(),
                     sm: sm.clone(),
                     raft: raft.clone(),
                     partition: partition.clone(),

@@ -415,34 +415,24 @@ fn operator_api_refuses_requests_not_signed_by_the_operator() {
             .expect("clock")
             .as_secs();
         let body = br#"{"transport":"04"}"#.to_vec();
-        for (kind, signature) in [
-            (
-                "ExportKeys",
-                vault_proto::operator::sign(&stranger, "ExportKeys", now, &body),
-            ),
-            ("ExportKeys", Vec::new()),
-        ] {
-            let r = c
-                .export_keys(OperatorRequest {
-                    issued_at: now,
-                    body: body.clone(),
-                    signature,
-                })
-                .await
-                .expect_err(kind);
+        let me = vault_proto::operator::Target { node: 1, group: 1 };
+        let forged = vault_proto::operator::request(&stranger, "ExportKeys", me, now, body.clone());
+        let unsigned = OperatorRequest {
+            signature: Vec::new(),
+            ..forged.clone()
+        };
+        for (kind, request) in [("forged", forged), ("unsigned", unsigned)] {
+            let r = c.export_keys(request).await.expect_err(kind);
             assert_eq!(r.code(), tonic::Code::Unauthenticated, "{r:?}");
         }
         let r = c
-            .change_membership(OperatorRequest {
-                issued_at: now,
-                body: br#"{"voters":[1]}"#.to_vec(),
-                signature: vault_proto::operator::sign(
-                    &stranger,
-                    "ChangeMembership",
-                    now,
-                    br#"{"voters":[1]}"#,
-                ),
-            })
+            .change_membership(vault_proto::operator::request(
+                &stranger,
+                "ChangeMembership",
+                me,
+                now,
+                br#"{"voters":[1]}"#.to_vec(),
+            ))
             .await
             .expect_err("forged membership change");
         assert_eq!(r.code(), tonic::Code::Unauthenticated);

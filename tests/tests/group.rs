@@ -1498,16 +1498,22 @@ async fn invariant2_a_member_whose_frozen_map_was_deleted_during_a_move_does_not
     };
     let start = Instant::now();
     'frozen: loop {
-        for n in &nodes[0..3] {
+        for (i, n) in nodes[0..3].iter().enumerate() {
             let issued_at = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .expect("clock")
                 .as_secs();
-            let request = node_pb::OperatorRequest {
-                issued_at,
-                signature: vault_proto::operator::sign(&operator, "Reshard", issued_at, &body),
-                body: body.clone(),
+            let target = vault_proto::operator::Target {
+                node: i as u64 + 1,
+                group: 1,
             };
+            let request = vault_proto::operator::request(
+                &operator,
+                "Reshard",
+                target,
+                issued_at,
+                body.clone(),
+            );
             let Ok(channel) =
                 tonic::transport::Channel::from_shared(format!("http://{}", peer_addr(n)))
                     .expect("uri")

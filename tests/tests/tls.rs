@@ -260,12 +260,8 @@ impl OneNode {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
             .as_secs();
-        let body = br#""Show""#.to_vec();
-        node_pb::OperatorRequest {
-            issued_at,
-            signature: vault_proto::operator::sign(&key, "Reshard", issued_at, &body),
-            body,
-        }
+        let target = vault_proto::operator::Target { node: 1, group: 1 };
+        vault_proto::operator::request(&key, "Reshard", target, issued_at, br#""Show""#.to_vec())
     }
 
     /// The operator API's answer to a valid signed request, reached with
@@ -387,6 +383,46 @@ async fn tls_operator_api_accepts_only_the_operator_certificate() {
         .expect("the operator's certificate is accepted");
 }
 
+/// A signed operator request is taken once, by the node it names: played
+/// again (as whoever captured it might) it is refused, and so is one signed
+/// for another node or group.
+#[tokio::test]
+async fn tls_operator_requests_are_refused_when_replayed_or_sent_to_another_node() {
+    let fleet = OneNode::up();
+    fleet
+        .operator_call(Some(&fleet.operator_cert()))
+        .await
+        .expect("the operator's certificate is accepted");
+    let channel = peer_channel(
+        &fleet.ca(),
+        Some(&fleet.operator_cert()),
+        1,
+        &fleet.peer_addr,
+    )
+    .await
+    .expect("connect");
+    let mut c = OperatorClient::new(channel);
+    let request = fleet.signed_show();
+    c.reshard(request.clone()).await.expect("taken once");
+    let replayed = c.reshard(request).await.expect_err("replayed");
+    assert_eq!(replayed.code(), Code::Unauthenticated, "{replayed:?}");
+    assert!(replayed.message().contains("replayed"), "{replayed:?}");
+
+    let text = std::fs::read_to_string(fleet.dir.join("operator/operator.key")).expect("key");
+    let key = vault_proto::token::parse_signing_key(&text).expect("operator key");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    for (node, group) in [(2, 1), (1, 2)] {
+        let target = vault_proto::operator::Target { node, group };
+        let elsewhere =
+            vault_proto::operator::request(&key, "Reshard", target, now, br#""Show""#.to_vec());
+        let refused = c.reshard(elsewhere).await.expect_err("not for this node");
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    }
+}
+
 /// The most memory the process `pid` has held (VmHWM), in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
@@ -414,9 +450,8 @@ async fn tls_operator_api_refuses_a_large_message_before_reading_it() {
         .await
         .expect("a node's certificate gets through the handshake");
     let big = node_pb::OperatorRequest {
-        issued_at: 0,
-        signature: Vec::new(),
         body: vec![7; 200 << 20],
+        ..Default::default()
     };
     let status = OperatorClient::new(channel)
         .max_encoding_message_size(usize::MAX)

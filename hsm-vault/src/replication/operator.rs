@@ -101,10 +101,45 @@ fn handover_input(map: &ShardMap, records: &[ExportedRecord]) -> Result<Vec<u8>,
     Ok(input)
 }
 
+/// Nonces of the operator requests a node took within the freshness
+/// window: the same request is not taken twice. Entries leave once their
+/// request is stale anyway. Kept in memory: a node restarted within the
+/// window (two minutes) forgets them.
+#[derive(Debug, Default)]
+pub struct SeenNonces(std::sync::Mutex<std::collections::HashMap<Vec<u8>, u64>>);
+
+/// More requests than an operator makes in a freshness window by far.
+const MAX_SEEN_NONCES: usize = 10_000;
+
+impl SeenNonces {
+    /// Takes `nonce` (of a request made at `issued_at`) once: refused if
+    /// taken before, or if too many are kept.
+    fn first_use(&self, nonce: &[u8], issued_at: u64, now: u64) -> Result<(), Status> {
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, expires| *expires >= now);
+        if seen.contains_key(nonce) {
+            return Err(Status::unauthenticated(
+                "operator request replayed: its nonce was seen before",
+            ));
+        }
+        if seen.len() >= MAX_SEEN_NONCES {
+            return Err(Status::resource_exhausted(
+                "too many operator requests in the freshness window",
+            ));
+        }
+        seen.insert(nonce.to_vec(), issued_at + operator::FRESHNESS_SECS);
+        Ok(())
+    }
+}
+
 /// The operator service of one node.
 #[derive(Clone)]
 pub struct OperatorService {
+    /// This node, and its group: requests must name both.
+    pub node: NodeId,
     pub group: GroupId,
+    /// Nonces of the requests taken recently (replays are refused).
+    pub seen: Arc<SeenNonces>,
     pub sm: StateMachine,
     pub raft: Raft,
     pub partition: Arc<Partition>,
@@ -141,15 +176,15 @@ impl OperatorService {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        operator::verify(
-            &self.operator_key,
-            kind,
-            req.issued_at,
-            &req.body,
-            &req.signature,
-            now,
-        )
-        .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        let me = operator::Target {
+            node: self.node,
+            group: self.group,
+        };
+        operator::verify(&self.operator_key, kind, me, req, now).map_err(|e| match e {
+            operator::OperatorError::WrongTarget { .. } => Status::permission_denied(e.to_string()),
+            _ => Status::unauthenticated(e.to_string()),
+        })?;
+        self.seen.first_use(&req.nonce, req.issued_at, now)?;
         serde_json::from_slice(&req.body)
             .map_err(|e| Status::invalid_argument(format!("malformed {kind} body: {e}")))
     }
@@ -355,5 +390,23 @@ impl Operator for OperatorService {
                 reply(&"ok")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nonce_is_taken_once_within_its_window_and_forgotten_after() {
+        let seen = SeenNonces::default();
+        seen.first_use(b"n1", 1000, 1000).expect("first");
+        let again = seen.first_use(b"n1", 1000, 1001).expect_err("replay");
+        assert_eq!(again.code(), tonic::Code::Unauthenticated);
+        seen.first_use(b"n2", 1000, 1001).expect("another nonce");
+        // Once stale, the request is refused by its time; its nonce is let go.
+        seen.first_use(b"n3", 2000, 1000 + operator::FRESHNESS_SECS + 1)
+            .expect("kept small");
+        assert_eq!(seen.0.lock().expect("lock").len(), 1);
     }
 }
