@@ -17,13 +17,14 @@
 //!   nextest, which gives each test its own process);
 //! - code finds the token by its label, never by slot number.
 //!
-//! How a token is made differs: SoftHSM ships `softhsm2-util`; kryoptic has
-//! no such tool, so its tokens are initialized through PKCS#11 itself
-//! (`C_InitToken`, then the SO logs in and sets the user PIN with
-//! `C_InitPIN`), in this process, with a context that is finalized at once.
-//! Kryoptic's slots are fixed by its configuration file (one SQLite file per
-//! slot), so adding a token means adding a slot to the file before any
-//! process that should see it initializes the library.
+//! Tokens are made through PKCS#11 itself (`C_InitToken`, then the SO logs
+//! in and sets the user PIN with `C_InitPIN`), in this process, with a
+//! context that is finalized at once, so no PIN is ever on a command line
+//! (where `/proc/*/cmdline` shows it to every user of the machine). SoftHSM
+//! keeps a free slot for a new token; kryoptic's slots are fixed by its
+//! configuration file (one SQLite file per slot), so adding a token means
+//! adding a slot to the file before any process that should see it
+//! initializes the library.
 //!
 //! This crate is test and deployment tooling: the vault's own PKCS#11 calls
 //! all live in `hsm_vault::partition`.
@@ -40,6 +41,15 @@ use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 
 const TEMPLATE: &str = include_str!("../templates/softhsm2.conf.in");
+
+/// Which slot a new token goes to.
+#[derive(Clone, Copy, Debug)]
+enum SlotChoice {
+    /// This slot id (kryoptic: the slot added to its configuration).
+    Id(u64),
+    /// The free slot (SoftHSM).
+    Free,
+}
 
 /// Where Debian and most distributions install the SoftHSM2 module.
 const SOFTHSM_CANDIDATES: &[&str] = &[
@@ -231,10 +241,15 @@ impl TokenStore {
     /// initialized afterwards).
     pub fn init_token(&self, label: &str, pin: &str, so_pin: &str) -> Result<(), HarnessError> {
         match self.provider {
-            Provider::SoftHsm => softhsm_init(&self.conf_path(), label, pin, so_pin),
+            Provider::SoftHsm => {
+                if self.token_labels()?.iter().any(|l| l == label) {
+                    return Err(HarnessError(format!("a token labelled {label:?} exists")));
+                }
+                self.init_in_process(SlotChoice::Free, label, pin, so_pin)
+            }
             Provider::Kryoptic => {
                 let slot = self.kryoptic_slot_for(label)?;
-                self.kryoptic_init(slot, label, pin, so_pin)
+                self.init_in_process(SlotChoice::Id(slot), label, pin, so_pin)
             }
         }
     }
@@ -323,42 +338,61 @@ impl TokenStore {
         Ok(id)
     }
 
-    /// `C_InitToken` on kryoptic slot `slot`, then the SO sets the user PIN.
-    fn kryoptic_init(
+    /// Initializes a token through PKCS#11 in this process: `C_InitToken` on
+    /// the slot `which` picks, then the SO logs in and sets the user PIN
+    /// (`C_InitPIN`), with a context of the module pointed at this store and
+    /// finalized at once. No PIN is ever on a command line.
+    fn init_in_process(
         &self,
-        slot: u64,
+        which: SlotChoice,
         label: &str,
         pin: &str,
         so_pin: &str,
     ) -> Result<(), HarnessError> {
-        // The module reads KRYOPTIC_CONF when initialized: point it at this
-        // store for the moment, one initialization at a time.
+        // The module reads its configuration variable when initialized:
+        // point it at this store for the moment, one initialization at a
+        // time.
         static IN_PROCESS: Mutex<()> = Mutex::new(());
         let _one = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
-        let before = std::env::var_os("KRYOPTIC_CONF");
-        std::env::set_var("KRYOPTIC_CONF", self.conf_path());
+        let var = self.provider.conf_env();
+        let before = std::env::var_os(var);
+        std::env::set_var(var, self.conf_path());
         let result = (|| {
-            let ctx = Pkcs11::new(&self.module).map_err(err("loading the kryoptic module"))?;
+            let ctx = Pkcs11::new(&self.module).map_err(err("loading the PKCS#11 module"))?;
             match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
                 Ok(()) => {}
                 Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
                     return Err(HarnessError(
-                        "kryoptic is already initialized in this process: create every token \
-                         before opening one in-process"
+                        "the PKCS#11 module is already initialized in this process: create \
+                         every token before opening one in-process"
                             .into(),
                     ))
                 }
-                Err(e) => return Err(err("initializing the kryoptic module")(e)),
+                Err(e) => return Err(err("initializing the PKCS#11 module")(e)),
             }
             let init = (|| {
-                let slot = ctx
-                    .get_all_slots()
-                    .map_err(err("listing slots"))?
-                    .into_iter()
-                    .find(|s| s.id() == slot)
-                    .ok_or_else(|| HarnessError(format!("kryoptic shows no slot {slot}")))?;
+                let slots = ctx.get_all_slots().map_err(err("listing slots"))?;
+                let slot = match which {
+                    SlotChoice::Id(id) => slots.into_iter().find(|s| s.id() == id),
+                    // SoftHSM keeps one free slot with an uninitialized token.
+                    SlotChoice::Free => slots
+                        .into_iter()
+                        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| !i.token_initialized())),
+                }
+                .ok_or_else(|| HarnessError("no free slot for a new token".into()))?;
                 ctx.init_token(slot, &AuthPin::new(so_pin.into()), label)
                     .map_err(err("C_InitToken"))?;
+                // SoftHSM moves an initialized token to a slot of its own:
+                // find it again by its label.
+                let slot = ctx
+                    .get_slots_with_initialized_token()
+                    .map_err(err("listing slots"))?
+                    .into_iter()
+                    .find(|s| {
+                        ctx.get_token_info(*s)
+                            .is_ok_and(|i| i.label().trim_end() == label)
+                    })
+                    .ok_or_else(|| HarnessError(format!("token {label:?} vanished")))?;
                 let session = ctx.open_rw_session(slot).map_err(err("open session"))?;
                 session
                     .login(UserType::So, Some(&AuthPin::new(so_pin.into())))
@@ -369,14 +403,12 @@ impl TokenStore {
                 session.logout().map_err(err("logout"))?;
                 Ok(())
             })();
-            let finalized = ctx
-                .finalize()
-                .map_err(err("finalizing the kryoptic module"));
+            let finalized = ctx.finalize().map_err(err("finalizing the PKCS#11 module"));
             init.and(finalized)
         })();
         match before {
-            Some(v) => std::env::set_var("KRYOPTIC_CONF", v),
-            None => std::env::remove_var("KRYOPTIC_CONF"),
+            Some(v) => std::env::set_var(var, v),
+            None => std::env::remove_var(var),
         }
         result
     }
@@ -549,32 +581,6 @@ impl TestToken {
         std::env::set_var(self.provider().conf_env(), &conf);
         Ok(())
     }
-}
-
-fn softhsm_init(conf: &Path, label: &str, pin: &str, so_pin: &str) -> Result<(), HarnessError> {
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", conf)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            label,
-            "--pin",
-            pin,
-            "--so-pin",
-            so_pin,
-        ])
-        .output()
-        .map_err(err(
-            "running softhsm2-util (is the softhsm2 package installed?)",
-        ))?;
-    if !out.status.success() {
-        return Err(HarnessError(format!(
-            "softhsm2-util --init-token failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-    Ok(())
 }
 
 /// `n` random bytes from the OS, hex-encoded (PINs).

@@ -164,6 +164,66 @@ fn fleet_file_with(
     (path, ports)
 }
 
+/// Every process command line on the machine now (`/proc/*/cmdline`).
+fn command_lines() -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .collect()
+}
+
+/// No PIN is ever on a command line, where every user of the machine can
+/// read it: `/proc/*/cmdline` is scanned without pause while `fleet up`
+/// makes the tokens and starts the nodes, and no PIN the fleet wrote shows
+/// up in any of them.
+#[test]
+fn fleet_up_puts_no_pin_on_any_command_line() {
+    let work = tempfile::tempdir().expect("dir");
+    let dir = work.path().join("fleet");
+    let (file, _) = fleet_file_with(work.path(), &["eu", "us", "ap"], &[1, 1, 1]);
+    let _down = vault_e2e::FleetDown(dir.clone());
+    let mut up = Command::new(bin("fleet"))
+        .arg("--dir")
+        .arg(&dir)
+        .args(["up", "--fleet-file", file.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("fleet up");
+    let mut seen = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    let status = loop {
+        seen.extend(command_lines());
+        if let Some(status) = up.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(start.elapsed() < DEADLINE * 4, "fleet up did not end");
+    };
+    assert!(status.success(), "fleet up failed");
+    let pins: Vec<String> = vault_e2e::files_under(&dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "pin"))
+        .map(|p| std::fs::read_to_string(p).expect("pin").trim().to_owned())
+        .collect();
+    assert!(pins.len() >= 3, "the fleet's PIN files: {pins:?}");
+    assert!(seen.len() > 1, "no command lines were read");
+    for pin in &pins {
+        assert!(!pin.is_empty());
+        if let Some(line) = seen.iter().find(|l| l.contains(pin.as_str())) {
+            panic!("a PIN on a command line: {line}");
+        }
+    }
+}
+
 #[test]
 fn fleet_up_runs_five_nodes_in_three_regions_that_serve_backups_through_a_leader_crash() {
     let work = tempfile::tempdir().expect("dir");
