@@ -419,7 +419,7 @@ fn create(
     let mut nodes = BTreeMap::new();
     for n in &fleet.nodes {
         let label = format!("vault-node-{}", n.id);
-        init_token(&store, &dir.join(format!("node-{}", n.id)), &label)?;
+        init_token(&store, dir, n.id, &label)?;
         nodes.insert(
             n.id,
             NodeState {
@@ -467,10 +467,7 @@ fn create(
     let mut ids = nodes.keys().copied();
     let first = ids.next().context("the fleet file names no node")?;
     let first_dir = dir.join(format!("node-{first}"));
-    let (pin, so_pin) = (
-        read(first_dir.join("user.pin"))?,
-        read(first_dir.join("so.pin"))?,
-    );
+    let (pin, so_pin) = (read(first_dir.join("user.pin"))?, read_so_pin(dir, first)?);
     if !provider.can_clone() {
         import_into_every_token(dir, &module, &nodes)?;
         std::fs::write(dir.join("faults.json"), "{}")?;
@@ -687,10 +684,6 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
                 "--operator-public-key={}",
                 dir.join("operator/operator.pub").display()
             ))
-            .arg(format!(
-                "--so-pin-file={}",
-                node_dir.join("so.pin").display()
-            ))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(log);
@@ -827,13 +820,40 @@ async fn status(dir: &Path, fleet_file: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Initializes the token `label` of a node in the fleet's store, with
-/// random PINs written to the node's directory (mode 0600).
-fn init_token(store: &TokenStore, node_dir: &Path, label: &str) -> anyhow::Result<()> {
-    let (pin, so_pin) = (random_hex(16), random_hex(16));
-    std::fs::create_dir_all(node_dir)?;
+/// Where the operator keeps node `id`'s SO PIN: with the operator's key,
+/// not in the node's directory. A serving node never holds it; the operator
+/// presents it for a ceremony in which the node is the source.
+fn so_pin_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("operator/so-pins/node-{id}.pin"))
+}
+
+/// Node `id`'s SO PIN, as the operator keeps it.
+fn read_so_pin(dir: &Path, id: u64) -> anyhow::Result<zeroize::Zeroizing<String>> {
+    let path = so_pin_path(dir, id);
+    Ok(zeroize::Zeroizing::new(
+        std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned(),
+    ))
+}
+
+/// Initializes the token `label` of node `id` in the fleet's store, with
+/// random PINs (mode 0600): the user PIN in the node's directory, the SO
+/// PIN with the operator ([`so_pin_path`]).
+fn init_token(store: &TokenStore, dir: &Path, id: u64, label: &str) -> anyhow::Result<()> {
+    let (pin, so_pin) = (
+        zeroize::Zeroizing::new(random_hex(16)),
+        zeroize::Zeroizing::new(random_hex(16)),
+    );
+    let node_dir = dir.join(format!("node-{id}"));
+    std::fs::create_dir_all(&node_dir)?;
     write_secret(&node_dir.join("user.pin"), pin.as_bytes())?;
-    write_secret(&node_dir.join("so.pin"), so_pin.as_bytes())?;
+    let so_path = so_pin_path(dir, id);
+    if let Some(parent) = so_path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    write_secret(&so_path, so_pin.as_bytes())?;
     store
         .init_token(label, &pin, &so_pin)
         .with_context(|| format!("initializing token {label}"))
@@ -978,7 +998,7 @@ async fn enroll(dir: &Path, state: &State, id: u64, module: &Path) -> anyhow::Re
     let store = state.store(module)?;
     store.delete_token(&node.label)?;
     let _ = std::fs::remove_dir_all(node_dir.join("data"));
-    init_token(&store, &node_dir, &node.label)?;
+    init_token(&store, dir, id, &node.label)?;
 
     let (conf_env, conf) = state.token_env()?;
     std::env::set_var(conf_env, conf);
@@ -1018,14 +1038,14 @@ async fn export_keys(
     peer_addr: &str,
     transport: &[u8],
 ) -> anyhow::Result<ClonePackage> {
-    let body = hsm_vault::replication::operator::ExportKeys {
+    let mut body = hsm_vault::replication::operator::ExportKeys {
         transport: hex::encode(transport),
+        so_pin: read_so_pin(dir, source)?.to_string(),
     };
+    let request = signed(dir, "ExportKeys", (source, group), &body);
+    zeroize::Zeroize::zeroize(&mut body.so_pin);
     let mut c = operator_api(dir, source, peer_addr).await?;
-    let reply = c
-        .export_keys(signed(dir, "ExportKeys", (source, group), &body)?)
-        .await?
-        .into_inner();
+    let reply = c.export_keys(request?).await?.into_inner();
     Ok(serde_json::from_slice(&reply.body)?)
 }
 

@@ -587,6 +587,7 @@ fn grpc_node() -> Seeds {
             "ExportKeys",
             json(&ExportKeys {
                 transport: hex::encode(fixture().token.ake_public()),
+                so_pin: "0123456789abcdef".into(),
             }),
         ),
         (

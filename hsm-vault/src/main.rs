@@ -131,10 +131,6 @@ struct Args {
     /// (ceremony source, membership changes) for requests it signed.
     #[arg(long, env = "HSM_VAULT_OPERATOR_PUBLIC_KEY")]
     operator_public_key: Option<PathBuf>,
-    /// File holding the token's security-officer PIN, read only during a
-    /// cloning ceremony in which this node is the source.
-    #[arg(long, env = "HSM_VAULT_SO_PIN_FILE")]
-    so_pin_file: Option<PathBuf>,
     /// Raft log entries between two snapshots of the state machine. After a
     /// snapshot the log is purged down to at most 1,000 entries (fewer if
     /// this is smaller): a member further behind catches up from the
@@ -465,7 +461,6 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                     operator_key: vault_proto::token::parse_verifying_key(&text)
                         .context("operator public key must be a hex SEC1 P-256 point")?,
                     user_pin: Arc::clone(&user_pin),
-                    so_pin_file: args.so_pin_file.clone(),
                     audit: Some(Arc::clone(&audit)),
                     peers: peer_check,
                 });

@@ -184,9 +184,13 @@ fn command_lines() -> Vec<String> {
 /// No PIN is ever on a command line, where every user of the machine can
 /// read it: `/proc/*/cmdline` is scanned without pause while `fleet up`
 /// makes the tokens and starts the nodes, and no PIN the fleet wrote shows
-/// up in any of them.
+/// up in any of them. And no serving node keeps an SO PIN: they are with
+/// the operator (`operator/so-pins/`), in no node's directory and named by
+/// no node's command line. (`fleet replace-node`, whose ceremony needs the
+/// source's SO PIN, is run in
+/// `fleet_replace_add_remove_and_drain_keep_every_record_recoverable`.)
 #[test]
-fn fleet_up_puts_no_pin_on_any_command_line() {
+fn fleet_up_puts_no_pin_on_any_command_line_and_no_so_pin_on_a_node() {
     let work = tempfile::tempdir().expect("dir");
     let dir = work.path().join("fleet");
     let (file, _) = fleet_file_with(work.path(), &["eu", "us", "ap"], &[1, 1, 1]);
@@ -221,6 +225,30 @@ fn fleet_up_puts_no_pin_on_any_command_line() {
         if let Some(line) = seen.iter().find(|l| l.contains(pin.as_str())) {
             panic!("a PIN on a command line: {line}");
         }
+    }
+
+    let so_pins: Vec<String> = (1..=3)
+        .map(|id| {
+            std::fs::read_to_string(dir.join(format!("operator/so-pins/node-{id}.pin")))
+                .expect("the operator keeps each SO PIN")
+                .trim()
+                .to_owned()
+        })
+        .collect();
+    for id in 1..=3 {
+        for file in vault_e2e::files_under(&dir.join(format!("node-{id}"))) {
+            let bytes = std::fs::read(&file).expect("read");
+            for so_pin in &so_pins {
+                assert!(
+                    !vault_e2e::contains(&bytes, so_pin.as_bytes()),
+                    "an SO PIN on node {id}'s disk: {}",
+                    file.display()
+                );
+            }
+        }
+    }
+    for line in command_lines().iter().filter(|l| l.contains("hsm-vault")) {
+        assert!(!line.contains("so-pin"), "a node told of an SO PIN: {line}");
     }
 }
 

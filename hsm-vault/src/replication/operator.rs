@@ -7,7 +7,6 @@
 
 use crate::audit::Event;
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -28,10 +27,22 @@ use crate::shard::{GroupId, ShardMap};
 use crate::tls::{PeerCheck, OPERATOR_NAME};
 
 /// Body of `ExportKeys`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Serialize, Deserialize)]
 pub struct ExportKeys {
     /// The target token's ephemeral transport public key (hex SEC1).
     pub transport: String,
+    /// This (source) token's security-officer PIN, presented by the
+    /// operator for this one ceremony (it marks the transport key trusted).
+    /// Serving nodes keep no SO PIN: the node uses it and forgets it.
+    pub so_pin: String,
+}
+
+impl std::fmt::Debug for ExportKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportKeys")
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Body of `AddLearner`.
@@ -147,9 +158,6 @@ pub struct OperatorService {
     /// This token's user PIN, kept to log the user back in after the
     /// ceremony's security-officer step.
     pub user_pin: Arc<Zeroizing<String>>,
-    /// The token's SO PIN file; without it this node cannot be a ceremony
-    /// source.
-    pub so_pin_file: Option<PathBuf>,
     /// Under mutual TLS: only the operator's certificate may call.
     pub peers: PeerCheck,
     /// Where enrolments, membership changes and slot moves are recorded.
@@ -243,18 +251,21 @@ impl Operator for OperatorService {
         &self,
         request: Request<pb::OperatorRequest>,
     ) -> Result<Response<pb::OperatorReply>, Status> {
-        let body: ExportKeys = self.check("ExportKeys", &request)?;
+        let mut body: ExportKeys = self.check("ExportKeys", &request)?;
+        drop(request);
+        // Held for this ceremony only, and wiped after it.
+        let so_pin = Zeroizing::new(std::mem::take(&mut body.so_pin));
         let transport = hex::decode(&body.transport)
             .map_err(|_| Status::invalid_argument("transport key is not hex"))?;
         let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&transport));
-        let so_pin_file = self.so_pin_file.clone().ok_or_else(|| {
-            Status::failed_precondition("this node has no SO PIN: it cannot be a ceremony source")
-        })?;
+        if so_pin.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "the operator must present this token's SO PIN for the ceremony",
+            ));
+        }
         let partition = Arc::clone(&self.partition);
         let user_pin = Arc::clone(&self.user_pin);
         let package = tokio::task::spawn_blocking(move || {
-            let so_pin =
-                Zeroizing::new(std::fs::read_to_string(&so_pin_file).map_err(|e| e.to_string())?);
             partition
                 .export_for_clone(so_pin.trim(), user_pin.as_str(), &transport)
                 .map_err(|e| e.to_string())
