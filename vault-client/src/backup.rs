@@ -71,18 +71,37 @@ impl BackupKey {
     }
 
     /// Parses 64 hex digits; spaces and dashes between groups are allowed.
+    /// No copy of the digits is left behind: they go into one buffer,
+    /// allocated once (a growing one would free copies without wiping
+    /// them) and wiped when dropped.
     pub fn from_hex(text: &str) -> Option<Self> {
-        let digits: Zeroizing<String> = Zeroizing::new(
-            text.chars()
-                .filter(|c| !c.is_whitespace() && *c != '-')
-                .collect(),
-        );
+        let mut digits = Zeroizing::new(String::with_capacity(text.len()));
+        for c in text.chars().filter(|c| !c.is_whitespace() && *c != '-') {
+            if digits.len() == 64 {
+                return None;
+            }
+            digits.push(c);
+        }
         if digits.len() != 64 {
             return None;
         }
         let mut k = Zeroizing::new([0u8; 32]);
         hex::decode_to_slice(digits.as_bytes(), k.as_mut()).ok()?;
         Some(BackupKey(k))
+    }
+
+    /// The key as 64 hex digits in four groups of 16, for the user to write
+    /// down; built in one buffer that is wiped when dropped.
+    pub fn to_grouped_hex(&self) -> Zeroizing<String> {
+        let hex = self.to_hex();
+        let mut out = Zeroizing::new(String::with_capacity(hex.len() + 3));
+        for (i, c) in hex.chars().enumerate() {
+            if i > 0 && i % 16 == 0 {
+                out.push(' ');
+            }
+            out.push(c);
+        }
+        out
     }
 
     fn file_cipher(&self, salt: &[u8]) -> Aes256Gcm {

@@ -91,7 +91,10 @@ pub fn parse_pinned_key(text: &str) -> Result<[u8; 33], ClientError> {
 
 fn bearer<T>(message: T, token: &str) -> Result<Request<T>, ClientError> {
     let mut req = Request::new(message);
-    let value = format!("Bearer {token}").parse().map_err(|_| {
+    let mut header = Zeroizing::new(String::with_capacity(7 + token.len()));
+    header.push_str("Bearer ");
+    header.push_str(token);
+    let value = header.parse().map_err(|_| {
         ClientError::Unauthenticated("bearer token is not valid header text".into())
     })?;
     req.metadata_mut().insert("authorization", value);
@@ -412,10 +415,13 @@ impl VaultClient {
                     .map_err(|_| ClientError::Protocol("released secret does not authenticate"))?;
                 let key = open_with(&login.export_key, WRAP_INFO, WRAP_AAD, &wrapped)
                     .map_err(|_| ClientError::Protocol("stored key does not unwrap"))?;
-                let key: [u8; 32] = key[..]
-                    .try_into()
-                    .map_err(|_| ClientError::Protocol("stored key has the wrong length"))?;
-                Ok(BackupKey(Zeroizing::new(key)))
+                if key.len() != 32 {
+                    return Err(ClientError::Protocol("stored key has the wrong length"));
+                }
+                // Straight into its wiped home: no copy on the stack.
+                let mut out = BackupKey(Zeroizing::new([0u8; 32]));
+                out.0.copy_from_slice(&key);
+                Ok(out)
             }
             Some(pb::recover_finish_response::Outcome::WrongPassword(w)) => {
                 Err(ClientError::WrongPassword {

@@ -248,11 +248,14 @@ fn read_key(stdin: &mut Stdin, from_stdin: bool) -> anyhow::Result<BackupKey> {
     })
 }
 
-fn read_token(path: &Path) -> anyhow::Result<String> {
-    Ok(std::fs::read_to_string(path)
-        .with_context(|| format!("reading token file {}", path.display()))?
-        .trim()
-        .to_owned())
+/// The bearer token in `path`, in a buffer wiped when dropped (the file's
+/// text too).
+fn read_token(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading token file {}", path.display()))?,
+    );
+    Ok(Zeroizing::new(text.trim().to_owned()))
 }
 
 async fn connect(vault: &VaultArgs) -> anyhow::Result<VaultClient> {
@@ -327,14 +330,7 @@ fn open_input(path: &Path) -> anyhow::Result<BufReader<File>> {
 }
 
 fn fmt_key(key: &BackupKey) -> Zeroizing<String> {
-    let hex = key.to_hex();
-    Zeroizing::new(
-        hex.as_bytes()
-            .chunks(16)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
+    key.to_grouped_hex()
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
