@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use hsm_vault::core::record::{self, Record, RecordBody, Stored, PASSWORD_FILE_LEN};
-use hsm_vault::core::{Charge, Client, CoreError, Finish, Purpose, StatusView};
+use hsm_vault::core::{Charge, Client, CoreError, Finish, Purpose, StatusView, APPARENT_LIMIT};
 use hsm_vault::types::{LoginId, Seq};
 use libfuzzer_sys::fuzz_target;
 use opaque_ke::ClientLogin;
@@ -232,25 +232,33 @@ fn policy(f: &Fixture, bytes: &[u8]) {
             Instant::now(),
         )
         .expect("charge");
+    // Every record answers as if its limit were the apparent one; a
+    // registered record past its own limit is destroyed and counts on.
+    let exhausted = used >= APPARENT_LIMIT;
     match charge {
-        Charge::Locked => assert!(locked),
+        Charge::Locked => assert!(locked && exhausted),
         Charge::Lock { write } => {
-            assert!(!locked && used >= max);
+            assert!(!locked && exhausted);
             let (_, after) = f
                 .core
                 .inspect(&f.token, &f.id, &write)
                 .expect("the lock unseals");
             assert!(matches!(after.body, RecordBody::Locked));
-            assert_eq!(after.guesses_used, max);
+            assert_eq!(after.guesses_used, used);
         }
         Charge::Charged { write, ticket } => {
-            assert!(!locked && used < max);
+            assert!(!exhausted);
             let (seq, after) = f
                 .core
                 .inspect(&f.token, &f.id, &write)
                 .expect("the charge unseals");
             assert_eq!(seq, Seq(5));
             assert_eq!(after.guesses_used, used + 1);
+            let registered = kind % 3 == 0;
+            assert_eq!(
+                matches!(after.body, RecordBody::Locked),
+                locked || (registered && used >= max)
+            );
             drop(ticket);
         }
     }

@@ -256,7 +256,6 @@ fn grpc_vault() -> Seeds {
                     pb::Challenge {
                         login_id: login_id.clone(),
                         ke2: fl.ke2.clone(),
-                        guesses_remaining: 9,
                     },
                 )),
             }
@@ -280,9 +279,7 @@ fn grpc_vault() -> Seeds {
             "delete_response",
             pb::DeleteResponse {
                 outcome: Some(pb::delete_response::Outcome::WrongPassword(
-                    pb::WrongPassword {
-                        guesses_remaining: 3,
-                    },
+                    pb::WrongPassword {},
                 )),
             }
             .encode_to_vec(),

@@ -362,7 +362,9 @@ impl VaultService {
             core.finish(t, &login, &ke3, &stored, purpose, seq, Instant::now())
         })?;
         match &outcome {
-            Finish::Recovered { write, .. } | Finish::Lock { write } => {
+            Finish::Recovered { write, .. }
+            | Finish::Lock { write }
+            | Finish::Destroy { write } => {
                 self.commit_behind(guard, seq, Write::Put(id, write.clone()), expect)
             }
             Finish::Delete => self.commit(seq, Write::Delete(id), expect).await?,
@@ -384,7 +386,7 @@ impl VaultService {
         match &outcome {
             Finish::Recovered { .. } => self.audit(Event::Recovered { record }),
             Finish::Delete => self.audit(Event::Deleted { record }),
-            Finish::Lock { .. } => self.audit(Event::Locked { record }),
+            Finish::Lock { .. } | Finish::Destroy { .. } => self.audit(Event::Locked { record }),
             Finish::WrongPassword { guesses_remaining } => self.audit(Event::WrongPassword {
                 record,
                 guesses_remaining: *guesses_remaining,
@@ -417,6 +419,7 @@ fn finish_name(f: &Finish) -> &'static str {
         Finish::Delete => "deleted",
         Finish::WrongPassword { .. } => "wrong_password",
         Finish::Lock { .. } => "locked_now",
+        Finish::Destroy { .. } => "destroyed_now",
         Finish::Locked => "locked",
     }
 }
@@ -543,7 +546,6 @@ impl Vault for VaultService {
                 pb::recover_start_response::Outcome::Challenge(pb::Challenge {
                     login_id: wire_login(group, &challenge.login_id),
                     ke2: challenge.ke2,
-                    guesses_remaining: u32::from(challenge.guesses_remaining),
                 })
             }
             Charge::Lock { write } => {
@@ -590,10 +592,8 @@ impl Vault for VaultService {
                     sealed_secret: sealed.to_vec(),
                 })
             }
-            Finish::WrongPassword { guesses_remaining } => {
-                Outcome::WrongPassword(pb::WrongPassword {
-                    guesses_remaining: u32::from(guesses_remaining),
-                })
+            Finish::WrongPassword { .. } | Finish::Destroy { .. } => {
+                Outcome::WrongPassword(pb::WrongPassword {})
             }
             Finish::Lock { .. } | Finish::Locked => Outcome::Locked(locked()),
             Finish::Delete => return Err(Status::internal("unexpected deletion")),
@@ -628,10 +628,8 @@ impl Vault for VaultService {
             .await?
         {
             Finish::Delete => Outcome::Deleted(pb::Deleted {}),
-            Finish::WrongPassword { guesses_remaining } => {
-                Outcome::WrongPassword(pb::WrongPassword {
-                    guesses_remaining: u32::from(guesses_remaining),
-                })
+            Finish::WrongPassword { .. } | Finish::Destroy { .. } => {
+                Outcome::WrongPassword(pb::WrongPassword {})
             }
             Finish::Lock { .. } | Finish::Locked => Outcome::Locked(locked()),
             Finish::Recovered { .. } => return Err(Status::internal("unexpected recovery")),

@@ -89,7 +89,6 @@ impl Broken {
                 Outcome::Challenge(pb::Challenge {
                     login_id,
                     ke2: challenge.ke2,
-                    guesses_remaining: u32::from(challenge.guesses_remaining),
                 })
             }
             Charge::Lock { write } => {
@@ -152,12 +151,14 @@ impl Broken {
                     .await?;
                 Outcome::Locked(pb::Locked {})
             }
-            Finish::Locked => Outcome::Locked(pb::Locked {}),
-            Finish::WrongPassword { guesses_remaining } => {
-                Outcome::WrongPassword(pb::WrongPassword {
-                    guesses_remaining: u32::from(guesses_remaining),
-                })
+            Finish::Destroy { write } => {
+                self.backend
+                    .commit(seq, Write::Put(id, write), expect)
+                    .await?;
+                Outcome::WrongPassword(pb::WrongPassword {})
             }
+            Finish::Locked => Outcome::Locked(pb::Locked {}),
+            Finish::WrongPassword { .. } => Outcome::WrongPassword(pb::WrongPassword {}),
             Finish::Delete => return Err(Status::internal("unexpected deletion")),
         };
         Ok(pb::RecoverFinishResponse {

@@ -90,35 +90,7 @@ pub async fn act(
         Action::Register { secret, max } => register(target, &id, account, secret, max, bearer)
             .await
             .map(|seen| vec![(Op::Register { secret, max }, seen)]),
-        Action::Status => {
-            let answer = target
-                .call(|s| async move {
-                    s.status(request(
-                        pb::StatusRequest {
-                            account_id: id.clone(),
-                        },
-                        Some(bearer),
-                    ))
-                    .await
-                })
-                .await;
-            let seen = match answer {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let remaining = u8::try_from(r.guesses_remaining).unwrap_or(u8::MAX);
-                    let max = u8::try_from(r.max_guesses).unwrap_or(u8::MAX);
-                    Seen::Answer(match pb::status_response::State::try_from(r.state) {
-                        Ok(pb::status_response::State::Registered) => {
-                            Answer::Active { remaining, max }
-                        }
-                        Ok(pb::status_response::State::Locked) => Answer::LockedStatus { max },
-                        _ => Answer::NotRegistered,
-                    })
-                }
-                Err(e) => seen_error(&e)?,
-            };
-            Ok(vec![(Op::Status, seen)])
-        }
+        Action::Status => Ok(vec![(Op::Status, status(target, &id, bearer).await?)]),
         Action::RecoverRight | Action::RecoverWrong | Action::Delete => {
             let wrong = b"not the password".to_vec();
             let pw = if action == Action::RecoverWrong {
@@ -129,6 +101,33 @@ pub async fn act(
             login(target, &id, account, &pw, action, bearer, broken).await
         }
     }
+}
+
+/// The owner's view of the record (Status, with the owner's token): the
+/// only answer that counts guesses left.
+async fn status(target: &Target, id: &[u8], bearer: &str) -> Result<Seen, String> {
+    let answer = target
+        .call(|s| {
+            let id = id.to_vec();
+            async move {
+                s.status(request(pb::StatusRequest { account_id: id }, Some(bearer)))
+                    .await
+            }
+        })
+        .await;
+    Ok(match answer {
+        Ok(r) => {
+            let r = r.into_inner();
+            let remaining = u8::try_from(r.guesses_remaining).unwrap_or(u8::MAX);
+            let max = u8::try_from(r.max_guesses).unwrap_or(u8::MAX);
+            Seen::Answer(match pb::status_response::State::try_from(r.state) {
+                Ok(pb::status_response::State::Registered) => Answer::Active { remaining, max },
+                Ok(pb::status_response::State::Locked) => Answer::LockedStatus { max },
+                _ => Answer::NotRegistered,
+            })
+        }
+        Err(e) => seen_error(&e)?,
+    })
 }
 
 async fn register(
@@ -257,8 +256,11 @@ async fn login(
         },
         Err(e) => return Ok(vec![(Op::Charge, seen_error(&e)?)]),
     };
-    let remaining = u8::try_from(challenge.guesses_remaining).unwrap_or(u8::MAX);
-    let mut seen = vec![(Op::Charge, Seen::Answer(Answer::Challenge { remaining }))];
+    let mut seen = vec![
+        (Op::Charge, Seen::Answer(Answer::Challenge)),
+        // The challenge says nothing of the count: the owner asks.
+        (Op::Status, status(target, id, bearer).await?),
+    ];
     let ke2 = CredentialResponse::<Suite>::deserialize(&challenge.ke2)
         .map_err(|e| format!("KE2 does not parse: {e}"))?;
     let ksf = benchmark_ksf();
@@ -345,9 +347,7 @@ async fn login(
                     .ok_or("the released secret is not one this account registered")?;
                 Seen::Answer(Answer::Recovered { secret })
             }
-            Some(F::WrongPassword(w)) => Seen::Answer(Answer::WrongPassword {
-                remaining: u8::try_from(w.guesses_remaining).unwrap_or(u8::MAX),
-            }),
+            Some(F::WrongPassword(_)) => Seen::Answer(Answer::WrongPassword),
             Some(F::Locked(_)) => Seen::Answer(Answer::Locked),
             None => return Err("an empty finish answer".into()),
         },

@@ -17,16 +17,18 @@
 //! record it was computed from only), so the model keeps both, like a write
 //! whose answer was lost. A reset may be lost or late; a charge never.
 //!
-//! What it catches: a KE2 whose `guesses_remaining` no possible history
-//! explains (a charge lost, counted twice, or made after the KE2 was
-//! released: invariants 1, 2 and 8), a secret released from a locked record
-//! or one other than the registered one (3, 4), a record that has more
-//! guesses than any history gives it, and a reset or lockout seen to have
-//! applied that is later undone (3, 4, 8).
+//! What it catches: a count of guesses left (in the owner's Status) or a
+//! lockout that no possible history explains (a charge lost, counted twice,
+//! or made after the KE2 was released: invariants 1, 2 and 8), a secret
+//! released from a destroyed record or one other than the registered one
+//! (3, 4), a record that has more guesses than any history gives it, and a
+//! reset or lockout seen to have applied that is later undone (3, 4, 8).
+//! Answers to strangers carry no count (issue 16): the sim's clients, who
+//! own their accounts, ask Status after each charge to see it.
 
 use std::collections::BTreeSet;
 
-use vault_proto::suite::DEFAULT_MAX_GUESSES;
+use hsm_vault::core::APPARENT_LIMIT;
 
 /// What a record is, as far as the oracle cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -71,17 +73,15 @@ pub enum Op {
     Status,
 }
 
-/// An answer the service gives.
+/// An answer the service gives. A stranger's answers carry no count of
+/// guesses left (only the owner's Status does): what the oracle learns of a
+/// record's counter comes from Status, and from when `locked` comes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
     Registered,
-    Challenge {
-        remaining: u8,
-    },
+    Challenge,
     Locked,
-    WrongPassword {
-        remaining: u8,
-    },
+    WrongPassword,
     Recovered {
         secret: u32,
     },
@@ -98,17 +98,21 @@ pub enum Answer {
     Refused,
 }
 
-fn locked(r: Record) -> Record {
+/// Its secret destroyed; the count goes on.
+fn destroyed(r: Record) -> Record {
     Record {
         body: Body::Locked,
-        used: r.max,
-        max: r.max,
+        ..r
     }
 }
 
 /// What the service answers for `op` on record `r`, and what it writes.
+/// Every record answers a stranger as if its limit were [`APPARENT_LIMIT`];
+/// one registered with a lower limit has its secret destroyed at its own
+/// limit and answers like the rest until then.
 pub fn step(op: Op, r: Record) -> (Answer, Option<Record>) {
     let remaining = r.max.saturating_sub(r.used);
+    let exhausted = r.used >= APPARENT_LIMIT;
     match (op, r.body) {
         (Op::Register { secret, max }, _) => (
             Answer::Registered,
@@ -122,36 +126,45 @@ pub fn step(op: Op, r: Record) -> (Answer, Option<Record>) {
             let phantom = Record {
                 body: Body::Phantom,
                 used: 1,
-                max: DEFAULT_MAX_GUESSES,
+                max: APPARENT_LIMIT,
             };
-            (
-                Answer::Challenge {
-                    remaining: DEFAULT_MAX_GUESSES - 1,
-                },
-                Some(phantom),
-            )
+            (Answer::Challenge, Some(phantom))
         }
-        (Op::Charge, Body::Locked) => (Answer::Locked, None),
-        (Op::Charge, _) if r.used >= r.max => (Answer::Locked, Some(locked(r))),
+        (Op::Charge, Body::Locked) if exhausted => (Answer::Locked, None),
+        (Op::Charge, _) if exhausted => (Answer::Locked, Some(destroyed(r))),
+        // Its own limit reached, the destroying write lost: destroyed now.
+        (Op::Charge, Body::Registered(_)) if remaining == 0 => (
+            Answer::Challenge,
+            Some(Record {
+                used: r.used + 1,
+                ..destroyed(r)
+            }),
+        ),
         (Op::Charge, _) => (
-            Answer::Challenge {
-                remaining: remaining - 1,
-            },
+            Answer::Challenge,
             Some(Record {
                 used: r.used + 1,
                 ..r
             }),
         ),
         (Op::FinishWrong | Op::FinishRight | Op::Delete, Body::Absent) => (Answer::Refused, None),
-        (Op::FinishWrong | Op::FinishRight | Op::Delete, Body::Locked) => (Answer::Locked, None),
+        (Op::FinishWrong | Op::FinishRight | Op::Delete, Body::Locked) if exhausted => {
+            (Answer::Locked, None)
+        }
+        (Op::FinishWrong | Op::FinishRight | Op::Delete, Body::Locked) => {
+            (Answer::WrongPassword, None)
+        }
         (Op::FinishRight, Body::Registered(secret)) => {
             (Answer::Recovered { secret }, Some(Record { used: 0, ..r }))
         }
         (Op::Delete, Body::Registered(_)) => (Answer::Deleted, Some(ABSENT)),
         // A valid KE3 for a record that is now a phantom: another record.
         (Op::FinishRight | Op::Delete, Body::Phantom) => (Answer::Refused, None),
-        (Op::FinishWrong, _) if remaining == 0 => (Answer::Locked, Some(locked(r))),
-        (Op::FinishWrong, _) => (Answer::WrongPassword { remaining }, None),
+        (Op::FinishWrong, _) if exhausted => (Answer::Locked, Some(destroyed(r))),
+        (Op::FinishWrong, Body::Registered(_)) if remaining == 0 => {
+            (Answer::WrongPassword, Some(destroyed(r)))
+        }
+        (Op::FinishWrong, _) => (Answer::WrongPassword, None),
         (Op::Status, Body::Absent | Body::Phantom) => (Answer::NotRegistered, None),
         (Op::Status, Body::Registered(_)) => (
             Answer::Active {
@@ -165,11 +178,13 @@ pub fn step(op: Op, r: Record) -> (Answer, Option<Record>) {
 }
 
 /// Whether `op` answered `answer` before its write committed: the second
-/// write of a recovery, which the service commits behind its answer.
+/// write of a recovery, which the service commits behind its answer (the
+/// reset; the lockout or destruction after a wrong guess).
 fn written_behind(op: Op, answer: Answer) -> bool {
     matches!(
         (op, answer),
-        (Op::FinishRight, Answer::Recovered { .. }) | (Op::FinishWrong, Answer::Locked)
+        (Op::FinishRight, Answer::Recovered { .. })
+            | (Op::FinishWrong, Answer::Locked | Answer::WrongPassword)
     )
 }
 
@@ -295,16 +310,24 @@ mod tests {
         a
     }
 
+    fn charge(a: &mut Account) {
+        a.observe(Op::Charge, Seen::Answer(Answer::Challenge))
+            .expect("a challenge");
+    }
+
+    fn status(a: &mut Account, remaining: u8, max: u8) -> Result<(), String> {
+        a.observe(Op::Status, Seen::Answer(Answer::Active { remaining, max }))
+    }
+
     #[test]
     fn a_lost_charge_is_caught() {
         let mut a = registered(3);
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
-            .expect("first guess");
-        // The same remaining count again: the first charge was lost.
-        let e = a
-            .observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
-            .expect_err("a repeated count is a lost charge");
-        assert!(e.contains("Challenge"), "{e}");
+        charge(&mut a);
+        status(&mut a, 2, 3).expect("first guess");
+        charge(&mut a);
+        // The same count again: the second charge was lost.
+        let e = status(&mut a, 2, 3).expect_err("a repeated count is a lost charge");
+        assert!(e.contains("Active"), "{e}");
     }
 
     #[test]
@@ -312,35 +335,34 @@ mod tests {
         let mut a = registered(3);
         a.observe(Op::Charge, Seen::Unknown).expect("unknown");
         assert_eq!(a.spread(), 2);
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 1 }))
-            .expect("the first charge applied after all");
+        charge(&mut a);
+        assert_eq!(a.spread(), 2);
+        status(&mut a, 1, 3).expect("the first charge applied after all");
         assert_eq!(a.spread(), 1);
     }
 
     #[test]
-    fn a_secret_after_lockout_is_caught() {
+    fn a_secret_after_its_limit_is_caught() {
         let mut a = registered(1);
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 0 }))
-            .expect("last guess");
-        a.observe(Op::FinishWrong, Seen::Answer(Answer::Locked))
-            .expect("locks");
-        // A right password needs a new login, whose start finds the record
-        // locked (or, had the lockout been lost, locks it then).
-        a.observe(Op::Charge, Seen::Answer(Answer::Locked))
-            .expect("locked");
+        charge(&mut a);
+        // The limit is reached: the secret is destroyed (behind the answer),
+        // and the answer is the one any record with guesses left gives.
+        a.observe(Op::FinishWrong, Seen::Answer(Answer::WrongPassword))
+            .expect("wrong");
+        // A right password needs a new login, whose start finds the secret
+        // destroyed (or, had that write been lost, destroys it then).
+        charge(&mut a);
         a.observe(
             Op::FinishRight,
             Seen::Answer(Answer::Recovered { secret: 1 }),
         )
-        .expect_err("a locked record released its secret");
+        .expect_err("a destroyed record released its secret");
     }
 
     fn recovered_after_two_guesses() -> Account {
         let mut a = registered(5);
-        for remaining in [4, 3] {
-            a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining }))
-                .expect("guess");
-        }
+        charge(&mut a);
+        charge(&mut a);
         a.observe(
             Op::FinishRight,
             Seen::Answer(Answer::Recovered { secret: 1 }),
@@ -353,36 +375,63 @@ mod tests {
     fn a_reset_may_be_lost_but_never_gives_more_guesses() {
         // Lost: the next charge counts on from the two before.
         let mut a = recovered_after_two_guesses();
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
-            .expect("a lost reset leaves fewer guesses");
+        charge(&mut a);
+        status(&mut a, 2, 5).expect("a lost reset leaves fewer guesses");
         // Applied: the next charge is the first since the reset.
         let mut b = recovered_after_two_guesses();
-        b.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 4 }))
-            .expect("the reset applied");
+        charge(&mut b);
+        status(&mut b, 4, 5).expect("the reset applied");
         // Never more than a fresh record has.
         let mut c = recovered_after_two_guesses();
-        c.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 5 }))
-            .expect_err("more guesses than the limit");
+        charge(&mut c);
+        status(&mut c, 5, 5).expect_err("more guesses than the limit");
     }
 
     #[test]
     fn a_reset_seen_to_apply_is_never_undone() {
         let mut a = recovered_after_two_guesses();
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 4 }))
-            .expect("the reset applied");
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 2 }))
-            .expect_err("the reset was undone");
+        charge(&mut a);
+        status(&mut a, 4, 5).expect("the reset applied");
+        charge(&mut a);
+        status(&mut a, 2, 5).expect_err("the reset was undone");
     }
 
     #[test]
-    fn a_lockout_behind_its_answer_still_refuses_every_guess() {
+    fn a_destruction_behind_its_answer_still_refuses_every_guess() {
         let mut a = registered(1);
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 0 }))
-            .expect("last guess");
-        a.observe(Op::FinishWrong, Seen::Answer(Answer::Locked))
-            .expect("locks");
-        // Whether the lockout landed or not, no guess is left.
-        a.observe(Op::Charge, Seen::Answer(Answer::Challenge { remaining: 0 }))
-            .expect_err("a guess after the limit");
+        charge(&mut a);
+        a.observe(Op::FinishWrong, Seen::Answer(Answer::WrongPassword))
+            .expect("the limit");
+        // Whether the destroying write landed or not, the next start finds
+        // (or makes) the secret destroyed.
+        charge(&mut a);
+        status(&mut a, 0, 1).expect_err("a registered record after its limit");
+        a.observe(Op::Status, Seen::Answer(Answer::LockedStatus { max: 1 }))
+            .expect("destroyed");
+    }
+
+    /// A stranger's answers for a record registered with 3 guesses and for
+    /// an unknown account are the same, guess after guess, up to and past
+    /// the apparent limit.
+    #[test]
+    fn a_low_limit_record_answers_like_an_unknown_one() {
+        let mut real = registered(3);
+        let mut unknown = Account::default();
+        for guess in 1..=APPARENT_LIMIT {
+            for a in [&mut real, &mut unknown] {
+                charge(a);
+                let last = if guess == APPARENT_LIMIT {
+                    Answer::Locked
+                } else {
+                    Answer::WrongPassword
+                };
+                a.observe(Op::FinishWrong, Seen::Answer(last))
+                    .unwrap_or_else(|e| panic!("guess {guess}: {e}"));
+            }
+        }
+        for a in [&mut real, &mut unknown] {
+            a.observe(Op::Charge, Seen::Answer(Answer::Locked))
+                .expect("locked for all");
+        }
     }
 }

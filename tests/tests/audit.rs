@@ -45,18 +45,28 @@ async fn audit_trail_records_every_event_of_a_session_without_secrets_or_account
     let key = BackupKey(Zeroizing::new(KEY));
 
     // The script: register (2 guesses), a wrong guess, the right one, two
-    // wrong ones (the second locks), register again, delete.
+    // wrong ones (the second destroys the key), register again, delete.
     c.register_key(account, &token, PASSWORD, &key, 2)
         .await
         .expect("register");
     let e = c.recover_key(account, b"wrong").await.expect_err("wrong");
-    assert!(matches!(e, ClientError::WrongPassword { .. }), "{e}");
+    assert!(matches!(e, ClientError::WrongPassword), "{e}");
     let got = c.recover_key(account, PASSWORD).await.expect("recover");
     assert_eq!(*got.0, KEY);
     let e = c.recover_key(account, b"wrong").await.expect_err("wrong");
-    assert!(matches!(e, ClientError::WrongPassword { .. }), "{e}");
-    let e = c.recover_key(account, b"wrong").await.expect_err("locks");
-    assert!(matches!(e, ClientError::Locked), "{e}");
+    assert!(matches!(e, ClientError::WrongPassword), "{e}");
+    // The second wrong guess reaches the record's own limit: its secret is
+    // destroyed, and the answer is the one any record gives a stranger
+    // (only the owner's Status shows it).
+    let e = c
+        .recover_key(account, b"wrong")
+        .await
+        .expect_err("destroys");
+    assert!(matches!(e, ClientError::WrongPassword), "{e}");
+    assert_eq!(
+        c.status(account, &token).await.expect("status"),
+        vault_client::RecordStatus::Locked
+    );
     c.register_key(account, &token, PASSWORD, &key, 5)
         .await
         .expect("register again");

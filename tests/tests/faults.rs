@@ -48,10 +48,9 @@ async fn invariant1_guess_charged_before_ke2_survives_sigkill() {
     for expected_left in [9u32, 8, 7] {
         let mut c = node.client().await;
         let answer = start_raw(&mut c, "alice").await;
-        let Some(pb::recover_start_response::Outcome::Challenge(ch)) = answer.outcome else {
+        let Some(pb::recover_start_response::Outcome::Challenge(_)) = answer.outcome else {
             panic!("expected a KE2");
         };
-        assert_eq!(ch.guesses_remaining, expected_left);
         // The KE2 is in our hands: kill the vault before any KE3.
         node.kill9();
         node.restart();
@@ -295,13 +294,23 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
             .await;
         assert_eq!(code_of(r), Code::InvalidArgument);
     }
-    let r = rpc
-        .register_start(with_token(pb::RegisterStartRequest {
-            account_id: b"alice".to_vec(),
-            registration_request: junk.clone(),
-        }))
-        .await;
-    assert_eq!(code_of(r), Code::InvalidArgument);
+    // Junk, and a valid request with bytes after it (the parser reads one
+    // point and would ignore them): only the exact encoding is taken.
+    let mut padded = opaque_ke::ClientRegistration::<Suite>::start(&mut OsRng, b"pw")
+        .expect("registration start")
+        .message
+        .serialize()
+        .to_vec();
+    padded.extend_from_slice(&[0; 8]);
+    for request in [junk.clone(), padded] {
+        let r = rpc
+            .register_start(with_token(pb::RegisterStartRequest {
+                account_id: b"alice".to_vec(),
+                registration_request: request,
+            }))
+            .await;
+        assert_eq!(code_of(r), Code::InvalidArgument);
+    }
     for (upload, secret, max) in [
         (junk.clone(), vec![1u8; 60], 0),
         (vec![7u8; 192], vec![1u8; 60], 0),
@@ -411,9 +420,16 @@ async fn invariant9_malformed_oversized_and_out_of_order_messages_get_precise_er
     assert_eq!(before, after, "no guess charged for an unusable KE1");
 
     // The service kept serving through all of it.
-    let left = match c.recover_key(b"alice", b"another wrong").await {
-        Err(ClientError::WrongPassword { guesses_remaining }) => guesses_remaining,
+    match c.recover_key(b"alice", b"another wrong").await {
+        Err(ClientError::WrongPassword) => {}
         other => panic!("unexpected {other:?}"),
+    }
+    let Ok(RecordStatus::Registered {
+        guesses_remaining: left,
+        ..
+    }) = c.status(b"alice", &node.bearer("alice")).await
+    else {
+        panic!("alice's record is registered");
     };
     assert!(left >= 5);
     assert_eq!(
@@ -436,7 +452,7 @@ async fn invariant8_acknowledged_writes_survive_sigkill() {
         for _ in 0..2 {
             assert!(matches!(
                 c.recover_key(account.as_bytes(), b"wrong").await,
-                Err(ClientError::WrongPassword { .. })
+                Err(ClientError::WrongPassword)
             ));
         }
     }
@@ -502,7 +518,7 @@ async fn invariant7_one_record_rolled_back_is_detected() {
     for _ in 0..3 {
         assert!(matches!(
             c.recover_key(b"alice", b"wrong").await,
-            Err(ClientError::WrongPassword { .. })
+            Err(ClientError::WrongPassword)
         ));
     }
     node.kill9();

@@ -47,10 +47,9 @@ async fn invariant4_register_then_recover_returns_the_same_key() {
         .expect("re-register");
     assert!(matches!(
         c.recover_key(b"alice", PASSWORD).await,
-        Err(ClientError::WrongPassword {
-            guesses_remaining: 2
-        })
+        Err(ClientError::WrongPassword)
     ));
+    assert_eq!(remaining(&mut c, &node, "alice").await, 2);
     assert_eq!(
         c.recover_key(b"alice", b"new password")
             .await
@@ -66,8 +65,8 @@ async fn invariant3_ten_wrong_passwords_lock_and_destroy_the_secret() {
     let mut c = node.client().await;
     for i in 1..=10u32 {
         match c.recover_key(b"bob", b"wrong").await {
-            Err(ClientError::WrongPassword { guesses_remaining }) => {
-                assert_eq!(guesses_remaining, 10 - i)
+            Err(ClientError::WrongPassword) => {
+                assert_eq!(remaining(&mut c, &node, "bob").await, 10 - i)
             }
             Err(ClientError::Locked) => assert_eq!(i, 10, "locked too early"),
             other => panic!("guess {i}: unexpected {other:?}"),
@@ -107,8 +106,8 @@ async fn invariant4_nine_wrong_then_right_recovers_and_resets_to_ten() {
     let mut c = node.client().await;
     for i in 1..=9u32 {
         match c.recover_key(b"carol", b"nope").await {
-            Err(ClientError::WrongPassword { guesses_remaining }) => {
-                assert_eq!(guesses_remaining, 10 - i)
+            Err(ClientError::WrongPassword) => {
+                assert_eq!(remaining(&mut c, &node, "carol").await, 10 - i)
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -126,6 +125,21 @@ async fn invariant4_nine_wrong_then_right_recovers_and_resets_to_ten() {
             max_guesses: 10
         }
     );
+}
+
+/// Guesses left on `account`'s record, as its owner sees them (Status):
+/// no other answer says.
+async fn remaining(c: &mut vault_client::VaultClient, node: &VaultNode, account: &str) -> u32 {
+    match c
+        .status(account.as_bytes(), &node.bearer(account))
+        .await
+        .expect("status")
+    {
+        RecordStatus::Registered {
+            guesses_remaining, ..
+        } => guesses_remaining,
+        other => panic!("{account}: {other:?}"),
+    }
 }
 
 /// Runs KE1 → KE2 by hand and returns what the vault answered.
@@ -178,31 +192,27 @@ async fn invariant5_unknown_account_gets_a_well_formed_ke2_and_fails_like_a_wron
             .await
             .expect("finish")
             .into_inner();
-        answers.push((
-            challenge.ke2.len(),
-            challenge.login_id.len(),
-            challenge.guesses_remaining,
-            finish,
-        ));
+        answers.push((challenge.ke2.len(), challenge.login_id.len(), finish));
     }
     assert_eq!(
         answers[0], answers[1],
         "a stranger must not tell real from unknown accounts"
     );
-    // And the unknown account counts down and locks like a real one.
+    // And the unknown account counts down and locks like a real one: nine
+    // more wrong guesses, the last of them answered `locked`.
     let mut seen = HashSet::new();
     for _ in 0..9 {
         match c.recover_key(b"nobody-at-all", b"guess").await {
-            Err(ClientError::WrongPassword { guesses_remaining }) => {
-                seen.insert(guesses_remaining);
+            Err(ClientError::WrongPassword) => {
+                seen.insert("wrong");
             }
             Err(ClientError::Locked) => {
-                seen.insert(0);
+                seen.insert("locked");
             }
             other => panic!("unexpected {other:?}"),
         }
     }
-    assert!(seen.contains(&0), "{seen:?}");
+    assert!(seen.contains("locked"), "{seen:?}");
     assert!(matches!(
         c.recover_key(b"nobody-at-all", b"guess").await,
         Err(ClientError::Locked)
@@ -424,5 +434,97 @@ async fn invariant2_register_start_is_not_an_oprf_oracle_for_logins() {
     assert!(
         !register_evaluations.contains(&ch.ke2[..33]),
         "login OPRF key leaked through RegisterStart"
+    );
+}
+
+/// What a stranger can compare of a RecoverStart answer: everything but
+/// the random bytes of the KE2 and the login id, which keep their lengths.
+fn start_shape(answer: &pb::RecoverStartResponse) -> Vec<u8> {
+    use prost::Message;
+    let mut a = answer.clone();
+    if let Some(pb::recover_start_response::Outcome::Challenge(c)) = &mut a.outcome {
+        c.ke2.iter_mut().for_each(|b| *b = 0);
+        c.login_id.iter_mut().for_each(|b| *b = 0);
+    }
+    a.encode_to_vec()
+}
+
+/// Invariant 5 and issue 16: a stranger cannot tell a real account — one
+/// registered with a limit of 3, or one whose owner just recovered — from
+/// an unknown one by any field of any answer: guess after guess, through
+/// and past every limit, the answers are the same byte for byte (but for
+/// the random bytes of KE2 and login id, whose lengths are compared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant5_a_stranger_cannot_tell_a_low_limit_or_just_recovered_account_from_an_unknown_one(
+) {
+    let (node, key) = registered("shapes", "recovered").await;
+    let mut c = node.client().await;
+    // The owner of "recovered" got a guess wrong, then recovered (reset).
+    assert!(matches!(
+        c.recover_key(b"recovered", b"typo").await,
+        Err(ClientError::WrongPassword)
+    ));
+    assert_eq!(
+        c.recover_key(b"recovered", PASSWORD)
+            .await
+            .expect("recover")
+            .0,
+        key.0
+    );
+    let three = BackupKey::generate();
+    c.register_key(b"three", &node.bearer("three"), PASSWORD, &three, 3)
+        .await
+        .expect("register with 3 guesses");
+
+    let accounts = ["nobody-at-all", "three", "recovered"];
+    let mut transcripts: Vec<Vec<Vec<u8>>> = vec![Vec::new(); accounts.len()];
+    for round in 1..=11 {
+        for (i, account) in accounts.iter().enumerate() {
+            let start =
+                ClientLogin::<Suite>::start(&mut OsRng, b"a stranger's guess").expect("KE1");
+            let answer = c
+                .raw()
+                .recover_start(pb::RecoverStartRequest {
+                    account_id: account.as_bytes().to_vec(),
+                    ke1: start.message.serialize().to_vec(),
+                })
+                .await
+                .expect("start")
+                .into_inner();
+            transcripts[i].push(start_shape(&answer));
+            if let Some(pb::recover_start_response::Outcome::Challenge(ch)) = answer.outcome {
+                // The guess is wrong: the client gives up (empty KE3).
+                let finish = c
+                    .raw()
+                    .recover_finish(pb::RecoverFinishRequest {
+                        login_id: ch.login_id,
+                        ke3: Vec::new(),
+                    })
+                    .await
+                    .expect("finish")
+                    .into_inner();
+                use prost::Message;
+                transcripts[i].push(finish.encode_to_vec());
+            }
+        }
+        for (i, account) in accounts.iter().enumerate().skip(1) {
+            assert_eq!(
+                transcripts[i], transcripts[0],
+                "round {round}: {account} answers unlike an unknown account"
+            );
+        }
+    }
+    // They all locked at the same guess (the tenth), and the owner's view
+    // (Status, with the token) still tells the truth: the low-limit record
+    // was destroyed at its own third guess.
+    assert!(transcripts[0].last().is_some_and(|last| last
+        == &start_shape(&pb::RecoverStartResponse {
+            outcome: Some(pb::recover_start_response::Outcome::Locked(pb::Locked {})),
+        })));
+    assert_eq!(
+        c.status(b"three", &node.bearer("three"))
+            .await
+            .expect("status"),
+        RecordStatus::Locked
     );
 }

@@ -42,7 +42,7 @@ async fn tls_client_registers_and_recovers_a_key_over_tls() {
         .await
         .expect("register over TLS");
     match client.recover_key(b"tess", b"wrong").await {
-        Err(ClientError::WrongPassword { guesses_remaining }) => assert_eq!(guesses_remaining, 9),
+        Err(ClientError::WrongPassword) => {}
         other => panic!("a wrong guess is charged over TLS too: {other:?}"),
     }
     let got = client

@@ -39,8 +39,14 @@ pub enum ClientError {
     Unreachable { endpoint: String, detail: String },
     #[error("{0}")]
     BadEndpoint(String),
-    #[error("wrong password: {guesses_remaining} guesses left before the key is destroyed")]
-    WrongPassword { guesses_remaining: u32 },
+    /// The guess was wrong and stays counted. The vault does not say how
+    /// many remain to whoever asks (a count would tell a real account from
+    /// an unknown one); the owner sees it with [`VaultClient::status`].
+    #[error(
+        "wrong password: the guess was counted; the account's owner can see how many \
+         remain (`vault status`)"
+    )]
+    WrongPassword,
     #[error("locked: too many wrong passwords, the key has been destroyed for good")]
     Locked,
     #[error("this vault's public key does not match the pinned key; refusing to talk to it")]
@@ -378,10 +384,8 @@ impl VaultClient {
             .await?
             .into_inner();
         Ok(match answer.outcome {
-            Some(pb::recover_finish_response::Outcome::WrongPassword(w)) => {
-                ClientError::WrongPassword {
-                    guesses_remaining: w.guesses_remaining,
-                }
+            Some(pb::recover_finish_response::Outcome::WrongPassword(_)) => {
+                ClientError::WrongPassword
             }
             Some(pb::recover_finish_response::Outcome::Locked(_)) => ClientError::Locked,
             _ => ClientError::Protocol("unexpected answer to an abandoned login"),
@@ -423,10 +427,8 @@ impl VaultClient {
                 out.0.copy_from_slice(&key);
                 Ok(out)
             }
-            Some(pb::recover_finish_response::Outcome::WrongPassword(w)) => {
-                Err(ClientError::WrongPassword {
-                    guesses_remaining: w.guesses_remaining,
-                })
+            Some(pb::recover_finish_response::Outcome::WrongPassword(_)) => {
+                Err(ClientError::WrongPassword)
             }
             Some(pb::recover_finish_response::Outcome::Locked(_)) => Err(ClientError::Locked),
             None => Err(ClientError::Protocol("empty recovery answer")),
@@ -459,11 +461,7 @@ impl VaultClient {
             .into_inner();
         match answer.outcome {
             Some(pb::delete_response::Outcome::Deleted(_)) => Ok(()),
-            Some(pb::delete_response::Outcome::WrongPassword(w)) => {
-                Err(ClientError::WrongPassword {
-                    guesses_remaining: w.guesses_remaining,
-                })
-            }
+            Some(pb::delete_response::Outcome::WrongPassword(_)) => Err(ClientError::WrongPassword),
             Some(pb::delete_response::Outcome::Locked(_)) => Err(ClientError::Locked),
             None => Err(ClientError::Protocol("empty deletion answer")),
         }

@@ -169,7 +169,7 @@ enum TokenCommand {
 /// Exit codes a script can act on.
 fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<ClientError>() {
-        Some(ClientError::WrongPassword { .. }) => 3,
+        Some(ClientError::WrongPassword) => 3,
         Some(ClientError::Locked) => 4,
         Some(ClientError::Unreachable { .. }) => 5,
         Some(ClientError::KeyMismatch) => 6,

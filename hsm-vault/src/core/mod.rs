@@ -189,10 +189,16 @@ pub enum Finish {
     },
     /// Password verified, purpose `Delete`: remove the record.
     Delete,
-    /// Wrong password; the guess stays charged.
+    /// Wrong password; the guess stays charged. (`guesses_remaining` is the
+    /// owner's count, for the node's log and audit trail only: a stranger's
+    /// answer carries no count.)
     WrongPassword { guesses_remaining: u8 },
-    /// The last guess was wrong: make `write` (locked record) durable, then
-    /// answer `locked`.
+    /// The record's own limit was reached by a wrong guess: make `write`
+    /// (its secret destroyed) durable, then answer `wrong password` like any
+    /// record with guesses left to a stranger ([`APPARENT_LIMIT`]).
+    Destroy { write: SealedRecord },
+    /// The apparent limit was reached: make `write` (locked record)
+    /// durable, then answer `locked`.
     Lock { write: SealedRecord },
     /// The record is locked.
     Locked,
@@ -291,8 +297,14 @@ impl SecureCore {
         id: &RecordId,
         request: &[u8],
     ) -> Result<(Vec<u8>, Generation), CoreError> {
-        let request = RegistrationRequest::<Suite>::deserialize(request)
+        let bytes = request;
+        let request = RegistrationRequest::<Suite>::deserialize(bytes)
             .map_err(|_| CoreError::InvalidMessage("registration request"))?;
+        // The parser reads one point and ignores what follows: only the
+        // exact encoding is a registration request.
+        if request.serialize().as_slice() != bytes {
+            return Err(CoreError::InvalidMessage("registration request"));
+        }
         let mut generation = [0u8; 16];
         OsRng.fill_bytes(&mut generation);
         let km = self.key_material(token, id, &generation)?;
@@ -385,20 +397,27 @@ impl SecureCore {
                 OsRng.fill_bytes(&mut generation);
                 Record {
                     body: RecordBody::Phantom,
-                    max_guesses: DEFAULT_MAX_GUESSES,
+                    max_guesses: APPARENT_LIMIT,
                     guesses_used: 0,
                     generation,
                 }
             }
         };
-        if record.body == RecordBody::Locked {
-            return Ok(Charge::Locked);
-        }
-        if record.guesses_used >= record.max_guesses {
-            lock(&mut record);
+        if record.guesses_used >= APPARENT_LIMIT {
+            if record.body == RecordBody::Locked {
+                return Ok(Charge::Locked);
+            }
+            destroy(&mut record);
             return Ok(Charge::Lock {
                 write: record::seal(token, id, seq, &record, random_iv())?,
             });
+        }
+        if matches!(record.body, RecordBody::Registered { .. })
+            && record.guesses_used >= record.max_guesses
+        {
+            // Its own limit was reached and the destroying write was lost
+            // (it is committed behind its answer): destroy it with this one.
+            destroy(&mut record);
         }
         record.guesses_used += 1;
         let write = record::seal(token, id, seq, &record, random_iv())?;
@@ -437,8 +456,9 @@ impl SecureCore {
                 ),
                 false,
             ),
-            RecordBody::Phantom => (None, true),
-            RecordBody::Locked => return Err(CoreError::RecordChanged),
+            // Unknown accounts and destroyed secrets get a decoy KE2 that
+            // no password finishes.
+            RecordBody::Phantom | RecordBody::Locked => (None, true),
         };
         let km = self.key_material(token, &ticket.id, &record.generation)?;
         let builder = ServerLogin::builder_with_key_material(
@@ -506,7 +526,15 @@ impl SecureCore {
             return Err(CoreError::RecordChanged);
         };
         if record.body == RecordBody::Locked {
-            return Ok(Finish::Locked);
+            // Destroyed: no KE3 opens it; answered like any wrong guess
+            // until the apparent limit.
+            return Ok(if record.guesses_used >= APPARENT_LIMIT {
+                Finish::Locked
+            } else {
+                Finish::WrongPassword {
+                    guesses_remaining: 0,
+                }
+            });
         }
         if record.generation != pending.generation {
             return Err(CoreError::RecordChanged);
@@ -520,15 +548,22 @@ impl SecureCore {
             _ => None,
         };
         let Some(session_key) = session_key else {
-            let remaining = record.guesses_remaining();
-            if remaining == 0 {
-                lock(&mut record);
+            if record.guesses_used >= APPARENT_LIMIT {
+                destroy(&mut record);
                 return Ok(Finish::Lock {
                     write: record::seal(token, &pending.id, seq, &record, random_iv())?,
                 });
             }
+            if matches!(record.body, RecordBody::Registered { .. })
+                && record.guesses_remaining() == 0
+            {
+                destroy(&mut record);
+                return Ok(Finish::Destroy {
+                    write: record::seal(token, &pending.id, seq, &record, random_iv())?,
+                });
+            }
             return Ok(Finish::WrongPassword {
-                guesses_remaining: remaining,
+                guesses_remaining: record.guesses_remaining(),
             });
         };
         match purpose {
@@ -582,8 +617,15 @@ impl SecureCore {
     }
 }
 
-/// Crypto-shreds a record's secret: the locked record keeps only its limit.
-fn lock(record: &mut Record) {
+/// Crypto-shreds a record's secret: the locked record keeps its limit and
+/// its count, which goes on to [`APPARENT_LIMIT`] like any other record's.
+fn destroy(record: &mut Record) {
     record.body = RecordBody::Locked;
-    record.guesses_used = record.max_guesses;
 }
+
+/// The limit every record shows a stranger: the guesses after which *any*
+/// account id, registered or not, answers `locked`. A record registered with
+/// a lower limit has its secret destroyed at its own limit (invariant 2) and
+/// then answers like the rest (decoy challenges, `wrong password`) until
+/// this one, so neither its limit nor its existence shows in any answer.
+pub const APPARENT_LIMIT: u8 = MAX_GUESSES_LIMIT;
