@@ -288,9 +288,9 @@ fn op_name(op: Op) -> &'static str {
 fn answer_name(a: Answer) -> &'static str {
     match a {
         Answer::Registered => "registered",
-        Answer::Challenge { .. } => "challenge",
+        Answer::Challenge => "challenge",
         Answer::Locked => "locked",
-        Answer::WrongPassword { .. } => "wrong_password",
+        Answer::WrongPassword => "wrong_password",
         Answer::Recovered { .. } => "recovered",
         Answer::Deleted => "deleted",
         Answer::NotRegistered => "not_registered",
