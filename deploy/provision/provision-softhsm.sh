@@ -51,7 +51,6 @@ for id in $ids; do
   b="$out/bundle/node-$id"
   mkdir -p "$b/tokens" "$b/pins" "$b/tls"
   cp "$work/node-$id/user.pin" "$b/pins/node-$id.user.pin"
-  cp "$work/node-$id/so.pin" "$b/pins/node-$id.so.pin"
   for kind in server client; do
     cp "$work/tls/node-$id/$kind.pem" "$b/tls/node-$id-$kind.pem"
     cp "$work/tls/node-$id/$kind.key" "$b/tls/node-$id-$kind.key"
@@ -73,5 +72,8 @@ for id in $ids; do
   done
   [ -n "$found" ] || { echo "no token labelled vault-node-$id" >&2; exit 1; }
 done
+mkdir -p "$out/operator"
+cp -r "$work/operator/so-pins" "$out/operator/"
 echo "bundles in $out/bundle (per node: tokens/, pins/, tls/; public keys and CA in keys/)"
+echo "SO PINs in $out/operator/so-pins (the operator's: never on a node; presented for a ceremony)"
 echo "work directory with every secret: $work (move it offline or destroy it)"
