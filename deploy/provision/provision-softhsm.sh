@@ -45,7 +45,7 @@ grep "cloned" "$work/up.log" || true
 
 ids=$(sed -n 's/^[[:space:]]*id[[:space:]]*=[[:space:]]*\([0-9]*\).*/\1/p' "$fleet_file")
 mkdir -p "$out/bundle/keys"
-cp "$work/identity/identity.pub" "$work/operator/operator.pub" "$out/bundle/keys/"
+cp "$work/identity/jwks.json" "$work/operator/operator.pub" "$out/bundle/keys/"
 cp "$work/tls/ca.pem" "$out/bundle/keys/"
 for id in $ids; do
   b="$out/bundle/node-$id"

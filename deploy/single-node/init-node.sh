@@ -14,7 +14,7 @@ source "$here/node.env"
 mkdir -p "$state"
 "$here/../../softhsm-config/scripts/init-token.sh" "$state/token" "$HSM_VAULT_TOKEN_LABEL"
 "${VAULT_BIN:-vault}" token keygen --out-dir "$state/identity"
-cp "$state/identity/identity.pub" "$state/identity.pub"
+cp "$state/identity/jwks.json" "$state/jwks.json"
 hosts=()
 for h in ${HSM_VAULT_TLS_HOSTS:-}; do hosts+=(--host "$h"); done
 "${FLEET_BIN:-fleet}" certs --out "$state/tls" --node-id 1 "${hosts[@]}"

@@ -4,7 +4,7 @@
 #   run-node.sh STATE_DIR [extra hsm-vault flags]
 #
 # STATE_DIR holds token/ (SoftHSM config, tokens, user.pin), data/ (sled),
-# identity.pub (the identity service's token-signing key), tls/ (the server
+# jwks.json (the identity service's token-signing keys), tls/ (the server
 # certificate; clients trust tls/ca.pem) and receives vault.pub (the OPAQUE
 # public key clients pin).
 set -euo pipefail
@@ -18,7 +18,7 @@ exec "${HSM_VAULT_BIN:-hsm-vault}" \
   --data-dir "$state/data" \
   --token-label "$HSM_VAULT_TOKEN_LABEL" \
   --pin-file "$state/token/user.pin" \
-  --auth-public-key "$state/identity.pub" \
+  --auth-jwks "$state/jwks.json" \
   --publish-key "$state/vault.pub" \
   --tls-cert "$state/tls/node-1/server.pem" \
   --tls-key "$state/tls/node-1/server.key" \

@@ -446,6 +446,11 @@ fn create(
         identity.join("identity.pub"),
         hex::encode(sk.verifying_key().to_encoded_point(true).as_bytes()),
     )?;
+    // What the nodes trust: the key as a JWKS (owner tokens are ES256 JWTs).
+    std::fs::write(
+        identity.join("jwks.json"),
+        vault_proto::token::jwks(&[*sk.verifying_key()]),
+    )?;
 
     // The operator's key: signs ceremonies and membership changes.
     let operator = dir.join("operator");
@@ -672,8 +677,8 @@ fn up(dir: &Path, fleet_file: &Path, bin: Option<PathBuf>, module: &Path) -> any
                 node_dir.join("user.pin").display()
             ))
             .arg(format!(
-                "--auth-public-key={}",
-                dir.join("identity/identity.pub").display()
+                "--auth-jwks={}",
+                dir.join("identity/jwks.json").display()
             ))
             .arg(format!(
                 "--publish-key={}",

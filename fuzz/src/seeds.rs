@@ -745,33 +745,26 @@ fn anchor_state() -> Seeds {
 }
 
 fn bearer_token() -> Seeds {
+    use vault_proto::token::{jwks, Issuer};
     let key = SigningKey::from_slice(&[7u8; 32]).expect("a valid scalar");
-    let claims = vault_proto::token::Claims {
-        account_id: b"alice".to_vec(),
-        expires_at: 2000,
-    };
-    let token = vault_proto::token::issue(&key, &claims).expect("issue");
-    let mut issued = 2000u64.to_be_bytes().to_vec();
-    issued.extend_from_slice(&[0, 10, b'A']);
+    let token = Issuer::new(&key, "idp")
+        .and_then(|i| i.issue(b"alice", "vault", 990, 60))
+        .expect("issue");
+    let mut issued = 4000u64.to_be_bytes().to_vec();
+    issued.extend_from_slice(&[0, 60, 0, 10, b'A']);
     issued.extend_from_slice(b"alice");
     vec![
         ("token".into(), sel(0, token.as_bytes())),
-        (
-            "payload".into(),
-            sel(
-                1,
-                vault_proto::token::encode_payload(&claims).expect("payload"),
-            ),
-        ),
-        ("issued".into(), sel(2, &issued)),
+        ("issued".into(), sel(1, &issued)),
         (
             "public_key".into(),
             sel(
-                3,
+                2,
                 hex::encode(key.verifying_key().to_encoded_point(true).as_bytes()),
             ),
         ),
-        ("signing_key".into(), sel(3, hex::encode([7u8; 32]))),
+        ("signing_key".into(), sel(2, hex::encode([7u8; 32]))),
+        ("jwks".into(), sel(3, jwks(&[*key.verifying_key()]))),
     ]
 }
 

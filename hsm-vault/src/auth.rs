@@ -1,24 +1,24 @@
 //! Owner authorization for registration, deletion and status.
 //!
-//! The vault trusts one identity service, known by its public key; see
-//! [`vault_proto::token`] for the token format.
+//! The vault trusts one identity service, known by its keys (a JWKS), its
+//! issuer name and the audience it names this vault by; owner tokens are
+//! ES256 JWTs (see [`vault_proto::token`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use p256::ecdsa::VerifyingKey;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
-use vault_proto::token::{self, TokenError};
+use vault_proto::token::{TokenError, Verifier};
 
-/// Verifies bearer tokens against the identity service's key.
+/// Verifies bearer tokens against the identity service's keys.
 #[derive(Debug, Clone)]
 pub struct Authorizer {
-    key: VerifyingKey,
+    verifier: Verifier,
 }
 
 impl Authorizer {
-    pub fn new(key: VerifyingKey) -> Self {
-        Authorizer { key }
+    pub fn new(verifier: Verifier) -> Self {
+        Authorizer { verifier }
     }
 
     /// Checks that the request carries a valid token for `account_id`.
@@ -35,19 +35,27 @@ impl Authorizer {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        token::verify(&self.key, bearer, account_id, now)
+        self.verifier
+            .verify(bearer, account_id, now)
             .map(|_| ())
-            .map_err(|e| match e {
-                TokenError::Expired => Status::unauthenticated("bearer token has expired"),
-                TokenError::WrongAccount => {
-                    Status::unauthenticated("bearer token was issued for another account")
-                }
-                TokenError::BadSignature => Status::unauthenticated(
-                    "bearer token is not signed by the trusted identity service",
-                ),
-                TokenError::Malformed | TokenError::BadKey => {
-                    Status::unauthenticated("bearer token is malformed")
-                }
+            .map_err(|e| {
+                Status::unauthenticated(match e {
+                    TokenError::Expired => "bearer token has expired",
+                    TokenError::NotYetValid => "bearer token was issued in the future",
+                    TokenError::TooLong => "bearer token lives longer than this vault allows",
+                    TokenError::WrongAccount => "bearer token was issued for another account",
+                    TokenError::WrongAudienceOrIssuer => {
+                        "bearer token is for another audience or from another issuer"
+                    }
+                    TokenError::WrongAlgorithm => "bearer token is not an ES256 JWT",
+                    TokenError::UnknownKey => {
+                        "bearer token names no key of the trusted identity service"
+                    }
+                    TokenError::BadSignature => {
+                        "bearer token is not signed by the trusted identity service"
+                    }
+                    TokenError::Malformed | TokenError::BadKey => "bearer token is malformed",
+                })
             })
     }
 }

@@ -93,10 +93,20 @@ struct Args {
     /// HSM_VAULT_PIN environment variable; it is never a command-line value.
     #[arg(long, env = "HSM_VAULT_PIN_FILE")]
     pin_file: Option<PathBuf>,
-    /// The identity service's public key (hex SEC1 P-256) that signs owner
-    /// bearer tokens.
-    #[arg(long, env = "HSM_VAULT_AUTH_PUBLIC_KEY")]
-    auth_public_key: PathBuf,
+    /// The identity service's signing keys, a JWKS file (`{"keys": [...]}`;
+    /// its P-256 keys are taken, several for rotation). Owner bearer tokens
+    /// are ES256 JWTs signed by one of them (docs/AUTH_TOKENS.md).
+    #[arg(long, env = "HSM_VAULT_AUTH_JWKS")]
+    auth_jwks: PathBuf,
+    /// The audience (`aud`) owner tokens must name: this vault's name.
+    #[arg(long, env = "HSM_VAULT_AUTH_AUDIENCE", default_value = vault_proto::token::DEFAULT_AUDIENCE)]
+    auth_audience: String,
+    /// The issuer (`iss`) owner tokens must name.
+    #[arg(long, env = "HSM_VAULT_AUTH_ISSUER", default_value = vault_proto::token::DEFAULT_ISSUER)]
+    auth_issuer: String,
+    /// Longest owner-token lifetime (`exp - iat`, seconds) accepted.
+    #[arg(long, env = "HSM_VAULT_AUTH_MAX_LIFETIME_SECS", default_value_t = vault_proto::token::DEFAULT_MAX_LIFETIME_SECS)]
+    auth_max_lifetime_secs: u64,
     /// Where to publish the vault's OPAQUE public key (hex) for clients to pin.
     #[arg(long, env = "HSM_VAULT_PUBLISH_KEY")]
     publish_key: Option<PathBuf>,
@@ -285,10 +295,20 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init(),
     }
-    let auth_key = std::fs::read_to_string(&args.auth_public_key)
-        .with_context(|| format!("reading {}", args.auth_public_key.display()))?;
-    let auth_key = vault_proto::token::parse_verifying_key(&auth_key)
-        .context("auth public key must be a hex SEC1 P-256 point")?;
+    let jwks = std::fs::read_to_string(&args.auth_jwks)
+        .with_context(|| format!("reading {}", args.auth_jwks.display()))?;
+    let auth_key = vault_proto::token::Verifier::from_jwks(
+        &jwks,
+        &args.auth_audience,
+        &args.auth_issuer,
+        args.auth_max_lifetime_secs,
+    )
+    .with_context(|| {
+        format!(
+            "{} must be a JWKS document with at least one P-256 key",
+            args.auth_jwks.display()
+        )
+    })?;
 
     let fleet = args
         .fleet_file

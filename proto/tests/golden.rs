@@ -3,7 +3,7 @@
 //! wrapped keys or tokens would no longer interoperate.
 
 use vault_proto::suite::{seal_with, RELEASE_AAD, RELEASE_INFO, SUITE_NAME, WRAP_AAD, WRAP_INFO};
-use vault_proto::token::{issue, Claims};
+use vault_proto::token::{jwks, key_id, Issuer, Verifier};
 
 #[test]
 fn labels_are_pinned() {
@@ -26,13 +26,21 @@ fn release_and_wrap_encodings_are_pinned() {
 
 #[test]
 fn token_encoding_is_pinned() {
-    // ECDSA with RFC 6979 nonces is deterministic, so the token is too.
+    // ES256 signatures are randomized: the header and the claims are pinned,
+    // and a token this code made once still verifies.
     let key = p256::ecdsa::SigningKey::from_slice(&[0x44u8; 32]).expect("scalar");
-    let claims = Claims {
-        account_id: b"alice".to_vec(),
-        expires_at: 1_700_000_000,
-    };
-    assert_eq!(issue(&key, &claims).expect("issue"), GOLDEN_TOKEN);
+    assert_eq!(key_id(key.verifying_key()), GOLDEN_KID);
+    assert_eq!(jwks(&[*key.verifying_key()]), GOLDEN_JWKS);
+    let token = Issuer::new(&key, "idp")
+        .expect("issuer")
+        .issue(b"alice", "vault", 1_700_000_000, 300)
+        .expect("issue");
+    let signed_part = token.rsplit_once('.').expect("three parts").0;
+    assert_eq!(signed_part, GOLDEN_SIGNED_PART);
+    let v = Verifier::from_jwks(GOLDEN_JWKS, "vault", "idp", 3600).expect("jwks");
+    v.verify(&token, b"alice", 1_700_000_100).expect("verifies");
+    v.verify(GOLDEN_TOKEN, b"alice", 1_700_000_100)
+        .expect("a token made by this code before still verifies");
 }
 
 fn hex(b: &[u8]) -> String {
@@ -41,4 +49,7 @@ fn hex(b: &[u8]) -> String {
 
 const GOLDEN_RELEASE: &str = "222222222222222222222222dd2809e22de9cffe255f799dad02bfcb9ccafab49fe9";
 const GOLDEN_WRAP: &str = "2222222222222222222222226c0afd05b7fe10d63ca35fc78dd985d8a358e37f44ab80c1f13bebdef8b455a3e285aa9c691349324381001a0b57b256";
-const GOLDEN_TOKEN: &str = "hvt1.AQAAAABlU_EAAAVhbGljZQ.dRtf2NVLNTCNB6iUFQj7TkPMfnARRSagBUNqSmiFBenneurZo7H6YH9hxKmvjpi3iynUciy8QxeyBmGQuMcmpw";
+const GOLDEN_KID: &str = "634ffad2253d580a";
+const GOLDEN_JWKS: &str = r#"{"keys":[{"alg":"ES256","crv":"P-256","kid":"634ffad2253d580a","kty":"EC","use":"sig","x":"WzaJDay9fJqWu3Sh7iiz0tdbcuCaIO8lz45v2KnwNQ0","y":"DhS-2NRoKjTYNTi9_1uW6JpmZuwNtXRdAvoSEAct91o"}]}"#;
+const GOLDEN_SIGNED_PART: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJFUzI1NiIsImtpZCI6IjYzNGZmYWQyMjUzZDU4MGEifQ.eyJzdWIiOiJhbGljZSIsImF1ZCI6InZhdWx0IiwiaXNzIjoiaWRwIiwiaWF0IjoxNzAwMDAwMDAwLCJleHAiOjE3MDAwMDAzMDB9";
+const GOLDEN_TOKEN: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJFUzI1NiIsImtpZCI6IjYzNGZmYWQyMjUzZDU4MGEifQ.eyJzdWIiOiJhbGljZSIsImF1ZCI6InZhdWx0IiwiaXNzIjoiaWRwIiwiaWF0IjoxNzAwMDAwMDAwLCJleHAiOjE3MDAwMDAzMDB9.aqJZh9hxS6nAwIBcKH2qBulPCMIYVLQewk08Vqh65bmsZ3Z96fd4_3JlUzpvOHz24MCR2Adoy0ugTsLLDzqW2w";

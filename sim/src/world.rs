@@ -300,15 +300,34 @@ fn answer_name(a: Answer) -> &'static str {
     }
 }
 
+/// What the nodes trust: the simulation's identity key, with the defaults.
+fn identity_verifier(issuer: &SigningKey) -> anyhow::Result<vault_proto::token::Verifier> {
+    use vault_proto::token::{
+        jwks, Verifier, DEFAULT_AUDIENCE, DEFAULT_ISSUER, DEFAULT_MAX_LIFETIME_SECS,
+    };
+    Ok(Verifier::from_jwks(
+        &jwks(&[*issuer.verifying_key()]),
+        DEFAULT_AUDIENCE,
+        DEFAULT_ISSUER,
+        DEFAULT_MAX_LIFETIME_SECS,
+    )?)
+}
+
 fn bearer(issuer: &SigningKey, account: usize) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let claims = vault_proto::token::Claims {
-        account_id: format!("account-{account}").into_bytes(),
-        expires_at: now + 3600,
-    };
-    vault_proto::token::issue(issuer, &claims).unwrap_or_default()
+    use vault_proto::token::{Issuer, DEFAULT_AUDIENCE, DEFAULT_ISSUER};
+    Issuer::new(issuer, DEFAULT_ISSUER)
+        .and_then(|i| {
+            i.issue(
+                format!("account-{account}").as_bytes(),
+                DEFAULT_AUDIENCE,
+                now,
+                3600,
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// One simulated client: picks a free account, does something to it, tells
@@ -476,7 +495,7 @@ impl<'a> World<'a> {
         let service = VaultService::new(
             p.clone(),
             Backend::Replicated(replica(&raft)),
-            Authorizer::new(*self.fx.issuer.verifying_key()),
+            Authorizer::new(identity_verifier(&self.fx.issuer)?),
         )?;
         let broken = if self.opts.broken == Some(BrokenKind::EarlyKe2) {
             Some(Arc::new(Broken::new(

@@ -175,13 +175,11 @@ impl VaultNode {
             .tempdir()
             .expect("work dir");
         let signing_key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
-        let public = hex::encode(
-            signing_key
-                .verifying_key()
-                .to_encoded_point(true)
-                .as_bytes(),
-        );
-        std::fs::write(work.path().join("identity.pub"), public).expect("identity.pub");
+        std::fs::write(
+            work.path().join("jwks.json"),
+            vault_proto::token::jwks(&[*signing_key.verifying_key()]),
+        )
+        .expect("jwks.json");
         VaultNode {
             token,
             label: label.to_owned(),
@@ -203,8 +201,8 @@ impl VaultNode {
     fn share_identity(&mut self, from: &VaultNode) {
         self.signing_key = from.signing_key.clone();
         std::fs::copy(
-            from.work.path().join("identity.pub"),
-            self.work.path().join("identity.pub"),
+            from.work.path().join("jwks.json"),
+            self.work.path().join("jwks.json"),
         )
         .expect("copy identity");
     }
@@ -367,8 +365,8 @@ impl VaultNode {
             .arg(format!("--token-label={}", self.label))
             .arg(format!("--pin-file={}", self.pin_file.display()))
             .arg(format!(
-                "--auth-public-key={}",
-                self.work.path().join("identity.pub").display()
+                "--auth-jwks={}",
+                self.work.path().join("jwks.json").display()
             ))
             .arg(format!(
                 "--publish-key={}",
@@ -511,16 +509,31 @@ impl Issuer {
         self.bearer_expiring(account, 3600)
     }
 
+    /// The identity key as a private JWK (for another JWT library).
+    pub fn private_jwk(&self) -> zeroize::Zeroizing<String> {
+        vault_proto::token::private_jwk(&self.0)
+    }
+
+    /// A token for `account` that expires `ttl` seconds from now (in the
+    /// past for a negative `ttl`: issued a minute before it expired).
     pub fn bearer_expiring(&self, account: &str, ttl: i64) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock")
             .as_secs();
-        let claims = vault_proto::token::Claims {
-            account_id: account.as_bytes().to_vec(),
-            expires_at: now.saturating_add_signed(ttl),
+        let (issued, lifetime) = match u64::try_from(ttl) {
+            Ok(ttl) => (now, ttl),
+            Err(_) => (now.saturating_add_signed(ttl).saturating_sub(60), 60),
         };
-        vault_proto::token::issue(&self.0, &claims).expect("issue token")
+        vault_proto::token::Issuer::new(&self.0, vault_proto::token::DEFAULT_ISSUER)
+            .expect("issuer")
+            .issue(
+                account.as_bytes(),
+                vault_proto::token::DEFAULT_AUDIENCE,
+                issued,
+                lifetime,
+            )
+            .expect("issue token")
     }
 }
 

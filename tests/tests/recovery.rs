@@ -528,3 +528,126 @@ async fn invariant5_a_stranger_cannot_tell_a_low_limit_or_just_recovered_account
         RecordStatus::Locked
     );
 }
+
+/// PyJWT (an independent JWT library), under `target/tools/pyjwt`
+/// (`scripts/ensure-deps.sh` installs it); `VAULT_PYJWT_PYTHON` overrides.
+fn pyjwt_python() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("VAULT_PYJWT_PYTHON") {
+        return p.into();
+    }
+    let path = vault_e2e::bin_dir()
+        .parent()
+        .expect("target dir")
+        .join("tools/pyjwt/bin/python");
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/ensure-deps.sh",
+        path.display()
+    );
+    path
+}
+
+/// Mints owner tokens with PyJWT from the node's identity key (a private
+/// JWK on standard input), one per line: a good one, then one each for
+/// another audience, from an unknown key, with `alg: none`, HS256 keyed
+/// with the public JWK, and living two hours.
+const MINT: &str = r#"
+import base64, hashlib, hmac, json, sys, time
+import jwt
+from jwt.algorithms import ECAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec
+jwk = json.loads(sys.stdin.read())
+key = ECAlgorithm.from_jwk(json.dumps(jwk))
+kid = jwk["kid"]
+public = {k: jwk[k] for k in ("kty", "crv", "x", "y", "kid")}
+now = int(time.time())
+def claims(**over):
+    c = {"sub": "py-owner", "aud": "hsm-vault", "iss": "hsm-vault-local-identity",
+         "iat": now, "exp": now + 600}
+    c.update(over)
+    return c
+def b64(b):
+    return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+out = [
+    jwt.encode(claims(), key, algorithm="ES256", headers={"kid": kid}),
+    jwt.encode(claims(aud="another-vault"), key, algorithm="ES256", headers={"kid": kid}),
+    jwt.encode(claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+               headers={"kid": kid}),
+    jwt.encode(claims(), None, algorithm="none"),
+]
+head = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+body = b64(json.dumps(claims()).encode())
+mac = hmac.new(json.dumps(public).encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+out.append(f"{head}.{body}.{b64(mac)}")
+out.append(jwt.encode(claims(exp=now + 7200), key, algorithm="ES256", headers={"kid": kid}))
+print("\n".join(out))
+"#;
+
+/// Issue 16: owner tokens are standard JWTs. One minted by PyJWT with the
+/// identity service's key is accepted; one for another audience, from an
+/// unknown key, with `alg: none`, HS256 keyed with the public key, or
+/// living longer than the node allows is refused (UNAUTHENTICATED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariant9_owner_tokens_are_es256_jwts_and_one_from_pyjwt_is_accepted() {
+    let node = VaultNode::start("jwt");
+    let mut mint = std::process::Command::new(pyjwt_python())
+        .args(["-c", MINT])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    {
+        use std::io::Write;
+        let jwk = node.issuer().private_jwk();
+        mint.stdin
+            .take()
+            .expect("stdin")
+            .write_all(jwk.as_bytes())
+            .expect("write the key");
+    }
+    let out = mint.wait_with_output().expect("python ran");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tokens: Vec<String> = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(tokens.len(), 6, "{tokens:?}");
+    let mut c = node.client().await;
+    let status = |token: &str| {
+        let mut request = tonic::Request::new(pb::StatusRequest {
+            account_id: b"py-owner".to_vec(),
+        });
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        request
+    };
+    c.raw()
+        .status(status(&tokens[0]))
+        .await
+        .expect("PyJWT's ES256 token is accepted");
+    for (what, token) in [
+        "another audience",
+        "an unknown key",
+        "alg none",
+        "HS256 keyed with the public key",
+        "a lifetime of two hours",
+    ]
+    .iter()
+    .zip(&tokens[1..])
+    {
+        let refused = c.raw().status(status(token)).await.expect_err(what);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::Unauthenticated,
+            "{what}: {refused:?}"
+        );
+    }
+}

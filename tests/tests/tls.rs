@@ -130,16 +130,19 @@ async fn tls_client_without_the_fleet_ca_or_over_plaintext_is_refused() {
 fn refused_start(args: &[String]) -> String {
     let work = tempfile::tempdir().expect("dir");
     let identity = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
-    let public = hex::encode(identity.verifying_key().to_encoded_point(true).as_bytes());
-    std::fs::write(work.path().join("identity.pub"), public).expect("identity");
+    std::fs::write(
+        work.path().join("jwks.json"),
+        vault_proto::token::jwks(&[*identity.verifying_key()]),
+    )
+    .expect("identity");
     let mut child = Command::new(bin("hsm-vault"))
         .env("HSM_VAULT_PIN", "0000")
         .arg("--listen=127.0.0.1:0")
         .arg(format!("--data-dir={}", work.path().join("data").display()))
         .arg("--token-label=none")
         .arg(format!(
-            "--auth-public-key={}",
-            work.path().join("identity.pub").display()
+            "--auth-jwks={}",
+            work.path().join("jwks.json").display()
         ))
         .args(args)
         .stdout(std::process::Stdio::piped())

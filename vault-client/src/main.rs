@@ -148,21 +148,29 @@ enum BackupCommand {
 
 #[derive(Debug, Subcommand)]
 enum TokenCommand {
-    /// Make an identity key pair: DIR/identity.key (secret) and
-    /// DIR/identity.pub (give it to the vault).
+    /// Make an identity key pair for local use: DIR/identity.key (secret),
+    /// DIR/identity.pub (hex) and DIR/jwks.json (give it to the vault:
+    /// `--auth-jwks`).
     Keygen {
         #[arg(long)]
         out_dir: PathBuf,
     },
-    /// Issue a bearer token for an account.
+    /// Issue a bearer token for an account: an ES256 JWT.
     Issue {
         #[arg(long)]
         signing_key: PathBuf,
         #[arg(long)]
         account: String,
-        /// Lifetime in seconds.
+        /// Lifetime in seconds (a vault takes at most its
+        /// `--auth-max-lifetime-secs`, an hour by default).
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+        /// The vault's name, as its `--auth-audience` says.
+        #[arg(long, default_value = vault_proto::token::DEFAULT_AUDIENCE)]
+        audience: String,
+        /// The issuer name, as the vault's `--auth-issuer` says.
+        #[arg(long, default_value = vault_proto::token::DEFAULT_ISSUER)]
+        issuer: String,
     },
 }
 
@@ -474,8 +482,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             write_private(&out_dir.join("identity.key"), secret.as_bytes())?;
             let pk = hex::encode(sk.verifying_key().to_encoded_point(true).as_bytes());
             std::fs::write(out_dir.join("identity.pub"), format!("{pk}\n"))?;
+            std::fs::write(
+                out_dir.join("jwks.json"),
+                vault_proto::token::jwks(&[*sk.verifying_key()]),
+            )?;
             eprintln!(
-                "wrote {0}/identity.key and {0}/identity.pub",
+                "wrote {0}/identity.key, {0}/identity.pub and {0}/jwks.json",
                 out_dir.display()
             );
         }
@@ -483,15 +495,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             signing_key,
             account,
             ttl_secs,
+            audience,
+            issuer,
         }) => {
             let text = Zeroizing::new(std::fs::read_to_string(&signing_key)?);
             let sk = vault_proto::token::parse_signing_key(&text)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            let claims = vault_proto::token::Claims {
-                account_id: account.into_bytes(),
-                expires_at: now + ttl_secs,
-            };
-            println!("{}", vault_proto::token::issue(&sk, &claims)?);
+            let token = vault_proto::token::Issuer::new(&sk, &issuer)?.issue(
+                account.as_bytes(),
+                &audience,
+                now,
+                ttl_secs,
+            )?;
+            println!("{token}");
         }
     }
     Ok(())
