@@ -139,6 +139,11 @@ pub enum Hop {
     Group,
     /// From a member of this group, to its leader (it goes nowhere else).
     Leader,
+    /// From the member of this group a client reached, to its leader, which
+    /// routes it as if from the client: the member's map may trail the
+    /// leader's (or be missing, while it catches up), so the record may be
+    /// another group's after all.
+    Unrouted,
 }
 
 impl Hop {
@@ -148,6 +153,7 @@ impl Hop {
             Hop::Client => "",
             Hop::Group => "group",
             Hop::Leader => "leader",
+            Hop::Unrouted => "member",
         }
     }
 
@@ -155,6 +161,7 @@ impl Hop {
         match mark {
             None => Hop::Client,
             Some("group") => Hop::Group,
+            Some("member") => Hop::Unrouted,
             // Any other mark: forwarded at least once, no further hop.
             Some(_) => Hop::Leader,
         }
@@ -427,21 +434,33 @@ impl Backend {
         let Backend::Replicated(r) = self else {
             return Ok(None);
         };
-        if group != r.group {
-            if hop != Hop::Client {
-                return Err(Status::unavailable(format!(
-                    "a forwarded request reached group {} but its record is in group {group} \
-                     by this node's shard map (maps are changing); retry",
-                    r.group
-                )));
+        let elsewhere = || {
+            Status::unavailable(format!(
+                "a forwarded request reached group {} but its record is in group {group} \
+                 by this node's shard map (maps are changing); retry",
+                r.group
+            ))
+        };
+        // Another group's record by this node's map. Sent here by a node of
+        // another group, the map that counts is this group's as its leader
+        // has applied it (a member's may trail it by a few entries just
+        // after a map was adopted): the request goes on to the leader,
+        // which serves it or says so.
+        let trailing = group != r.group;
+        if trailing {
+            match hop {
+                Hop::Client | Hop::Unrouted => {
+                    return r.to_group(group).await.map(|c| Some((c, Hop::Group)))
+                }
+                Hop::Leader => return Err(elsewhere()),
+                Hop::Group => {}
             }
-            return r.to_group(group).await.map(|c| Some((c, Hop::Group)));
         }
         let leader = r.raft.current_leader().await.ok_or_else(|| {
             no_quorum("no leader: an election is in progress or this node is cut off")
         })?;
         if leader == r.id {
-            return Ok(None);
+            return if trailing { Err(elsewhere()) } else { Ok(None) };
         }
         if hop == Hop::Leader {
             return Err(no_quorum("leadership is moving"));
@@ -469,6 +488,12 @@ impl Backend {
                 .map(|(_, addr)| addr.clone())
         })
         .ok_or_else(|| no_quorum("the leader's address is unknown"))?;
-        r.client(leader, &addr).map(|c| Some((c, Hop::Leader)))
+        // Straight from a client: the leader's map decides where it goes.
+        let next = if hop == Hop::Client {
+            Hop::Unrouted
+        } else {
+            Hop::Leader
+        };
+        r.client(leader, &addr).map(|c| Some((c, next)))
     }
 }

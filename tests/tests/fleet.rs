@@ -1023,7 +1023,8 @@ impl Enrolling {
         let child = self.0.take().expect("child");
         let mut out = child.wait_with_output().expect("enroll-token ends");
         let mut said: Vec<String> = std::mem::take(&mut self.2);
-        said.extend(self.1.try_iter());
+        // Every line: the reader ends when the exited child's stdout closes.
+        said.extend(self.1.iter());
         out.stdout = said.join("\n").into_bytes();
         out
     }
