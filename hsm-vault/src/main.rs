@@ -24,7 +24,6 @@ use openraft::BasicNode;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use vault_proto::vault::node::v1::node_server::NodeServer;
 use vault_proto::vault::node::v1::operator_server::OperatorServer;
@@ -682,7 +681,7 @@ async fn serve(args: Args, pin: Zeroizing<String>) -> anyhow::Result<()> {
                 )
             }))
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                hsm_vault::proxy::peer_incoming(listener),
                 until_stopped(stopped.clone()),
             )
             .await

@@ -12,10 +12,16 @@
 //!
 //! Each header is read on a task of its own under [`HEADER_DEADLINE`], so a
 //! connection that never sends one holds up nobody else's accept.
+//!
+//! The peer listener's connections come through here too, without PROXY
+//! headers but with a bound on how many one address may hold open at once
+//! ([`MAX_PEER_CONNECTIONS`]): a holder of a fleet certificate cannot open
+//! connections until the node runs out of file descriptors.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,11 +43,50 @@ const FIXED_LEN: usize = 16;
 /// IPv6 addresses and ports take 36 bytes; balancers add a few TLVs.
 const MAX_REST_LEN: usize = 512;
 
+/// Connections one address may hold open to the peer listener. A node
+/// keeps one to each peer (Raft and forwarded requests share it), the
+/// operator's tools a few.
+pub const MAX_PEER_CONNECTIONS: usize = 64;
+
+/// Open connections per remote address, for a listener with a bound.
+#[derive(Debug, Default)]
+struct Open(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl Open {
+    /// Takes a slot for `ip`, if it has one left under `cap`.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, cap: usize) -> Option<Slot> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Slot(Arc::clone(self), ip))
+    }
+}
+
+/// One connection's place under its address's bound, given back on drop.
+#[derive(Debug)]
+struct Slot(Arc<Open>, std::net::IpAddr);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// A client connection, and the address it is taken to come from.
 #[derive(Debug)]
 pub struct ClientConn {
     stream: TcpStream,
     info: TcpConnectInfo,
+    _slot: Option<Slot>,
 }
 
 impl Connected for ClientConn {
@@ -124,7 +169,7 @@ async fn read_header(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
 /// its header is read (and dropped without one, or after the deadline).
 async fn admit(
     mut stream: TcpStream,
-    peer: SocketAddr,
+    (peer, slot): (SocketAddr, Option<Slot>),
     proxy_protocol: bool,
     to_server: mpsc::Sender<io::Result<ClientConn>>,
 ) {
@@ -150,16 +195,37 @@ async fn admit(
         local_addr: stream.local_addr().ok(),
         remote_addr: Some(client),
     };
-    let _ = to_server.send(Ok(ClientConn { stream, info })).await;
+    let _ = to_server
+        .send(Ok(ClientConn {
+            stream,
+            info,
+            _slot: slot,
+        }))
+        .await;
 }
 
-/// The connections of `listener`, for `serve_with_incoming`. Accepting
-/// stops when the server drops the stream.
+/// The connections of the client listener, for `serve_with_incoming`.
+/// Accepting stops when the server drops the stream.
 pub fn incoming(
     listener: TcpListener,
     proxy_protocol: bool,
 ) -> ReceiverStream<io::Result<ClientConn>> {
+    accept(listener, proxy_protocol, None)
+}
+
+/// The connections of the peer listener: at most [`MAX_PEER_CONNECTIONS`]
+/// open at once from one address; past it a new one is closed at once.
+pub fn peer_incoming(listener: TcpListener) -> ReceiverStream<io::Result<ClientConn>> {
+    accept(listener, false, Some(MAX_PEER_CONNECTIONS))
+}
+
+fn accept(
+    listener: TcpListener,
+    proxy_protocol: bool,
+    cap: Option<usize>,
+) -> ReceiverStream<io::Result<ClientConn>> {
     let (tx, rx) = mpsc::channel(64);
+    let open = Arc::new(Open::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -168,7 +234,18 @@ pub fn incoming(
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(admit(stream, peer, proxy_protocol, tx.clone()));
+                    let slot = match cap {
+                        None => None,
+                        Some(cap) => match open.take(peer.ip(), cap) {
+                            Some(slot) => Some(slot),
+                            None => {
+                                tracing::warn!(%peer, cap, "too many connections from one address: closed");
+                                drop(stream);
+                                continue;
+                            }
+                        },
+                    };
+                    tokio::spawn(admit(stream, (peer, slot), proxy_protocol, tx.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: wait, go on.

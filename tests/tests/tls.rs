@@ -610,3 +610,49 @@ async fn tls_replica_group_replicates_and_forwards_over_mutual_tls() {
         assert_eq!(got.0, key.0);
     }
 }
+
+/// One address cannot hold more than `MAX_PEER_CONNECTIONS` connections
+/// open to a peer listener (which takes any certificate of the fleet CA
+/// through its handshake): the one past the bound is closed at once, and a
+/// connection is taken again once one closes. Plaintext here, so the bound
+/// is seen without TLS in the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_listener_bounds_the_connections_one_address_holds_open() {
+    use std::io::Read;
+    let nodes = vault_e2e::start_group(1, "conncap");
+    let peer_addr = nodes[0]
+        .extra_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--peer-listen="))
+        .expect("a peer listener")
+        .to_owned();
+    let cap = hsm_vault::proxy::MAX_PEER_CONNECTIONS;
+    // Whether the server closed `conn` (EOF) within a short wait.
+    let closed = |conn: &mut std::net::TcpStream| {
+        conn.set_read_timeout(Some(Duration::from_millis(700)))
+            .expect("timeout");
+        matches!(conn.read(&mut [0u8; 1]), Ok(0))
+    };
+    // The node's own connections to itself, if any, count too: fill up to
+    // the bound, whatever is already open.
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..cap + 8 {
+        let mut conn = std::net::TcpStream::connect(&peer_addr).expect("connect");
+        if closed(&mut conn) {
+            refused = Some(held.len());
+            break;
+        }
+        held.push(conn);
+    }
+    let taken = refused.expect("a connection past the bound is closed");
+    assert!(
+        taken <= cap && taken + 8 >= cap,
+        "{taken} connections taken"
+    );
+    // One closes; a new one is taken.
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = std::net::TcpStream::connect(&peer_addr).expect("connect");
+    assert!(!closed(&mut again), "a slot given back is taken again");
+}
