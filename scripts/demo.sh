@@ -42,6 +42,9 @@ echo "correct horse battery staple" | VAULT_ENDPOINT=https://127.0.0.1:7705 vaul
 step "3. a wrong password costs a guess"
 echo "wrong guess" | VAULT_ENDPOINT=https://127.0.0.1:7702 vault backup restore --account "$account" \
   --password-stdin --in "$demo/chats.enc" --out "$demo/restored.db" || echo "(refused, as it should be)"
+echo "the answer to a guess gives no count (a stranger must not tell real accounts from unknown ones);"
+echo "the owner sees it with their token:"
+VAULT_ENDPOINT=https://127.0.0.1:7702 vault status --account "$account" --token-file "$demo/alice.token"
 
 step "4. the leader crashes (kill -9)"
 leader=$(fleet status | awk '$6 == "leader" { print $1 }')
