@@ -82,8 +82,9 @@ pub struct Claims {
 #[derive(Clone)]
 pub struct Verifier {
     keys: BTreeMap<String, DecodingKey>,
-    audience: String,
-    issuer: String,
+    /// What `jsonwebtoken` checks: ES256 only, the audience, the issuer, the
+    /// claims that must be there (times are checked by [`Verifier::verify`]).
+    validation: Validation,
     max_lifetime: u64,
 }
 
@@ -91,8 +92,8 @@ impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Verifier")
             .field("kids", &self.keys.keys().collect::<Vec<_>>())
-            .field("audience", &self.audience)
-            .field("issuer", &self.issuer)
+            .field("audience", &self.validation.aud)
+            .field("issuer", &self.validation.iss)
             .field("max_lifetime", &self.max_lifetime)
             .finish()
     }
@@ -124,10 +125,16 @@ impl Verifier {
         if keys.is_empty() {
             return Err(TokenError::BadKey);
         }
+        let mut validation = Validation::new(Algorithm::ES256);
+        validation.set_audience(&[audience]);
+        validation.set_issuer(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "iat", "sub", "aud", "iss"]);
+        // Times are checked in `verify`, against the caller's clock.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
         Ok(Verifier {
             keys,
-            audience: audience.to_owned(),
-            issuer: issuer.to_owned(),
+            validation,
             max_lifetime,
         })
     }
@@ -148,14 +155,7 @@ impl Verifier {
             (None, _) => None,
         }
         .ok_or(TokenError::UnknownKey)?;
-        let mut validation = Validation::new(Algorithm::ES256);
-        validation.set_audience(&[&self.audience]);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_required_spec_claims(&["exp", "iat", "sub", "aud", "iss"]);
-        // Times are checked below against the caller's clock.
-        validation.validate_exp = false;
-        validation.validate_nbf = false;
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,

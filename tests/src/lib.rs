@@ -537,6 +537,26 @@ impl Issuer {
     }
 }
 
+/// A tool `scripts/ensure-deps.sh` installs under `target/tools` (`rel`,
+/// e.g. `grpcurl/bin/grpcurl`), or the path in the environment variable
+/// `env` when it is set.
+pub fn tool(rel: &str, env: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return p.into();
+    }
+    let path = bin_dir()
+        .parent()
+        .expect("target dir")
+        .join("tools")
+        .join(rel);
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/ensure-deps.sh",
+        path.display()
+    );
+    path
+}
+
 /// A plain HTTP/1.1 GET on loopback (the metrics and dashboard listeners):
 /// the status code and the body. Enough for tests; no client dependency.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {

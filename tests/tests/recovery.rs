@@ -142,12 +142,13 @@ async fn remaining(c: &mut vault_client::VaultClient, node: &VaultNode, account:
     }
 }
 
-/// Runs KE1 → KE2 by hand and returns what the vault answered.
-async fn raw_start(
+/// Sends a KE1 for `password` by hand: the vault's answer, and the client
+/// state that finishes it.
+async fn start_answer(
     c: &mut vault_client::VaultClient,
     account: &str,
     password: &[u8],
-) -> (pb::Challenge, ClientLogin<Suite>) {
+) -> (pb::RecoverStartResponse, ClientLogin<Suite>) {
     let start = ClientLogin::<Suite>::start(&mut OsRng, password).expect("start");
     let answer = c
         .raw()
@@ -158,8 +159,18 @@ async fn raw_start(
         .await
         .expect("recover start")
         .into_inner();
+    (answer, start.state)
+}
+
+/// Runs KE1 → KE2 by hand and returns what the vault answered.
+async fn raw_start(
+    c: &mut vault_client::VaultClient,
+    account: &str,
+    password: &[u8],
+) -> (pb::Challenge, ClientLogin<Suite>) {
+    let (answer, state) = start_answer(c, account, password).await;
     match answer.outcome {
-        Some(pb::recover_start_response::Outcome::Challenge(ch)) => (ch, start.state),
+        Some(pb::recover_start_response::Outcome::Challenge(ch)) => (ch, state),
         other => panic!("expected a challenge, got {other:?}"),
     }
 }
@@ -480,17 +491,7 @@ async fn invariant5_a_stranger_cannot_tell_a_low_limit_or_just_recovered_account
     let mut transcripts: Vec<Vec<Vec<u8>>> = vec![Vec::new(); accounts.len()];
     for round in 1..=11 {
         for (i, account) in accounts.iter().enumerate() {
-            let start =
-                ClientLogin::<Suite>::start(&mut OsRng, b"a stranger's guess").expect("KE1");
-            let answer = c
-                .raw()
-                .recover_start(pb::RecoverStartRequest {
-                    account_id: account.as_bytes().to_vec(),
-                    ke1: start.message.serialize().to_vec(),
-                })
-                .await
-                .expect("start")
-                .into_inner();
+            let (answer, _) = start_answer(&mut c, account, b"a stranger's guess").await;
             transcripts[i].push(start_shape(&answer));
             if let Some(pb::recover_start_response::Outcome::Challenge(ch)) = answer.outcome {
                 // The guess is wrong: the client gives up (empty KE3).
@@ -532,19 +533,7 @@ async fn invariant5_a_stranger_cannot_tell_a_low_limit_or_just_recovered_account
 /// PyJWT (an independent JWT library), under `target/tools/pyjwt`
 /// (`scripts/ensure-deps.sh` installs it); `VAULT_PYJWT_PYTHON` overrides.
 fn pyjwt_python() -> std::path::PathBuf {
-    if let Some(p) = std::env::var_os("VAULT_PYJWT_PYTHON") {
-        return p.into();
-    }
-    let path = vault_e2e::bin_dir()
-        .parent()
-        .expect("target dir")
-        .join("tools/pyjwt/bin/python");
-    assert!(
-        path.exists(),
-        "{} missing: run scripts/ensure-deps.sh",
-        path.display()
-    );
-    path
+    vault_e2e::tool("pyjwt/bin/python", "VAULT_PYJWT_PYTHON")
 }
 
 /// Mints owner tokens with PyJWT from the node's identity key (a private
